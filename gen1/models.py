@@ -1,0 +1,90 @@
+"""The set of models one preset names, loaded once: what an edit, a training step or an actor holds.
+
+Loading checks every weight spec *before* building anything, so a missing component fails at once with
+every missing spec listed, not after minutes of loading the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL
+
+from gen1.clip import ClipEmbedder
+from gen1.config import ModelSpecs
+from gen1.content import ContentEncoder
+from gen1.depth import DepthEstimator
+from gen1.prior import Prior
+from gen1.structure import StructureEncoder
+from gen1.unet import VideoUNet, load_video_unet
+from gen1.weights import WeightsNotFoundError, load_vae, resolve_spec
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def check_weights(specs: ModelSpecs, components: tuple[str, ...]) -> None:
+    """Resolve every named component's spec; raise one error listing all that are missing."""
+    problems = []
+    for component in components:
+        try:
+            resolve_spec(getattr(specs, component))
+        except WeightsNotFoundError as err:
+            problems.append(f"- {component}: {err}")
+    if problems:
+        raise WeightsNotFoundError(
+            f"weights missing for preset {specs.name!r}:\n" + "\n".join(problems)
+        )
+
+
+@dataclass
+class Gen1Models:
+    """VAE, video UNet, structure (depth -> latent) and content (CLIP, prior) encoders of one preset."""
+
+    specs: ModelSpecs
+    vae: AutoencoderKL
+    unet: VideoUNet
+    structure: StructureEncoder
+    content: ContentEncoder
+    device: str
+    dtype: torch.dtype
+
+    @classmethod
+    def load(
+        cls, specs: ModelSpecs, device: str | None = None, dtype: torch.dtype | None = None
+    ) -> Gen1Models:
+        device = device or default_device()
+        dtype = dtype or default_dtype(device)
+        check_weights(specs, ("vae", "unet", "clip", "depth", "prior"))
+        log.info("loading models %s on %s (%s)", specs.label(), device, dtype)
+        vae = load_vae(specs.vae, device=device, dtype=dtype).eval()
+        unet = load_video_unet(specs.unet, specs.temporal).to(device=device, dtype=dtype).eval()
+        depth = DepthEstimator(specs.depth, device=device)
+        clip = ClipEmbedder(specs.clip, device=device)
+        prior = Prior.load(specs.prior, device=device)
+        if clip.dim != unet.cross_attention_dim:
+            raise ValueError(
+                f"CLIP embedding width {clip.dim} ({specs.clip}) does not match the UNet's cross-attention "
+                f"width {unet.cross_attention_dim} ({specs.unet})"
+            )
+        return cls(
+            specs=specs,
+            vae=vae,
+            unet=unet,
+            structure=StructureEncoder(depth, vae),
+            content=ContentEncoder(clip, prior),
+            device=device,
+            dtype=dtype,
+        )
