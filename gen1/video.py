@@ -1,0 +1,444 @@
+"""Video I/O: decode clips from any fsspec URI, sample frames, resize/crop, convert to tensors, encode.
+
+Reading is two-step on purpose. PyAV first *probes* the bytes (container opens, a video stream exists,
+the first frame decodes, packets are counted); only a file that passes is handed to decord, which can
+crash the interpreter or hang on garbage. decord then does the sparse reads (seek to keyframe, decode a
+few frames). Some containers carry no usable timestamps (e.g. AVI with packed B-frames, such as
+opencv-doc's ``Megamind.avi``): decord's seeks silently return the wrong frames there, so those files are
+read by sequential PyAV decoding instead. Every failure surfaces as one typed error, `VideoDecodeError`,
+naming the URI and the reason, with the library exception chained.
+
+Frames are uint8 ``(f, h, w, 3)`` RGB in display orientation (a display-matrix rotation is applied);
+model tensors are float32 ``(f, 3, h, w)`` in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import fractions
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import IO
+
+import av
+import cv2
+import fsspec
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SIZE = (448, 256)  # (w, h) for landscape sources; portrait sources get (256, 448)
+
+
+class VideoDecodeError(RuntimeError):
+    """A video could not be read or sampled. ``str(e)`` names the URI and the reason."""
+
+    def __init__(self, uri: str, reason: str):
+        self.uri = uri
+        self.reason = reason
+        super().__init__(f"cannot decode video {uri!r}: {reason}")
+
+    def __reduce__(self):  # keep (uri, reason) across pickling (Ray workers, multiprocessing)
+        return (type(self), (self.uri, self.reason))
+
+
+@dataclass
+class VideoInfo:
+    """What a probe found. ``width``/``height`` are display dimensions (after ``rotation``)."""
+
+    uri: str
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+    rotation: int = 0  # degrees counter-clockwise from the display matrix, a multiple of 90
+
+
+def open_uri(uri: str, mode: str = "rb", **storage_options) -> IO:
+    """Open a local path or fsspec URI (``s3://``, ``file://``, ``memory://``, ...); caller closes it.
+
+    Errors are fsspec's own (FileNotFoundError, ValueError for an unknown protocol, ImportError when the
+    protocol's package is missing); the decode functions below turn them into `VideoDecodeError`.
+    """
+    return fsspec.open(uri, mode, **storage_options).open()
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+def sample_indices(
+    num_frames: int, n: int, stride: int, start: int = 0, *, uri: str = "<video>"
+) -> list[int]:
+    """Frame indices ``start, start + stride, ..., start + (n - 1) * stride``.
+
+    Raises `VideoDecodeError` (naming ``uri``) when the video has too few frames for them.
+    """
+    if n < 1 or stride < 1 or start < 0:
+        raise ValueError(
+            f"expected n >= 1, stride >= 1, start >= 0; got n={n}, stride={stride}, start={start}"
+        )
+    last = start + (n - 1) * stride
+    if last >= num_frames:
+        raise VideoDecodeError(
+            uri,
+            f"clip too short: {n} frames at stride {stride} from frame {start} need {last + 1} frames, "
+            f"the video has {num_frames}",
+        )
+    return list(range(start, last + 1, stride))
+
+
+def clip_starts(num_frames: int, n: int, stride: int, max_clips: int | None = None) -> list[int]:
+    """Start frames of non-overlapping clips of ``n`` frames ``stride`` apart; [] if none fits.
+
+    Each clip spans ``(n - 1) * stride + 1`` frames. With ``max_clips``, that many starts are chosen
+    evenly over the video (first and last included) rather than the first ones.
+    """
+    if n < 1 or stride < 1:
+        raise ValueError(f"expected n >= 1 and stride >= 1; got n={n}, stride={stride}")
+    span = (n - 1) * stride + 1
+    starts = list(range(0, num_frames - span + 1, span))
+    if max_clips is not None:
+        if max_clips < 0:
+            raise ValueError(f"expected max_clips >= 0 or None; got {max_clips}")
+        if len(starts) > max_clips:
+            picks = np.linspace(0, len(starts) - 1, max_clips).round().astype(int) if max_clips else []
+            starts = [starts[i] for i in picks]
+    return starts
+
+
+# ------------------------------------------------------------------------------------------ size, tensors
+
+
+def target_size(width: int, height: int, size: tuple[int, int] = DEFAULT_SIZE) -> tuple[int, int]:
+    """Output ``(w, h)`` for a ``width x height`` source: ``size`` in the source's orientation.
+
+    ``size`` is read as (long side, short side) laid out landscape; portrait sources (height > width) get
+    it transposed, square sources get it as given.
+    """
+    long_side, short_side = max(size), min(size)
+    if height > width:
+        return short_side, long_side
+    if width > height:
+        return long_side, short_side
+    return size
+
+
+def resize_center_crop(frames: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale to cover ``width x height`` (aspect kept), then crop the centre.
+
+    frames: uint8 (f, h, w, 3) -> uint8 (f, height, width, 3).
+    """
+    _check_frames(frames)
+    f, h, w, _ = frames.shape
+    if (w, h) == (width, height):
+        return frames
+    scale = max(width / w, height / h)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    x0, y0 = (new_w - width) // 2, (new_h - height) // 2
+    out = np.empty((f, height, width, 3), dtype=np.uint8)
+    for i in range(f):
+        resized = cv2.resize(frames[i], (new_w, new_h), interpolation=interp)
+        out[i] = resized[y0 : y0 + height, x0 : x0 + width]
+    return out
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (f, h, w, 3) -> float32 (f, 3, h, w) in [-1, 1]."""
+    _check_frames(frames)
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
+    """float (f, 3, h, w) in [-1, 1] (clamped) -> uint8 (f, h, w, 3); inverse of `frames_to_tensor`."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected a tensor of shape (f, 3, h, w); got {tuple(x.shape)}")
+    y = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    if (
+        not isinstance(frames, np.ndarray)
+        or frames.dtype != np.uint8
+        or frames.ndim != 4
+        or frames.shape[-1] != 3
+    ):
+        found = f"{type(frames).__name__} {getattr(frames, 'dtype', '')} {getattr(frames, 'shape', '')}"
+        raise ValueError(f"expected uint8 frames of shape (f, h, w, 3); got {found}")
+
+
+# ------------------------------------------------------------------------------------------------- clips
+
+
+def clip_id(source_uri: str, start: int, num_frames: int, stride: int) -> str:
+    """Stable id of a clip: sha1 hex[:16] of (source URI as given, start, frame count, stride)."""
+    key = json.dumps([source_uri, int(start), int(num_frames), int(stride)], separators=(",", ":"))
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass
+class Clip:
+    """Sampled frames of one source video. frames: uint8 (f, h, w, 3)."""
+
+    source_uri: str
+    start: int
+    indices: list[int]
+    fps: float
+    frames: np.ndarray
+    stride: int | None = None  # None: derived from ``indices`` (1 for a single frame)
+
+    @property
+    def clip_id(self) -> str:
+        stride = self.stride
+        if stride is None:
+            stride = self.indices[1] - self.indices[0] if len(self.indices) > 1 else 1
+        return clip_id(self.source_uri, self.start, len(self.indices), stride)
+
+
+def load_clip(
+    uri: str, n: int, stride: int, start: int = 0, size: tuple[int, int] | None = DEFAULT_SIZE
+) -> Clip:
+    """Probe, sample ``n`` frames ``stride`` apart from ``start``, resize/center-crop to ``size``.
+
+    ``size`` is (w, h) for landscape sources and is transposed for portrait ones (`target_size`);
+    None keeps the native size. The file is fetched once.
+    """
+    source = _Source.fetch(uri)
+    info = source.probe()
+    indices = sample_indices(info.num_frames, n, stride, start, uri=uri)
+    frames = source.read(indices, info)
+    if size is not None:
+        w, h = target_size(info.width, info.height, size)
+        frames = resize_center_crop(frames, w, h)
+    return Clip(source_uri=uri, start=start, indices=indices, fps=info.fps, frames=frames, stride=stride)
+
+
+def probe(uri: str) -> VideoInfo:
+    """Open and validate a video: container, video stream, first frame decodes, frame count."""
+    return _Source.fetch(uri).probe()
+
+
+def read_frames(uri: str, indices: Sequence[int]) -> np.ndarray:
+    """Decode the given frame indices (any order, repeats allowed): uint8 (f, h, w, 3) RGB, native size."""
+    source = _Source.fetch(uri)
+    return source.read(list(indices), source.probe())
+
+
+# -------------------------------------------------------------------------------------------- decoding
+
+
+# decord cannot index these ("failed to measure duration/frame-count"); PyAV reads them sequentially.
+_SEQUENTIAL_FORMATS = {"gif"}
+
+
+class _Source:
+    """One fetched video: a local path (decoders read it lazily) or the bytes of a remote object."""
+
+    def __init__(self, uri: str, path: str | None, data: bytes | None):
+        self.uri, self.path, self.data = uri, path, data
+        self.format_name = ""  # the container format, known after probe()
+
+    @classmethod
+    def fetch(cls, uri: str) -> _Source:
+        try:
+            fs, path = fsspec.core.url_to_fs(uri)
+            if isinstance(fs, LocalFileSystem):
+                if not os.path.isfile(path):
+                    raise VideoDecodeError(uri, f"no such file ({path})")
+                if os.path.getsize(path) == 0:
+                    raise VideoDecodeError(uri, "file is empty (0 bytes)")
+                return cls(uri, path, None)
+            with fs.open(path, "rb") as f:
+                data = f.read()
+        except VideoDecodeError:
+            raise
+        except FileNotFoundError as e:
+            raise VideoDecodeError(uri, f"no such file ({e})") from e
+        except (ValueError, ImportError) as e:  # fsspec: unknown protocol / protocol package missing
+            raise VideoDecodeError(uri, f"cannot open this URI: {e}") from e
+        except Exception as e:
+            raise VideoDecodeError(uri, f"cannot read: {type(e).__name__}: {e}") from e
+        if not data:
+            raise VideoDecodeError(uri, "file is empty (0 bytes)")
+        return cls(uri, None, data)
+
+    def _input(self):
+        return self.path if self.path is not None else io.BytesIO(self.data)
+
+    def probe(self) -> VideoInfo:
+        """Validate with PyAV before decord sees the file; count packets (headers can lie)."""
+        try:
+            with av.open(self._input(), mode="r", metadata_errors="ignore") as container:
+                if not container.streams.video:
+                    kinds = [s.type for s in container.streams] or ["none"]
+                    raise VideoDecodeError(self.uri, f"no video stream (streams: {', '.join(kinds)})")
+                stream = container.streams.video[0]
+                first = None
+                packets = 0
+                for packet in container.demux(stream):
+                    if packet.size == 0:  # the demuxer's end-of-stream flush packet
+                        continue
+                    packets += 1
+                    if first is None:
+                        first = next(iter(packet.decode()), None)
+                if first is None:
+                    first = next(iter(stream.decode(None)), None)  # drain frames held back by the decoder
+                rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+                self.format_name = container.format.name
+                header_frames = stream.frames
+        except VideoDecodeError:
+            raise
+        except Exception as e:
+            raise VideoDecodeError(self.uri, f"not a readable video ({type(e).__name__}: {e})") from e
+        if first is None:
+            raise VideoDecodeError(self.uri, f"no decodable video frame ({packets} packets)")
+        if header_frames and header_frames != packets:
+            logger.debug("%s: header says %d frames, %d packets found", self.uri, header_frames, packets)
+        fps = float(rate) if rate else 0.0
+        if fps <= 0:
+            logger.warning("%s: no frame rate in the container; assuming 25 fps", self.uri)
+            fps = 25.0
+        rotation = int(round((first.rotation or 0) / 90.0)) * 90 % 360
+        w, h = (first.height, first.width) if rotation in (90, 270) else (first.width, first.height)
+        return VideoInfo(uri=self.uri, num_frames=packets, fps=fps, width=w, height=h, rotation=rotation)
+
+    def read(self, indices: list[int], info: VideoInfo) -> np.ndarray:
+        if not indices:
+            raise ValueError("expected at least one frame index; got none")
+        bad = [i for i in indices if not 0 <= i < info.num_frames]
+        if bad:
+            raise VideoDecodeError(
+                self.uri, f"frame indices {bad[:5]} out of range: the video has {info.num_frames} frames"
+            )
+        frames, decord_error = None, None
+        try:
+            if self.format_name not in _SEQUENTIAL_FORMATS:
+                frames = self._read_decord(indices)  # decord applies the display rotation itself
+        except VideoDecodeError:
+            raise
+        except Exception as e:
+            decord_error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+            logger.warning("%s: decord failed (%s); decoding sequentially with PyAV", self.uri, decord_error)
+        if frames is None:
+            try:
+                frames = self._read_sequential(indices)
+                if info.rotation:
+                    frames = np.ascontiguousarray(np.rot90(frames, k=info.rotation // 90, axes=(1, 2)))
+            except VideoDecodeError:
+                raise
+            except Exception as e:
+                also = f"; decord failed too ({decord_error})" if decord_error else ""
+                raise VideoDecodeError(
+                    self.uri, f"decoding frames failed ({type(e).__name__}: {e}){also}"
+                ) from e
+        if frames.shape[1:3] != (info.height, info.width):
+            raise VideoDecodeError(
+                self.uri,
+                f"decoded frames are {frames.shape[2]}x{frames.shape[1]}, the probe found "
+                f"{info.width}x{info.height} (rotation {info.rotation})",
+            )
+        return frames
+
+    def _read_decord(self, indices: list[int]) -> np.ndarray | None:
+        """Sparse read through decord; None when its frame timestamps are unusable for seeking."""
+        import decord  # imported late: only files that passed the probe get here
+
+        reader = decord.VideoReader(self._input(), ctx=decord.cpu(0), num_threads=1)
+        n = len(reader)
+        if max(indices) >= n:
+            raise VideoDecodeError(
+                self.uri, f"frame index {max(indices)} out of range: only {n} frames are decodable"
+            )
+        starts = reader.get_frame_timestamp(list(range(n)))[:, 0]
+        # Without pts (decord reports AV_NOPTS_VALUE, about -3.8e17 s) decord seeks to wrong frames.
+        if not (np.isfinite(starts).all() and starts.min() > -1e6 and (np.diff(starts) > 0).all()):
+            logger.info("%s: no usable frame timestamps; decoding sequentially with PyAV", self.uri)
+            return None
+        return reader.get_batch(indices).asnumpy()
+
+    def _read_sequential(self, indices: list[int]) -> np.ndarray:
+        wanted, last, found = set(indices), max(indices), {}
+        with av.open(self._input(), mode="r", metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    found[i] = frame.to_ndarray(format="rgb24")
+                if i >= last:
+                    break
+        missing = sorted(wanted - found.keys())
+        if missing:
+            raise VideoDecodeError(
+                self.uri, f"frames {missing[:5]} not decodable: the stream ended after {len(found)} of them"
+            )
+        return np.stack([found[i] for i in indices])
+
+
+# -------------------------------------------------------------------------------------------- encoding
+
+
+def write_video(frames: np.ndarray, uri: str, fps: float, *, crf: int = 18) -> None:
+    """Encode uint8 (f, h, w, 3) frames to ``uri`` (any fsspec URI), format by suffix.
+
+    ``.mp4``: H.264 (libx264, yuv420p, quality ``crf``); odd sizes are edge-padded to even ones, which
+    yuv420p requires. ``.gif``: one adaptive 256-colour palette per frame; every frame is kept (GIF delays
+    are whole centiseconds, so the stored rate is approximate).
+    """
+    _check_frames(frames)
+    if len(frames) == 0:
+        raise ValueError("expected at least one frame to write; got 0")
+    if not fps > 0:
+        raise ValueError(f"expected fps > 0; got {fps}")
+    suffix = os.path.splitext(uri.split("?", 1)[0])[1].lower()
+    rate = fractions.Fraction(fps).limit_denominator(1001)
+    buf = io.BytesIO()
+    if suffix == ".mp4":
+        _encode_mp4(frames, buf, rate, crf)
+    elif suffix == ".gif":
+        _encode_gif(frames, buf, rate)
+    else:
+        raise ValueError(f"expected a .mp4 or .gif URI; got {uri!r}")
+    fs, path = fsspec.core.url_to_fs(uri)
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    fs.pipe_file(path, buf.getvalue())
+    logger.debug("wrote %d frames (%s) to %s", len(frames), suffix, uri)
+
+
+def _encode_mp4(frames: np.ndarray, buf: io.BytesIO, rate: fractions.Fraction, crf: int) -> None:
+    f, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        logger.warning("padding %dx%d frames to even size for yuv420p", w, h)
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "medium"}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
+def _encode_gif(frames: np.ndarray, buf: io.BytesIO, rate: fractions.Fraction) -> None:
+    from PIL import Image
+
+    with av.open(buf, mode="w", format="gif") as container:
+        stream = container.add_stream("gif", rate=rate)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "pal8"
+        for frame in frames:
+            image = Image.fromarray(frame).quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+            rgb = np.zeros((256, 3), dtype=np.uint8)
+            used = np.asarray(image.getpalette() or [], dtype=np.uint8).reshape(-1, 3)[:256]
+            rgb[: len(used)] = used
+            argb = np.concatenate([np.full((256, 1), 255, np.uint8), rgb], axis=1)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray((np.asarray(image), argb), format="pal8")))
+        container.mux(stream.encode(None))
