@@ -1,0 +1,35 @@
+"""The benchmarks run: edit_bench's CPU path in-process, and its full-size GPU path built on ``meta``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jobs.benchmarks import edit_bench
+
+
+def test_full_size_edit_models_build_on_meta():
+    """The --full-size path assembles the sd15 architecture consistently (CLIP width = cross-attention)."""
+    models = edit_bench.full_size_models("meta", torch.bfloat16)
+    assert models.content.dim == models.unet.cross_attention_dim == 768
+    assert models.unet.in_channels == 12
+    assert sum(p.numel() for p in models.unet.image_unet.parameters()) > 859_520_964  # + temporal layers
+    assert all(p.dtype == torch.bfloat16 for p in models.unet.parameters())
+    assert edit_bench.attention_processors(models.unet) == ["AttnProcessor2_0"]  # SDPA
+
+
+def test_full_size_refuses_cpu():
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        edit_bench.run(edit_bench.parse_args(["--full-size", "--device", "cpu"]))
+
+
+def test_edit_bench_cpu_tiny(tiny_models, tmp_path):
+    args = edit_bench.parse_args(
+        ["--steps", "2", "--repeats", "1", "--frames", "4", "--size", "128", "64", "--device", "cpu"]
+    )
+    report = edit_bench.run(args)
+    assert "TINY" in report["models"]
+    assert report["unet_forwards"] == {"batched": 2, "unbatched": 6}  # 3 eq. 8 branches per step
+    assert report["max_abs_pixel_diff_batched_vs_unbatched"] <= 2
+    assert report["unbatched_over_batched"] > 0
+    assert report["video"] == "4x128x64"
