@@ -1,0 +1,113 @@
+"""`gen1 preprocess SRC DST`: build training feature shards (depth, CLIP embeddings, frames) with Ray Data.
+
+Runs on a local Ray by default, on a cluster with ``--ray-address`` / ``$RAY_ADDRESS``, and as a Ray Job
+with the same entry point::
+
+    ray job submit --working-dir . -- python -m jobs.commands.preprocess s3://corpus s3://features
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 448x256; got {text!r}") from e
+    return w, h
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from jobs.cli import add_models_argument
+
+    p = sub.add_parser(
+        "preprocess",
+        help="videos -> Parquet feature shards (depth, CLIP embeddings, frames) with Ray Data",
+        description="Sample clips from every video under SRC (a directory or prefix at any fsspec location, "
+        "one video, or a CSV/Parquet manifest with a 'uri' column), compute per-frame depth and CLIP image "
+        "embeddings (and optionally VAE latents), and write Parquet shards under DST/shards. Failed videos "
+        "and clips go to DST/errors; a rerun over the same DST writes only the missing clips. Exits 1 when "
+        "the failed fraction exceeds --max-failure-fraction.",
+    )
+    _add_arguments(p)
+    add_models_argument(p)
+    p.set_defaults(func=run, models=None)  # None: the config file's models, else PreprocessConfig's (tiny)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="videos: directory/prefix, one video, or a .csv/.parquet manifest")
+    p.add_argument("dst", metavar="DST", help="output location (local path or fsspec URI such as s3://...)")
+    p.add_argument("--config", metavar="YAML", help="preprocess settings (fields of PreprocessConfig); "
+                   "command-line options override them")
+    p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to use (default: $RAY_ADDRESS, else local)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--frames", type=int, help="frames per clip (default: the preset's; 8 for sd15)")
+    p.add_argument("--stride", type=int, help="source frames between sampled frames (default: preset's; 4)")
+    p.add_argument("--clips-per-video", type=int, help="clips per video, evenly spread (default: all)")
+    p.add_argument("--size", type=_size, metavar="WxH", help="landscape output size; portrait is transposed "
+                   "(default: the preset's, 448x256)")
+    p.add_argument("--shard-size", type=int, help="clips per shard file (default 64)")
+    p.add_argument("--latents", action="store_true", default=None, help="also store VAE latents of the frames")
+    p.add_argument("--no-frames", dest="store_frames", action="store_false", default=None,
+                   help="do not store the resized frames")
+    p.add_argument("--frames-format", choices=("jpeg", "raw"), help="how frames are stored (default jpeg)")
+    p.add_argument("--max-failure-fraction", type=float, help="exit 1 above this failed fraction (default 0.1)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no Ray Data progress bars")
+
+
+def config_from_args(args: argparse.Namespace):
+    from pipelines.preprocess import PreprocessConfig
+
+    overrides = {
+        "models": args.models, "ray_address": args.ray_address, "num_cpus": args.num_cpus,
+        "frames": args.frames, "stride": args.stride, "clips_per_video": args.clips_per_video,
+        "size": args.size, "shard_size": args.shard_size, "latents": args.latents,
+        "store_frames": args.store_frames, "frames_format": args.frames_format,
+        "max_failure_fraction": args.max_failure_fraction, "progress": args.progress,
+    }
+    if args.config:
+        return PreprocessConfig.from_yaml(args.config, **overrides)
+    return PreprocessConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.preprocess import run_preprocess
+
+    cfg = config_from_args(args)
+    summary = run_preprocess(args.src, args.dst, cfg)
+    print(summary.line())
+    if summary.failure_fraction > cfg.max_failure_fraction:
+        print(
+            f"FAILED: {summary.failed} of {summary.ok + summary.failed} clips failed "
+            f"({summary.failure_fraction:.1%} > max {cfg.max_failure_fraction:.1%}); see {args.dst}/errors",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `python -m jobs.commands.preprocess` (e.g. `ray job submit`)."""
+    from jobs.cli import add_models_argument
+
+    parser = argparse.ArgumentParser(prog="gen1 preprocess", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_arguments(parser)
+    add_models_argument(parser)
+    parser.set_defaults(models=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

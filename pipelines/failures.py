@@ -1,0 +1,139 @@
+"""Failures are data: an exception about one clip becomes an error record instead of failing the job.
+
+Stage batches carry a ``status`` column (``ok`` | ``error``) and four error columns (``error_stage``,
+``error_type``, ``error_message``, ``error_traceback``; empty strings on healthy rows, so every column
+keeps one Arrow type in every block). Later stages pass error rows through untouched; the writer turns
+them into ``errors`` rows (`pipelines.schema.ERRORS_SCHEMA`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyarrow as pa
+
+from pipelines.schema import ERRORS_SCHEMA, SCHEMA_VERSION
+
+logger = logging.getLogger(__name__)
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+ERROR_COLUMNS = ("error_stage", "error_type", "error_message", "error_traceback")
+_MAX_TRACEBACK = 4000
+
+Row = dict[str, Any]
+
+
+def healthy(row: Row) -> bool:
+    return row.get("status", STATUS_OK) == STATUS_OK
+
+
+def with_error_columns(row: Row) -> Row:
+    """``row`` with ``status`` and the error columns filled in where missing (a healthy row)."""
+    row.setdefault("status", STATUS_OK)
+    for col in ERROR_COLUMNS:
+        row.setdefault(col, "")
+    return row
+
+
+def mark_failed(row: Row, stage: str, exc: BaseException) -> Row:
+    """Turn ``row`` into an error of ``stage`` caused by ``exc`` (in place) and log it."""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    row.update(
+        status=STATUS_ERROR,
+        error_stage=stage,
+        error_type=type(exc).__name__,
+        error_message=str(exc) or repr(exc),
+        error_traceback=tb[-_MAX_TRACEBACK:],
+    )
+    logger.warning(
+        "%s failed for clip %s of %s: %s: %s",
+        stage, row.get("clip_id"), row.get("source_uri"), row["error_type"], row["error_message"],
+    )
+    return row
+
+
+def apply_per_clip(
+    rows: Sequence[Row],
+    stage: str,
+    batch_fn: Callable[[list[Any]], Sequence[Any]],
+    item: Callable[[Row], Any],
+    store: Callable[[Row, Any], None],
+) -> None:
+    """Run ``batch_fn`` over the healthy ``rows`` at once; if that raises, retry clip by clip.
+
+    ``item(row)`` builds one input, ``batch_fn(inputs) -> outputs`` (same length) and
+    ``store(row, output)`` writes one result into its row. A clip whose own call (or ``item``) raises
+    becomes an error row of ``stage``; the other clips of the batch are kept.
+    """
+    todo: list[tuple[Row, Any]] = []
+    for row in rows:
+        with_error_columns(row)
+        if not healthy(row):
+            continue
+        try:
+            todo.append((row, item(row)))
+        except Exception as e:  # a malformed row fails alone
+            mark_failed(row, stage, e)
+    if not todo:
+        return
+    try:
+        outputs = batch_fn([x for _, x in todo])
+        if len(outputs) != len(todo):
+            raise RuntimeError(f"{stage}: expected {len(todo)} outputs for the batch; got {len(outputs)}")
+        for (row, _), out in zip(todo, outputs, strict=True):
+            store(row, out)
+        return
+    except Exception as e:
+        if len(todo) == 1:
+            mark_failed(todo[0][0], stage, e)
+            return
+        logger.warning(
+            "%s: a batch of %d clips failed (%s: %s); retrying clip by clip", stage, len(todo), type(e).__name__, e
+        )
+    for row, x in todo:
+        try:
+            (out,) = batch_fn([x])
+            store(row, out)
+        except Exception as e:
+            mark_failed(row, stage, e)
+
+
+def error_record(row: Row) -> Row:
+    """An error row of a stage batch -> an error record (a row of `error_table`)."""
+    start = row.get("start")
+    return {
+        "clip_id": row["clip_id"],
+        "uri": row["source_uri"],
+        "start": None if start is None or int(start) < 0 else int(start),
+        "stage": row["error_stage"],
+        "error_type": row["error_type"],
+        "message": row["error_message"],
+        "traceback": row.get("error_traceback") or None,
+    }
+
+
+def error_table(records: Sequence[Row], run_id: str) -> pa.Table:
+    """Error records -> an ERRORS_SCHEMA table.
+
+    A record needs ``clip_id``, ``uri``, ``stage``, ``error_type``, ``message``; ``start`` and
+    ``traceback`` may be None.
+    """
+    now = dt.datetime.now(dt.UTC)
+    cols: dict[str, list[Any]] = {f.name: [] for f in ERRORS_SCHEMA}
+    for r in records:
+        cols["clip_id"].append(str(r["clip_id"]))
+        cols["uri"].append(str(r["uri"]))
+        cols["start"].append(r.get("start"))
+        cols["stage"].append(str(r["stage"]))
+        cols["error_type"].append(str(r["error_type"]))
+        cols["message"].append(str(r["message"]))
+        cols["traceback"].append(r.get("traceback") or None)
+        cols["run_id"].append(run_id)
+        cols["timestamp"].append(now)
+        cols["schema_version"].append(SCHEMA_VERSION)
+    return pa.Table.from_pydict(cols, schema=ERRORS_SCHEMA)

@@ -1,0 +1,855 @@
+"""The preprocess pipeline: videos -> clips -> decode -> depth -> CLIP (-> VAE latents) -> Parquet shards.
+
+Ray Data streams clips through plain stage classes (each ``__call__(batch: pandas.DataFrame) ->
+DataFrame``, callable without Ray)::
+
+    list videos (driver) -> PlanStage (CPU tasks, or the driver for a few videos: probe, pick clips)
+      -> drop clips already in DST (driver)
+      -> DecodeStage (CPU tasks) -> DepthStage (actor pool) -> ClipStage (actor pool)
+      -> [LatentsStage (actor pool)] -> ShardWriter (CPU tasks: write shards/_tmp/...)
+      -> Committer (driver: move each tmp file to its final name, one at a time)
+
+Failures are data: a clip that cannot be decoded or fails in a stage becomes an error row that flows on
+to the writer and lands in ``DST/errors`` (`pipelines.failures`). Completion is tracked per clip id:
+a rerun plans the same clips, skips those already committed and retries the ones that failed. The
+driver is the only committer and drops rows whose clip id is already committed (also by another run
+that committed meanwhile), so DST never holds a clip id twice. Whatever is neither committed nor in
+errors when the stream ends (e.g. the stream itself failed) is recorded as a ``pipeline`` error, so
+every planned clip ends either written or in ``errors``.
+
+Resources: model actors take ``num_gpus`` when the cluster has GPUs, and a fraction of a CPU otherwise.
+CPU tasks (decode, write) claim no CPU by default and are capped by a task pool instead, so they are never
+starved by actors that hold every CPU (which hangs Ray Data): measured on 2 CPUs, and after a worker node
+dies and its actors restart on the head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from gen1.config import ConfigError, ModelSpecs, load_model_specs
+from pipelines.failures import (
+    ERROR_COLUMNS,
+    STATUS_ERROR,
+    STATUS_OK,
+    apply_per_clip,
+    error_record,
+    error_table,
+    healthy,
+    mark_failed,
+    with_error_columns,
+)
+from pipelines.schema import (
+    ERRORS_DIR,
+    RUNS_DIR,
+    SCHEMA_VERSION,
+    SHARD_SCHEMA,
+    SHARDS_DIR,
+    TableStore,
+    encode_array,
+    encode_frames,
+)
+from pipelines.sources import VIDEO_EXTENSIONS, list_videos, plan_video
+
+logger = logging.getLogger(__name__)
+
+# Non-secret settings a job submitted to a remote cluster takes along (a local cluster inherits them).
+FORWARDED_ENV = (
+    "GEN1_TINY_DIR",
+    "GEN1_CACHE_DIR",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_HUB_OFFLINE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+)
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything a preprocess run needs besides SRC and DST. Load with `from_yaml`; printed at start."""
+
+    models: str = "tiny"  # preset name or YAML of weight specs (gen1.config.load_model_specs)
+    depth_model: str | None = None  # override the preset's weight spec of that component
+    clip_model: str | None = None
+    vae_model: str | None = None
+    # sampling: None = the preset's (sd15: 8 frames 4 apart at 448x256; tiny: 4 frames 2 apart at 64x64)
+    frames: int | None = None
+    stride: int | None = None
+    clips_per_video: int | None = None  # None: every non-overlapping clip; else that many, evenly spread
+    size: tuple[int, int] | None = None  # (w, h) for landscape sources; portrait sources get (h, w)
+    extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+    manifest_column: str = "uri"
+    # outputs
+    store_frames: bool = True  # keep the resized frames (so training can compute VAE latents)
+    frames_format: str = "jpeg"  # "jpeg" (compact) | "raw" (exact uint8)
+    jpeg_quality: int = 95
+    latents: bool = False  # compute VAE latents of the frames (LatentsStage)
+    shard_size: int = 64  # clips per shard file
+    # execution
+    plan_batch_size: int = 1  # videos per planning task
+    plan_in_driver_max: int = 8  # corpora up to this many videos are planned in the driver (no task start-up)
+    decode_batch_size: int = 4  # clips per decode task
+    depth_batch_size: int = 4  # clips per depth call
+    clip_batch_size: int = 8  # clips per CLIP call
+    latents_batch_size: int = 4
+    depth_concurrency: int = 1  # actors per model pool
+    clip_concurrency: int = 1
+    latents_concurrency: int = 1
+    # CPU tasks (plan, decode, write) claim task_num_cpus each, at most task_concurrency at once (None: the
+    # cluster's CPU count). 0 CPUs means they never wait behind model actors: actors that hold every CPU,
+    # e.g. after a node died and its actors restarted elsewhere, would otherwise starve them and hang the job.
+    task_num_cpus: float = 0.0
+    task_concurrency: int | None = None
+    actor_num_cpus: float = 0.5  # model actors on a CPU-only cluster
+    depth_num_gpus: float = 0.5  # model actors when the cluster has GPUs (defaults fit on one GPU)
+    clip_num_gpus: float = 0.25
+    latents_num_gpus: float = 0.25
+    device: str | None = None  # None: cuda when the actor got a GPU, else cpu
+    max_failure_fraction: float = 0.1  # exit non-zero when failed / (ok + failed) exceeds this
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started here
+    num_cpus: int | None = None  # CPUs of a local Ray (None: the machine's)
+    progress: bool = True  # Ray Data progress bars
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for SRC and DST
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            self.size = (int(self.size[0]), int(self.size[1]))
+        self.extensions = tuple(self.extensions)
+        if self.frames_format not in ("jpeg", "raw"):
+            raise ConfigError(f"frames_format: expected 'jpeg' or 'raw'; found {self.frames_format!r}")
+        for name in ("shard_size", "plan_batch_size", "decode_batch_size", "depth_batch_size",
+                     "clip_batch_size", "latents_batch_size", "depth_concurrency", "clip_concurrency",
+                     "latents_concurrency"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}: expected an integer >= 1; found {getattr(self, name)!r}")
+        if not 0 <= self.max_failure_fraction <= 1:
+            raise ConfigError(f"max_failure_fraction: expected a value in [0, 1]; found {self.max_failure_fraction}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> PreprocessConfig:
+        """Fields from a YAML mapping, then ``overrides`` (None values ignored)."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of preprocess settings; found {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["storage_options"] = sorted(self.storage_options)  # keys only: values may be secrets
+        return d
+
+    def resolved(self) -> ResolvedConfig:
+        """The config with preset defaults filled in."""
+        specs = load_model_specs(self.models)
+        return ResolvedConfig(
+            specs=specs,
+            frames=self.frames or specs.frames,
+            stride=self.stride or specs.frame_stride,
+            size=self.size or (specs.width, specs.height),
+            depth_model=self.depth_model or specs.depth,
+            clip_model=self.clip_model or specs.clip,
+            vae_model=(self.vae_model or specs.vae) if self.latents else None,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    specs: ModelSpecs
+    frames: int
+    stride: int
+    size: tuple[int, int]
+    depth_model: str
+    clip_model: str
+    vae_model: str | None
+
+
+# -------------------------------------------------------------------------------------------- columns
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("start", pa.int64()),  # -1 on a whole-video error row
+        ("stride", pa.int64()),
+        ("frame_indices", pa.list_(pa.int64())),
+        ("fps", pa.float64()),
+        ("num_frames", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("status", pa.string()),
+        *[(c, pa.string()) for c in ERROR_COLUMNS],
+    ]
+)
+PLAN_COLUMNS = tuple(PLAN_SCHEMA.names)
+# Added by the stages (bytes are b"" and ints 0 where a stage did not run, so types never vary).
+FEATURE_COLUMNS = ("frames_raw", "depth", "clip_embedding", "clip_dim", "latents", "lat_c", "lat_h", "lat_w")
+WRITTEN_COLUMNS = ("table", "tmp_path", "clip_ids", "num_rows")
+
+
+def _rows(batch: pd.DataFrame | Mapping[str, Any]) -> list[dict[str, Any]]:
+    df = batch if isinstance(batch, pd.DataFrame) else pd.DataFrame(dict(batch))
+    rows = df.to_dict("records")
+    for row in rows:
+        with_error_columns(row)
+        for col in FEATURE_COLUMNS:
+            row.setdefault(col, 0 if col in ("clip_dim", "lat_c", "lat_h", "lat_w") else b"")
+    return rows
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=[*PLAN_COLUMNS, *FEATURE_COLUMNS])
+
+
+def clip_frames(row: Mapping[str, Any]) -> np.ndarray:
+    """The decoded frames a stage batch row carries: uint8 (f, h, w, 3)."""
+    data = row["frames_raw"]
+    if not data:
+        raise ValueError(f"clip {row['clip_id']}: expected decoded frames; the row has none")
+    shape = (int(row["num_frames"]), int(row["height"]), int(row["width"]), 3)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()  # writable: torch.from_numpy needs it
+
+
+def _by_shape(inputs: list[np.ndarray], fn: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
+    """Apply ``fn`` to the concatenation of same-shaped clips (f, h, w, 3), split the result per clip."""
+    out: list[np.ndarray | None] = [None] * len(inputs)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(inputs):
+        groups.setdefault(tuple(x.shape[1:]), []).append(i)
+    for idx in groups.values():
+        result = fn(np.concatenate([inputs[i] for i in idx]))
+        offsets = np.cumsum([0] + [len(inputs[i]) for i in idx])
+        for k, i in enumerate(idx):
+            out[i] = result[offsets[k] : offsets[k + 1]]
+    return out  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------- stages
+
+
+class PlanStage:
+    """Videos -> clips: probe each ``uri`` and pick its clips; a video that cannot be probed or is too
+    short becomes one error row (stage ``plan``, ``start`` -1, the clip id of its start-0 clip).
+
+    batch: ``{"uri": [...]}`` -> pyarrow Table of PLAN_SCHEMA.
+    """
+
+    def __init__(self, frames: int, stride: int, clips_per_video: int | None, size: tuple[int, int]):
+        self.frames, self.stride, self.clips_per_video, self.size = frames, stride, clips_per_video, size
+
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pa.Table:
+        from gen1.video import clip_id
+
+        uris = list(batch["uri"])
+        out: list[dict[str, Any]] = []
+        for uri in uris:
+            try:
+                plans = plan_video(uri, self.frames, self.stride, self.clips_per_video, self.size)
+                out.extend(with_error_columns({**p.as_dict(), "num_frames": p.num_frames}) for p in plans)
+            except Exception as e:
+                row = {
+                    "clip_id": clip_id(uri, 0, self.frames, self.stride),
+                    "source_uri": uri, "start": -1, "stride": self.stride, "frame_indices": [],
+                    "fps": 0.0, "num_frames": self.frames, "width": 0, "height": 0,
+                }
+                out.append(mark_failed(with_error_columns(row), "plan", e))
+        return pa.Table.from_pylist([{c: r[c] for c in PLAN_COLUMNS} for r in out], schema=PLAN_SCHEMA)
+
+
+class DecodeStage:
+    """Decode and resize the frames of each planned clip into ``frames_raw`` (uint8 (f, h, w, 3) bytes).
+
+    A remote video is fetched once per batch (into a temp file) however many of its clips the batch
+    holds; sparse reads go through `gen1.video.read_frames`.
+    """
+
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        from gen1.video import read_frames, resize_center_crop
+
+        rows = _rows(batch)
+        by_uri: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            if healthy(row):
+                by_uri.setdefault(row["source_uri"], []).append(row)
+        for uri, group in by_uri.items():
+            with _local_copy(uri) as (local, fetch_error):
+                for row in group:
+                    try:
+                        if fetch_error is not None:
+                            raise fetch_error
+                        frames = _rename_decode_errors(uri, local, read_frames, [int(i) for i in row["frame_indices"]])
+                        frames = resize_center_crop(frames, int(row["width"]), int(row["height"]))
+                        if len(frames) != int(row["num_frames"]):
+                            raise RuntimeError(f"expected {row['num_frames']} frames; decoded {len(frames)}")
+                        row["frames_raw"] = np.ascontiguousarray(frames).tobytes()
+                    except Exception as e:
+                        mark_failed(row, "decode", e)
+        return _frame(rows)
+
+
+class _local_copy:
+    """Context manager: (a local path for ``uri``, or the error fetching it). Local files are used as is."""
+
+    def __init__(self, uri: str):
+        self.uri, self.tmp = uri, None
+
+    def __enter__(self) -> tuple[str, Exception | None]:
+        import fsspec
+        from fsspec.implementations.local import LocalFileSystem
+
+        from gen1.video import VideoDecodeError
+
+        try:
+            fs, path = fsspec.core.url_to_fs(self.uri)
+            if isinstance(fs, LocalFileSystem):
+                return self.uri, None
+            suffix = os.path.splitext(path)[1]
+            fd, self.tmp = tempfile.mkstemp(prefix="gen1-preprocess-", suffix=suffix)
+            os.close(fd)
+            fs.get_file(path, self.tmp)
+            return self.tmp, None
+        except Exception as e:
+            err = VideoDecodeError(self.uri, f"cannot fetch: {type(e).__name__}: {e}")
+            err.__cause__ = e
+            return self.uri, err
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None and os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def _rename_decode_errors(uri: str, local: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``fn(local, *args)``; a VideoDecodeError about the temp copy names ``uri`` instead."""
+    from gen1.video import VideoDecodeError
+
+    try:
+        return fn(local, *args)
+    except VideoDecodeError as e:
+        if local == uri:
+            raise
+        raise VideoDecodeError(uri, e.reason) from e
+
+
+class DepthStage:
+    """Per-clip depth (`gen1.depth.DepthEstimator`, normalised per clip) -> ``depth`` (float16 bytes)."""
+
+    def __init__(self, spec: str, device: str | None = None):
+        from gen1.depth import DepthEstimator
+
+        self.spec = spec
+        self.estimator = DepthEstimator(spec, device=device)
+
+    def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        """clips: uint8 (f, h, w, 3) each -> float32 (f, h, w) each, as `DepthEstimator.__call__` computes
+        it (raw depth, then one min/max per clip), with the frames of same-sized clips in shared forwards."""
+        import torch
+
+        from gen1.structure import normalise_per_clip
+
+        raw = _by_shape(clips, lambda x: self.estimator.predict_raw(x).float().cpu().numpy())
+        return [normalise_per_clip(torch.from_numpy(d)).numpy() for d in raw]
+
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        rows = _rows(batch)
+
+        def store(row: dict[str, Any], depth: np.ndarray) -> None:
+            expected = (int(row["num_frames"]), int(row["height"]), int(row["width"]))
+            if depth.shape != expected:
+                raise ValueError(f"depth of clip {row['clip_id']}: expected shape {expected}; got {depth.shape}")
+            row["depth"] = encode_array(depth, "float16")[0]
+
+        apply_per_clip(rows, "depth", self.predict, clip_frames, store)
+        return _frame(rows)
+
+
+class ClipStage:
+    """Per-frame CLIP image embeddings (`gen1.clip.ClipEmbedder`) -> ``clip_embedding`` (float16 bytes)."""
+
+    def __init__(self, spec: str, device: str | None = None):
+        from gen1.clip import ClipEmbedder
+
+        self.spec = spec
+        self.embedder = ClipEmbedder(spec, device=device)
+
+    def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        """clips: uint8 (f, h, w, 3) each -> float32 (f, dim) each; one forward per frame shape."""
+        return _by_shape(clips, lambda x: self.embedder.embed_images(x).float().cpu().numpy())
+
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        rows = _rows(batch)
+
+        def store(row: dict[str, Any], emb: np.ndarray) -> None:
+            if emb.ndim != 2 or emb.shape[0] != int(row["num_frames"]):
+                raise ValueError(f"CLIP embeddings of clip {row['clip_id']}: expected ({row['num_frames']}, d); "
+                                 f"got {emb.shape}")
+            row["clip_embedding"] = encode_array(emb, "float16")[0]
+            row["clip_dim"] = int(emb.shape[1])
+
+        apply_per_clip(rows, "clip", self.predict, clip_frames, store)
+        return _frame(rows)
+
+
+class LatentsStage:
+    """VAE latents of every frame: posterior mean times ``scaling_factor``, (c, f, h/8, w/8) float16."""
+
+    def __init__(self, spec: str, device: str | None = None):
+        import torch
+
+        from gen1.weights import load_vae
+
+        self.spec = spec
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.vae = load_vae(spec, device=self.device).eval()
+        self.scale = float(getattr(self.vae.config, "scaling_factor", 1.0))
+
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        """frames uint8 (n, h, w, 3) -> float32 (n, c, h/8, w/8)."""
+        import torch
+
+        from gen1.video import frames_to_tensor
+
+        x = frames_to_tensor(frames).to(self.device, next(self.vae.parameters()).dtype)
+        with torch.no_grad():
+            z = self.vae.encode(x).latent_dist.mean * self.scale
+        return z.float().cpu().numpy()
+
+    def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        return [z.transpose(1, 0, 2, 3) for z in _by_shape(clips, self.encode)]  # (f, c, ..) -> (c, f, ..)
+
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        rows = _rows(batch)
+
+        def store(row: dict[str, Any], z: np.ndarray) -> None:
+            row["latents"] = encode_array(z, "float16")[0]
+            row["lat_c"], _, row["lat_h"], row["lat_w"] = (int(s) for s in z.shape)
+
+        apply_per_clip(rows, "latents", self.predict, clip_frames, store)
+        return _frame(rows)
+
+
+class ShardWriter:
+    """Write the healthy rows of a batch as one shard and its error rows as one errors file, both under
+    ``_tmp/<run_id>/`` (not yet committed; the driver's `Committer` does that).
+
+    Returns one row per file: ``table`` (shards | errors), ``tmp_path``, ``clip_ids``, ``num_rows``.
+    """
+
+    def __init__(self, dst: str, run_id: str, models: Mapping[str, str | None], store_frames: bool = True,
+                 frames_format: str = "jpeg", jpeg_quality: int = 95,
+                 storage_options: Mapping[str, Any] | None = None):
+        self.dst, self.run_id, self.models = dst, run_id, dict(models)
+        self.store_frames, self.frames_format, self.jpeg_quality = store_frames, frames_format, jpeg_quality
+        self.storage_options = dict(storage_options or {})
+
+    def shard_table(self, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+        """Healthy stage rows -> a SHARD_SCHEMA table."""
+        cols: dict[str, list[Any]] = {f.name: [] for f in SHARD_SCHEMA}
+        for r in rows:
+            f, h, w = int(r["num_frames"]), int(r["height"]), int(r["width"])
+            if not r["depth"] or not r["clip_embedding"]:
+                raise ValueError(f"clip {r['clip_id']}: expected depth and CLIP features; a stage did not run")
+            frames = encode_frames(clip_frames(r), self.frames_format, self.jpeg_quality) if self.store_frames else None
+            has_latents = bool(r["latents"])
+            values = {
+                "clip_id": r["clip_id"], "source_uri": r["source_uri"], "start": int(r["start"]),
+                "stride": int(r["stride"]), "frame_indices": [int(i) for i in r["frame_indices"]],
+                "fps": float(r["fps"]), "num_frames": f, "height": h, "width": w,
+                "depth": r["depth"], "depth_shape": [f, h, w],
+                "clip_embedding": r["clip_embedding"], "clip_dim": int(r["clip_dim"]),
+                "frames": frames, "frames_format": self.frames_format if frames is not None else None,
+                "latents": r["latents"] if has_latents else None,
+                "latents_shape": [int(r["lat_c"]), f, int(r["lat_h"]), int(r["lat_w"])] if has_latents else None,
+                "caption": None,
+                "depth_model": self.models["depth"], "clip_model": self.models["clip"],
+                "vae_model": self.models.get("vae") if has_latents else None,
+                "run_id": self.run_id, "schema_version": SCHEMA_VERSION,
+            }
+            for k, v in values.items():
+                cols[k].append(v)
+        return pa.Table.from_pydict(cols, schema=SHARD_SCHEMA)
+
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        rows = _rows(batch)
+        store = TableStore(self.dst, self.storage_options)
+        written: list[dict[str, Any]] = []
+        ok = [r for r in rows if healthy(r)]
+        if ok:
+            try:
+                table = self.shard_table(ok)
+            except Exception:  # one bad row must not lose the others: build row by row
+                good = []
+                for r in ok:
+                    try:
+                        self.shard_table([r])
+                        good.append(r)
+                    except Exception as e:
+                        mark_failed(r, "write", e)
+                ok = good
+                table = self.shard_table(ok) if ok else None
+            if table is not None:
+                path = store.write_tmp(SHARDS_DIR, table, self.run_id)
+                written.append({"table": SHARDS_DIR, "tmp_path": path, "clip_ids": [r["clip_id"] for r in ok],
+                                "num_rows": len(ok)})
+        failed = [r for r in rows if r["status"] == STATUS_ERROR]
+        if failed:
+            path = store.write_tmp(ERRORS_DIR, error_table([error_record(r) for r in failed], self.run_id),
+                                   self.run_id)
+            written.append({"table": ERRORS_DIR, "tmp_path": path, "clip_ids": [r["clip_id"] for r in failed],
+                            "num_rows": len(failed)})
+        return pd.DataFrame(written, columns=list(WRITTEN_COLUMNS))
+
+
+# ------------------------------------------------------------------------------------------- commits
+
+
+class Committer:
+    """The single committer of a run: moves tmp parts to their final names, never twice for a clip id.
+
+    Before each shard commit it re-lists ``DST/shards`` (reading only the clip ids of parts it has not
+    seen), so rows already committed, by this run or another, are dropped, not duplicated.
+    """
+
+    def __init__(self, store: TableStore, run_id: str):
+        self.store, self.run_id = store, run_id
+        self.seen: dict[str, int] = {}  # committed shard path -> rows
+        self.committed_ids: set[str] = set()  # in DST (any run)
+        self.written_ids: set[str] = set()  # committed by this run
+        self.failed_ids: set[str] = set()  # error rows committed by this run
+        self.dropped_duplicates = 0
+        self._seq = 0
+
+    def refresh(self) -> set[str]:
+        """Re-list committed shards; returns every committed clip id."""
+        for path in self.store.committed(SHARDS_DIR):
+            if path not in self.seen:
+                ids = self.store.read(path, ["clip_id"]).column("clip_id").to_pylist()
+                self.seen[path] = len(ids)
+                self.committed_ids.update(ids)
+        return self.committed_ids
+
+    def _name(self) -> str:
+        self._seq += 1
+        return f"{self.run_id}-{self._seq:05d}-{uuid.uuid4().hex[:8]}"
+
+    def commit(self, table: str, tmp_path: str, clip_ids: Sequence[str]) -> int:
+        """Commit one tmp part; returns the number of rows committed."""
+        if table == ERRORS_DIR:
+            self.store.commit(ERRORS_DIR, tmp_path, self._name())
+            self.failed_ids.update(clip_ids)
+            return len(clip_ids)
+        self.refresh()
+        dup = set(clip_ids) & self.committed_ids
+        if dup:
+            self.dropped_duplicates += len(dup)
+            logger.warning("%d clips of %s are already committed; dropping them", len(dup), tmp_path)
+            if len(dup) == len(set(clip_ids)):
+                self.store.fs.rm(tmp_path)
+                return 0
+            data = self.store.read(tmp_path)
+            keep = [i not in dup for i in data.column("clip_id").to_pylist()]
+            self.store.fs.rm(tmp_path)
+            tmp_path = self.store.write_tmp(SHARDS_DIR, data.filter(pa.array(keep)), self.run_id)
+            clip_ids = [i for i in clip_ids if i not in dup]
+        final = self.store.commit(SHARDS_DIR, tmp_path, self._name())
+        self.seen[final] = len(clip_ids)
+        self.committed_ids.update(clip_ids)
+        self.written_ids.update(clip_ids)
+        logger.info("committed %s (%d clips)", self.store.uri(final), len(clip_ids))
+        return len(clip_ids)
+
+    def commit_errors(self, records: Sequence[Mapping[str, Any]]) -> None:
+        """Write and commit error records the driver itself produced (plan and pipeline errors)."""
+        if records:
+            tmp = self.store.write_tmp(ERRORS_DIR, error_table(list(records), self.run_id), self.run_id)
+            self.commit(ERRORS_DIR, tmp, [r["clip_id"] for r in records])
+
+
+# --------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class PreprocessSummary:
+    run_id: str
+    dst: str
+    videos: int = 0
+    planned: int = 0  # clips sampled from the videos (whole-video failures count as one)
+    ok: int = 0  # clips written by this run
+    failed: int = 0  # clips (or whole videos) that ended in `errors` in this run
+    skipped: int = 0  # clips already in DST before this run
+    seconds: float = 0.0
+    error: str | None = None  # the exception that stopped the stream, if any
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def failure_fraction(self) -> float:
+        done = self.ok + self.failed
+        return self.failed / done if done else 0.0
+
+    def line(self) -> str:
+        return (
+            f"preprocess {self.run_id}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped "
+            f"of {self.planned} clips from {self.videos} videos in {self.seconds:.1f}s "
+            f"({self.clips_per_second:.2f} clips/s) -> {self.dst}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "clips_per_second": self.clips_per_second,
+                "failure_fraction": self.failure_fraction}
+
+
+def new_run_id() -> str:
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` (or $RAY_ADDRESS), else start a local Ray; no-op if already connected.
+
+    Returns True when this call connected (the caller shuts down what it started).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # never re-run workers through `uv run`
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        logger.info("connecting to Ray at %s (forwarding %s)", address, ", ".join(env) or "no env vars")
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+    return True
+
+
+@dataclass(frozen=True)
+class _Pool:
+    stage: type
+    name: str
+    spec: str
+    batch_size: int
+    concurrency: int
+    num_gpus: float
+
+
+def _plan_resources(cfg: PreprocessConfig, pools: list[_Pool]) -> dict[str, dict[str, float]]:
+    """Per pool ``num_cpus``/``num_gpus``: GPUs when the cluster has them, else a CPU fraction; checks
+    that the pools leave room for the CPU tasks (an actor pool that takes every CPU hangs Ray Data)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    out: dict[str, dict[str, float]] = {}
+    if gpus > 0:
+        need = sum(p.num_gpus * p.concurrency for p in pools)
+        if need > gpus:
+            raise ConfigError(
+                f"model pools need {need:g} GPUs ({', '.join(f'{p.name}: {p.concurrency} x {p.num_gpus:g}' for p in pools)}) "
+                f"but the cluster has {gpus:g}; lower *_concurrency or *_num_gpus"
+            )
+        for p in pools:
+            out[p.name] = {"num_gpus": p.num_gpus, "num_cpus": min(1.0, cfg.actor_num_cpus)}
+    else:
+        for p in pools:
+            out[p.name] = {"num_gpus": 0.0, "num_cpus": cfg.actor_num_cpus}
+    actor_cpus = sum(out[p.name]["num_cpus"] * p.concurrency for p in pools)
+    if actor_cpus + cfg.task_num_cpus > cpus:
+        raise ConfigError(
+            f"model actors claim {actor_cpus:g} of the cluster's {cpus:g} CPUs, leaving less than task_num_cpus="
+            f"{cfg.task_num_cpus:g} for decode and write tasks (the job would hang); lower actor_num_cpus or "
+            f"*_concurrency"
+        )
+    if cfg.task_num_cpus > 0 and actor_cpus + cfg.task_num_cpus > min(_node_cpus()):
+        logger.warning(
+            "model actors claim %g CPUs and task_num_cpus=%g: if nodes are lost and the actors restart on a "
+            "node of %g CPUs, decode and write tasks can starve; task_num_cpus=0 avoids that",
+            actor_cpus, cfg.task_num_cpus, min(_node_cpus()),
+        )
+    return out
+
+
+def _node_cpus() -> list[float]:
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [0.0]
+
+
+def _task_compute(cfg: PreprocessConfig):
+    """The compute strategy of CPU tasks: a pool of task_concurrency (default: the cluster's CPUs)."""
+    import ray
+
+    size = cfg.task_concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return ray.data.TaskPoolStrategy(size=size)
+
+
+def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> PreprocessSummary:
+    """Build feature shards under ``dst`` for the videos under ``src`` (see the module docstring)."""
+    import ray
+
+    cfg = cfg or PreprocessConfig()
+    res = cfg.resolved()
+    run_id = new_run_id()
+    logger.info("preprocess %s -> %s, run %s, models %s\nconfig: %s", src, dst, run_id, res.specs.label(),
+                json.dumps(cfg.as_dict(), default=str))
+    _check_weights(res)
+    t0 = time.monotonic()
+    store = TableStore(dst, cfg.storage_options)
+    committer = Committer(store, run_id)
+    summary = PreprocessSummary(run_id=run_id, dst=dst)
+
+    uris = list_videos(src, cfg.extensions, cfg.manifest_column, cfg.storage_options)
+    summary.videos = len(uris)
+    started = init_ray(cfg.ray_address, cfg.num_cpus)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = cfg.progress
+        plans = _plan(uris, cfg, res)
+        done = committer.refresh()
+        ok_plans = _unique_clips([p for p in plans if p["status"] == STATUS_OK])
+        todo = [p for p in ok_plans if p["clip_id"] not in done]
+        plan_errors = [p for p in plans if p["status"] != STATUS_OK]
+        summary.planned = len(ok_plans) + len(plan_errors)
+        summary.skipped = len(ok_plans) - len(todo)
+        committer.commit_errors([error_record(p) for p in plan_errors])
+        logger.info("%d videos -> %d clips: %d to do, %d already in %s, %d videos failed planning",
+                    len(uris), len(ok_plans), len(todo), summary.skipped, dst, len(plan_errors))
+        if todo:
+            try:
+                for batch in _build_dataset(todo, dst, run_id, cfg, res).iter_batches(
+                    batch_size=None, batch_format="pandas"
+                ):
+                    for w in batch.to_dict("records"):
+                        committer.commit(w["table"], w["tmp_path"], [str(i) for i in w["clip_ids"]])
+            except Exception as e:  # the stream broke: what is not committed yet becomes a pipeline error
+                logger.exception("the pipeline stopped early: %s", e)
+                summary.error = f"{type(e).__name__}: {e}"
+            _record_missing(todo, committer, summary.error)
+        summary.ok = len(committer.written_ids)
+        summary.failed = len(committer.failed_ids - committer.written_ids)
+    finally:
+        summary.seconds = time.monotonic() - t0
+        for table in (SHARDS_DIR, ERRORS_DIR):
+            store.remove_tmp(table, run_id)
+        if started:
+            ray.shutdown()
+    _write_run_record(store, run_id, src, cfg, summary)
+    logger.info("%s", summary.line())
+    return summary
+
+
+def _check_weights(res: ResolvedConfig) -> None:
+    """Fail before any work when a weight spec cannot be resolved."""
+    from gen1.weights import resolve_spec
+
+    for spec in (res.depth_model, res.clip_model, res.vae_model):
+        if spec:
+            resolve_spec(spec)
+
+
+def _plan(uris: list[str], cfg: PreprocessConfig, res: ResolvedConfig) -> list[dict[str, Any]]:
+    """Plan rows (PLAN_SCHEMA) of every video: in the driver for a few videos, else in Ray tasks."""
+    import ray
+
+    stage = PlanStage(res.frames, res.stride, cfg.clips_per_video, res.size)
+    if len(uris) <= cfg.plan_in_driver_max:
+        return stage({"uri": uris}).to_pylist()
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / cfg.plan_batch_size))
+    ds = ds.map_batches(stage, batch_size=cfg.plan_batch_size, batch_format="pandas", num_cpus=cfg.task_num_cpus,
+                        compute=_task_compute(cfg))
+    return ds.take_all()
+
+
+def _unique_clips(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    out = []
+    for p in plans:
+        if p["clip_id"] not in seen:
+            seen.add(p["clip_id"])
+            out.append({k: (list(v) if k == "frame_indices" else v) for k, v in p.items()})
+    return out
+
+
+def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: PreprocessConfig,
+                   res: ResolvedConfig):
+    import ray
+
+    pools = [
+        _Pool(DepthStage, "depth", res.depth_model, cfg.depth_batch_size, cfg.depth_concurrency, cfg.depth_num_gpus),
+        _Pool(ClipStage, "clip", res.clip_model, cfg.clip_batch_size, cfg.clip_concurrency, cfg.clip_num_gpus),
+    ]
+    if res.vae_model:
+        pools.append(_Pool(LatentsStage, "latents", res.vae_model, cfg.latents_batch_size,
+                           cfg.latents_concurrency, cfg.latents_num_gpus))
+    resources = _plan_resources(cfg, pools)
+    blocks = max(1, math.ceil(len(todo) / cfg.decode_batch_size))
+    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    ds = ds.map_batches(DecodeStage(), batch_size=cfg.decode_batch_size, batch_format="pandas",
+                        num_cpus=cfg.task_num_cpus, compute=_task_compute(cfg))
+    for p in pools:
+        ds = ds.map_batches(
+            p.stage,
+            fn_constructor_kwargs={"spec": p.spec, "device": cfg.device},
+            batch_size=p.batch_size,
+            batch_format="pandas",
+            compute=ray.data.ActorPoolStrategy(size=p.concurrency),
+            **resources[p.name],
+        )
+    writer = ShardWriter(dst, run_id, {"depth": res.depth_model, "clip": res.clip_model, "vae": res.vae_model},
+                         cfg.store_frames, cfg.frames_format, cfg.jpeg_quality, cfg.storage_options)
+    return ds.map_batches(writer, batch_size=cfg.shard_size, batch_format="pandas", num_cpus=cfg.task_num_cpus,
+                          compute=_task_compute(cfg))
+
+
+def _record_missing(todo: list[dict[str, Any]], committer: Committer, error: str | None) -> None:
+    """Planned clips neither written nor in errors (the stream broke, or lost them) -> `pipeline` errors."""
+    missing = [p for p in todo if p["clip_id"] not in committer.written_ids | committer.failed_ids]
+    if not missing:
+        return
+    message = f"the pipeline ended without this clip: {error}" if error else "the pipeline ended without this clip"
+    logger.error("%d planned clips were neither written nor failed; recording them as errors", len(missing))
+    committer.commit_errors([
+        {"clip_id": p["clip_id"], "uri": p["source_uri"], "start": int(p["start"]), "stage": "pipeline",
+         "error_type": error.split(":", 1)[0] if error else "MissingOutput", "message": message, "traceback": None}
+        for p in missing
+    ])
+
+
+def _write_run_record(store: TableStore, run_id: str, src: str, cfg: PreprocessConfig,
+                      summary: PreprocessSummary) -> None:
+    path = store.path(RUNS_DIR, f"{run_id}.json")
+    record = {"run_id": run_id, "src": src, "config": cfg.as_dict(), "summary": summary.as_dict()}
+    try:
+        if not store.fs.exists(store.path(RUNS_DIR)):
+            store.fs.makedirs(store.path(RUNS_DIR), exist_ok=True)
+        store.fs.pipe_file(path, json.dumps(record, indent=2, default=str).encode())
+    except Exception:
+        logger.exception("could not write the run record %s", store.uri(path))

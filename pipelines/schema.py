@@ -1,0 +1,241 @@
+"""The tables the preprocess pipeline writes: their pyarrow schemas, where they live, how to read them back.
+
+Layout under a destination ``DST`` (any fsspec URI)::
+
+    DST/shards/part-<run>-<n>-<uuid>.parquet   committed feature shards, one row per clip (SHARD_SCHEMA)
+    DST/shards/_tmp/<run_id>/<uuid>.parquet    shards being written; never read as data
+    DST/errors/part-<run>-<n>-<uuid>.parquet   committed error rows (ERRORS_SCHEMA)
+    DST/errors/_tmp/<run_id>/<uuid>.parquet
+    DST/runs/<run_id>.json                     config and summary of each run
+
+A file is *committed* when it has its final ``part-*.parquet`` name: it is written under ``_tmp/`` first
+and then moved (a rename locally, a copy of one object on S3), so a reader never sees a half-written
+shard. Arrays are stored as little-endian C-order bytes with their shape beside them; the ``row_*``
+helpers turn a row back into numpy arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SHARDS_DIR = "shards"
+ERRORS_DIR = "errors"
+RUNS_DIR = "runs"
+TMP_DIR = "_tmp"
+PART_PREFIX = "part-"
+COMPRESSION = "zstd"
+
+_INT_LIST = pa.list_(pa.int32())
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),  # gen1.video.clip_id(source_uri, start, num_frames, stride)
+        pa.field("source_uri", pa.string(), nullable=False),
+        pa.field("start", pa.int32(), nullable=False),  # first source frame
+        pa.field("stride", pa.int32(), nullable=False),  # source frames between sampled frames
+        pa.field("frame_indices", _INT_LIST, nullable=False),  # source frame index of every sampled frame
+        pa.field("fps", pa.float64(), nullable=False),  # source frame rate
+        pa.field("num_frames", pa.int32(), nullable=False),  # f
+        pa.field("height", pa.int32(), nullable=False),  # h of the stored frames / depth
+        pa.field("width", pa.int32(), nullable=False),  # w
+        pa.field("depth", pa.binary(), nullable=False),  # float16 (f, h, w): relative inverse depth in [-1, 1]
+        pa.field("depth_shape", _INT_LIST, nullable=False),
+        pa.field("clip_embedding", pa.binary(), nullable=False),  # float16 (f, clip_dim), L2-normalised
+        pa.field("clip_dim", pa.int32(), nullable=False),
+        pa.field("frames", pa.list_(pa.binary()), nullable=True),  # one entry per frame, see frames_format
+        pa.field("frames_format", pa.string(), nullable=True),  # "jpeg" | "raw" (uint8 (h, w, 3) RGB)
+        pa.field("latents", pa.binary(), nullable=True),  # float16 (c, f, h/8, w/8), scaled VAE posterior mean
+        pa.field("latents_shape", _INT_LIST, nullable=True),
+        pa.field("caption", pa.string(), nullable=True),
+        pa.field("depth_model", pa.string(), nullable=False),  # weight specs used
+        pa.field("clip_model", pa.string(), nullable=False),
+        pa.field("vae_model", pa.string(), nullable=True),  # set when latents were computed
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("schema_version", pa.int32(), nullable=False),
+    ],
+    metadata={"gen1.table": "preprocess-shard", "gen1.schema_version": str(SCHEMA_VERSION)},
+)
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("clip_id", pa.string(), nullable=False),  # for a whole-video failure: the id of its start-0 clip
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("start", pa.int32(), nullable=True),  # null for a whole-video failure
+        pa.field("stage", pa.string(), nullable=False),  # plan | decode | depth | clip | latents | write | pipeline
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("traceback", pa.string(), nullable=True),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("timestamp", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("schema_version", pa.int32(), nullable=False),
+    ],
+    metadata={"gen1.table": "preprocess-errors", "gen1.schema_version": str(SCHEMA_VERSION)},
+)
+
+
+# ---------------------------------------------------------------------------------------------- arrays
+
+
+def encode_array(x: np.ndarray, dtype: str = "float16") -> tuple[bytes, list[int]]:
+    """Array -> (little-endian C-order bytes in ``dtype``, shape)."""
+    a = np.ascontiguousarray(np.asarray(x).astype(np.dtype(dtype).newbyteorder("<"), copy=False))
+    return a.tobytes(), [int(s) for s in a.shape]
+
+
+def decode_array(data: bytes, shape: Sequence[int], dtype: str = "float16") -> np.ndarray:
+    """Inverse of `encode_array`; checks that the byte count matches the shape."""
+    dt = np.dtype(dtype).newbyteorder("<")
+    expected = int(np.prod(shape)) * dt.itemsize
+    if len(data) != expected:
+        raise ValueError(f"expected {expected} bytes for {dtype} {tuple(shape)}; found {len(data)}")
+    return np.frombuffer(data, dtype=dt).reshape(tuple(shape)).astype(np.dtype(dtype))
+
+
+def encode_frames(frames: np.ndarray, fmt: str = "jpeg", quality: int = 95) -> list[bytes]:
+    """uint8 (f, h, w, 3) RGB -> one JPEG or raw byte string per frame."""
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected uint8 frames (f, h, w, 3); found {frames.dtype} {frames.shape}")
+    if fmt == "raw":
+        return [np.ascontiguousarray(f).tobytes() for f in frames]
+    if fmt == "jpeg":
+        import cv2
+
+        out = []
+        for f in frames:
+            ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(f[..., ::-1]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+            if not ok:
+                raise ValueError(f"JPEG encoding failed for a frame of shape {f.shape}")
+            out.append(buf.tobytes())
+        return out
+    raise ValueError(f"expected frames format 'jpeg' or 'raw'; found {fmt!r}")
+
+
+def decode_frames(data: Sequence[bytes], fmt: str, height: int, width: int) -> np.ndarray:
+    """Inverse of `encode_frames`: uint8 (f, height, width, 3) RGB."""
+    if fmt == "raw":
+        return np.stack([np.frombuffer(b, dtype=np.uint8).reshape(height, width, 3) for b in data])
+    if fmt == "jpeg":
+        import cv2
+
+        frames = [cv2.imdecode(np.frombuffer(b, dtype=np.uint8), cv2.IMREAD_COLOR)[..., ::-1] for b in data]
+        return np.ascontiguousarray(np.stack(frames))
+    raise ValueError(f"expected frames format 'jpeg' or 'raw'; found {fmt!r}")
+
+
+def row_depth(row: Mapping[str, Any]) -> np.ndarray:
+    """A shard row's depth: float32 (f, h, w) in [-1, 1]."""
+    return decode_array(row["depth"], row["depth_shape"]).astype(np.float32)
+
+
+def row_clip_embedding(row: Mapping[str, Any]) -> np.ndarray:
+    """A shard row's per-frame CLIP image embeddings: float32 (f, clip_dim)."""
+    return decode_array(row["clip_embedding"], (row["num_frames"], row["clip_dim"])).astype(np.float32)
+
+
+def row_frames(row: Mapping[str, Any]) -> np.ndarray | None:
+    """A shard row's stored frames, uint8 (f, h, w, 3), or None when frames were not stored."""
+    if row.get("frames") is None:
+        return None
+    return decode_frames(row["frames"], row["frames_format"], row["height"], row["width"])
+
+
+def row_latents(row: Mapping[str, Any]) -> np.ndarray | None:
+    """A shard row's VAE latents, float32 (c, f, h/8, w/8), or None when latents were not computed."""
+    if row.get("latents") is None:
+        return None
+    return decode_array(row["latents"], row["latents_shape"]).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+class TableStore:
+    """One destination ``DST``: atomic writes of committed parts and reads of them.
+
+    ``table`` is ``SHARDS_DIR`` or ``ERRORS_DIR``. Paths handed around are the filesystem's own
+    (no protocol); `uri` adds the protocol back for messages.
+    """
+
+    def __init__(self, dst: str, storage_options: Mapping[str, Any] | None = None):
+        self.dst = dst
+        self.fs, root = fsspec.core.url_to_fs(dst, **dict(storage_options or {}))
+        if isinstance(self.fs, LocalFileSystem):
+            root = self.fs._strip_protocol(root)
+        self.root = root.rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def uri(self, path: str) -> str:
+        return self.fs.unstrip_protocol(path)
+
+    def committed(self, table: str) -> list[str]:
+        """Paths of the committed parts of ``table``, sorted."""
+        try:
+            found = self.fs.glob(self.path(table, f"{PART_PREFIX}*.parquet"))
+        except FileNotFoundError:
+            return []
+        return sorted(found)
+
+    def write_tmp(self, table: str, data: pa.Table, run_id: str) -> str:
+        """Write ``data`` under ``table/_tmp/<run_id>/`` and return its path (not yet committed)."""
+        path = self.path(table, TMP_DIR, run_id, f"{uuid.uuid4().hex}.parquet")
+        if isinstance(self.fs, LocalFileSystem):
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+        with self.fs.open(path, "wb") as f:
+            pq.write_table(data, f, compression=COMPRESSION)
+        return path
+
+    def commit(self, table: str, tmp_path: str, name: str) -> str:
+        """Move a tmp part to its final ``part-<name>.parquet`` name; returns the committed path."""
+        final = self.path(table, f"{PART_PREFIX}{name}.parquet")
+        if self.fs.exists(final):
+            raise FileExistsError(f"refusing to overwrite committed part {self.uri(final)}")
+        self.fs.mv(tmp_path, final)
+        return final
+
+    def read(self, path: str, columns: Sequence[str] | None = None) -> pa.Table:
+        with self.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=list(columns) if columns else None)
+
+    def read_all(self, table: str, schema: pa.Schema, columns: Sequence[str] | None = None) -> pa.Table:
+        """Every committed part of ``table`` concatenated (an empty table of ``schema`` if none)."""
+        parts = [self.read(p, columns) for p in self.committed(table)]
+        if not parts:
+            empty = schema if columns is None else pa.schema([schema.field(c) for c in columns])
+            return empty.empty_table()
+        return pa.concat_tables(parts, promote_options="default")
+
+    def remove_tmp(self, table: str, run_id: str) -> None:
+        """Delete what a run left under ``table/_tmp/<run_id>`` (parts it never committed)."""
+        path = self.path(table, TMP_DIR, run_id)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+
+def read_shards(dst: str, columns: Sequence[str] | None = None, storage_options=None) -> pa.Table:
+    """All committed feature shards under ``dst`` as one table (SHARD_SCHEMA, or ``columns`` of it)."""
+    return TableStore(dst, storage_options).read_all(SHARDS_DIR, SHARD_SCHEMA, columns)
+
+
+def read_errors(dst: str, storage_options=None) -> pa.Table:
+    """All committed error rows under ``dst`` (ERRORS_SCHEMA); a clip that failed and later succeeded
+    still has its old rows here (filter with `committed_clip_ids`)."""
+    return TableStore(dst, storage_options).read_all(ERRORS_DIR, ERRORS_SCHEMA)
+
+
+def committed_clip_ids(dst: str, storage_options=None) -> set[str]:
+    """The clip ids present in committed shards under ``dst``."""
+    return set(read_shards(dst, ["clip_id"], storage_options).column("clip_id").to_pylist())
