@@ -1,0 +1,212 @@
+"""`gen1 edit SRC DST`: mass-edit a footage library with Ray Data (`pipelines.edit`).
+
+Every clip x prompt x settings grid x seed becomes an mp4, a side-by-side preview and a manifest row with
+its metrics. Runs on a local Ray by default, on a cluster with ``--ray-address`` / ``$RAY_ADDRESS``, and
+as a Ray Job with the same entry point::
+
+    ray job submit --working-dir . -- python -m jobs.commands.edit s3://footage s3://edits --auto-prompts 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 448x256; got {text!r}") from e
+    return w, h
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from jobs.cli import add_models_argument
+
+    p = sub.add_parser(
+        "edit",
+        help="mass-edit a footage library (Ray Data)",
+        description="Edit every clip of SRC with every prompt and every combination of the settings grid. "
+        "Writes DST/outputs/<clip>/<edit>.mp4 with a preview (input | depth | output) beside it, and one row "
+        "per output in DST/manifest (Parquet: settings, metrics, model ids). Reruns skip finished edits; "
+        "failures land in DST/errors. Prompts: --prompts FILE, --auto-prompts N (BLIP caption -> N prompts, "
+        "by templates, or by an OpenAI-compatible endpoint when --llm-base-url or $GEN1_LLM_BASE_URL is "
+        "set), or 'prompt'/'image' columns of a SRC manifest. Exits 1 when the failed fraction exceeds "
+        "--max-failure-fraction.",
+    )
+    _add_arguments(p)
+    add_models_argument(p)
+    p.set_defaults(func=run, models=None)  # None: the config file's models, else EditJobConfig's (tiny)
+    return p
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "src",
+        metavar="SRC",
+        help="videos: a directory/prefix (any fsspec URI), one video, or a "
+        ".csv/.parquet manifest with a 'uri' column (optional 'prompt', 'image', 'mask', 'caption')",
+    )
+    p.add_argument("dst", metavar="DST", help="output location (local path or fsspec URI such as s3://...)")
+    p.add_argument(
+        "--config",
+        metavar="YAML",
+        help="edit settings (fields of pipelines.edit.EditJobConfig); command-line options override them",
+    )
+    what = p.add_mutually_exclusive_group()
+    what.add_argument(
+        "--prompts", metavar="FILE", help="one prompt per line; 'image:URI' names a reference image"
+    )
+    what.add_argument(
+        "--auto-prompts",
+        type=int,
+        metavar="N",
+        help="caption each clip (BLIP) and write N edit prompts from the caption",
+    )
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        metavar="KEY=V1,V2",
+        help="settings grid: ts= (structure strength 0..7; more = less structure kept), w= (content "
+        "guidance), wt= (temporal guidance), seed=; e.g. --grid ts=1,5 w=7.5 wt=1.0,1.5 seed=0,1 "
+        "(defaults: ts=3 w=7.5 wt=1.0 seed=0)",
+    )
+    p.add_argument("--steps", type=int, help="sampling steps (default 50)")
+    p.add_argument("--sampler", choices=("ddim", "dpmpp"), help="ddim (the paper's, default) or dpmpp")
+    p.add_argument("--frames", type=int, help="frames per clip (default: the model's window, 8 for sd15)")
+    p.add_argument("--stride", type=int, help="source frames between edited frames (default 1)")
+    p.add_argument("--clips-per-video", type=int, help="clips per video, evenly spread (default 1; 0 = all)")
+    p.add_argument(
+        "--size",
+        type=_size,
+        metavar="WxH",
+        help="landscape edit size; portrait is transposed (default: the preset's, 448x256)",
+    )
+    p.add_argument("--limit", type=int, help="edit only the first N clips")
+    p.add_argument(
+        "--no-previews",
+        dest="previews",
+        action="store_false",
+        default=None,
+        help="skip the side-by-side previews",
+    )
+    p.add_argument(
+        "--no-metrics", dest="metrics", action="store_false", default=None, help="skip the per-output metrics"
+    )
+    p.add_argument(
+        "--llm-base-url",
+        metavar="URL",
+        help="OpenAI-compatible endpoint for --auto-prompts "
+        "(default: $GEN1_LLM_BASE_URL; none: offline templates); key from $GEN1_LLM_API_KEY or "
+        "$OPENAI_API_KEY",
+    )
+    p.add_argument("--llm-model", help="chat model (default: $GEN1_LLM_MODEL, else gpt-4o-mini)")
+    p.add_argument(
+        "--edit-concurrency", type=int, help="edit actors (default: one per GPU, else one per 4 CPUs)"
+    )
+    p.add_argument("--edit-batch-size", type=int, help="edits per actor call (default 1)")
+    p.add_argument(
+        "--commit-every",
+        type=int,
+        help="manifest rows per committed part; a killed run redoes at "
+        "most this many finished edits (default 8)",
+    )
+    p.add_argument(
+        "--max-failure-fraction", type=float, help="exit 1 above this failed fraction (default 0.1)"
+    )
+    p.add_argument("--device", help="cpu | cuda (default: cuda when the actor has a GPU)")
+    p.add_argument(
+        "--ray-address", metavar="ADDR", help="Ray cluster to use (default: $RAY_ADDRESS, else local)"
+    )
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_false", default=None, help="no Ray Data progress bars"
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    """EditJobConfig from the options, on top of --config YAML when given; unset options keep its values."""
+    from gen1.prompts import ChatConfig
+    from pipelines.edit import EditGrid, EditJobConfig
+
+    overrides = {
+        "src": args.src,
+        "dst": args.dst,
+        "models": args.models,
+        "prompts_file": args.prompts,
+        "auto_prompts": args.auto_prompts,
+        "grid": EditGrid.parse(args.grid) if args.grid else None,
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "frames": args.frames,
+        "stride": args.stride,
+        "clips_per_video": args.clips_per_video,
+        "size": args.size,
+        "limit": args.limit,
+        "previews": args.previews,
+        "metrics": args.metrics,
+        "edit_concurrency": args.edit_concurrency,
+        "edit_batch_size": args.edit_batch_size,
+        "commit_every": args.commit_every,
+        "max_failure_fraction": args.max_failure_fraction,
+        "device": args.device,
+        "ray_address": args.ray_address,
+        "num_cpus": args.num_cpus,
+        "progress": args.progress,
+    }
+    if args.llm_base_url or args.llm_model:
+        overrides["llm"] = ChatConfig.from_env(base_url=args.llm_base_url, model=args.llm_model)
+    if args.config:
+        cfg = EditJobConfig.from_yaml(args.config, **overrides)
+    else:
+        cfg = EditJobConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if args.clips_per_video == 0:
+        cfg.clips_per_video = None  # every clip
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.edit import run_edit
+
+    cfg = config_from_args(args)
+    summary = run_edit(cfg)
+    json.dump(summary.as_dict(), sys.stdout, default=str)
+    print()
+    print(summary.line())
+    if summary.error:
+        print(f"FAILED: the edit stream stopped early ({summary.error}); rerun to finish", file=sys.stderr)
+        return 1
+    if summary.failure_fraction > cfg.max_failure_fraction:
+        print(
+            f"FAILED: {summary.failed} edits and {summary.clips_failed} clips failed "
+            f"({summary.failure_fraction:.1%} > max {cfg.max_failure_fraction:.1%}); see {args.dst}/errors",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point for `python -m jobs.commands.edit` (e.g. `ray job submit`)."""
+    from jobs.cli import add_models_argument
+
+    parser = argparse.ArgumentParser(prog="gen1 edit", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _add_arguments(parser)
+    add_models_argument(parser)
+    parser.set_defaults(models=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
