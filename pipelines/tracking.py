@@ -1,0 +1,166 @@
+"""MLflow logging for evaluation runs: where runs go, and params / metrics / tables / plots / media.
+
+Tracking URI precedence: the job config's ``tracking_uri``, then ``MLFLOW_TRACKING_URI``, then a local
+store in a local folder (the eval's ``--out`` when local): ``sqlite:///<dir>/mlflow.db`` with artifacts in
+``<dir>/mlartifacts``.
+(MLflow 3.x refuses its plain ``./mlruns`` file store unless ``MLFLOW_ALLOW_FILE_STORE=true``; a SQLite file
+plus an artifact folder is its local default, and `mlflow ui --backend-store-uri sqlite:///<dir>/mlflow.db`
+opens it.)
+
+Metric names follow ``<metric>`` for the headline (our video model, all settings averaged),
+``<metric>/<method>`` per method and ``<metric>/<method>/<setting>`` per setting.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+LOCAL_DB = "mlflow.db"
+LOCAL_ARTIFACTS = "mlartifacts"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value is 6000 characters
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri).expanduser().resolve()
+
+
+def resolve_tracking_uri(configured: str | None, local_dir: str | Path) -> tuple[str, str | None]:
+    """-> (tracking URI, artifact location for a new experiment or None to let the server decide).
+
+    ``local_dir`` holds the default local store when neither the config nor ``MLFLOW_TRACKING_URI`` names one.
+    """
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        if uri.startswith("sqlite:///"):
+            db = Path(uri[len("sqlite:///") :])
+            return uri, (db.parent / LOCAL_ARTIFACTS).resolve().as_uri()
+        return uri, None
+    root = local_path(str(local_dir))
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / LOCAL_DB}", (root / LOCAL_ARTIFACTS).as_uri()
+
+
+def start_run(tracking_uri: str, artifact_location: str | None, experiment: str, run_name: str, tags: Mapping[str, str]):
+    """Set the tracking URI, get or create ``experiment``, and start a run (a context manager)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    else:
+        experiment_id = found.experiment_id
+    log.info("MLflow: tracking %s, experiment %r (%s)", tracking_uri, experiment, experiment_id)
+    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts -> ``a.b`` keys; lists and other values -> JSON / str, cut to MLflow's limit."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, f"{name}."))
+            continue
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        out[name] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+def log_params(params: Mapping[str, Any]) -> None:
+    import mlflow
+
+    flat = flatten_params(params)
+    items = list(flat.items())
+    for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        mlflow.log_params(dict(items[i : i + 100]))
+
+
+def metric_name(metric: str, method: str | None = None, setting: str | None = None) -> str:
+    return "/".join(p for p in (metric, method, setting) if p)
+
+
+def summary_metrics(
+    table: pd.DataFrame, metrics: Sequence[str], headline_method: str
+) -> dict[str, float]:
+    """Means of ``metrics`` over the rows of ``table`` (columns method, setting): headline, per method,
+    per (method, setting). NaNs (undefined metrics) are left out of means; an all-NaN group is skipped."""
+    out: dict[str, float] = {}
+
+    def add(name: str, values: pd.Series) -> None:
+        v = values.dropna()
+        if len(v):
+            out[name] = float(v.mean())
+
+    for m in metrics:
+        add(metric_name(m), table.loc[table["method"] == headline_method, m])
+        for method, group in table.groupby("method", sort=True):
+            add(metric_name(m, method), group[m])
+            for setting, sub in group.groupby("setting", sort=True):
+                add(metric_name(m, method, setting), sub[m])
+    out["videos"] = float(len(table))
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics(dict(metrics))
+
+
+def log_table(table: pd.DataFrame, artifact_file: str) -> None:
+    """The per-video table as an MLflow table artifact (JSON, viewable in the UI's evaluation view)."""
+    import mlflow
+
+    clean = table.copy()
+    for col in clean.columns:  # MLflow's table JSON needs plain values
+        if clean[col].dtype == object:
+            clean[col] = clean[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict, np.ndarray)) else v)
+    mlflow.log_table(clean, artifact_file=artifact_file)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_text(text, artifact_file)
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)
+
+
+def log_file(path: str | Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_remote_file(uri: str, artifact_path: str) -> None:
+    """Copy an fsspec URI to a temp file and log it (MLflow logs local files)."""
+    import fsspec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / Path(uri.rstrip("/")).name
+        with fsspec.open(uri, "rb") as src, open(local, "wb") as dst:
+            dst.write(src.read())
+        log_file(local, artifact_path)

@@ -1,0 +1,386 @@
+"""Evaluation: config, table, metric names and plots without models; the SDEdit baseline and the metrics
+stage on tiny models; a tiny-model DAVIS eval logged to an MLflow server (SQLite, 127.0.0.1) and read back;
+`ray job submit` of the eval entry point to a local multi-node Ray cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gen1.config import TINY, ConfigError
+from pipelines import tracking
+from pipelines.evaluate import (
+    METRICS,
+    EvalConfig,
+    MetricsStage,
+    consistency_scatter,
+    consistency_vs_wt,
+    method_of,
+    per_video_table,
+    setting_label,
+)
+from tests.fixtures.davis import *  # noqa: F403  (the davis_root fixture, until conftest lists it)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a watercolor painting"
+
+
+# ------------------------------------------------------------------------------------------ no models
+
+
+def test_eval_config_validates_and_adds_the_per_frame_setting(tmp_path):
+    cfg = EvalConfig(dataset="davis:/data/DAVIS", grid={"t_s": [3], "w": [7.5], "w_t": [1.0, 1.5]})
+    assert cfg.edit_grid().w_t == (1.0, 1.5, 0.0)  # per-frame baseline = eq. 8 with w_t = 0
+    assert EvalConfig(dataset="davis:/d", baselines=("sdedit",)).edit_grid().w_t == (1.0, 1.5)
+    with pytest.raises(ConfigError, match="exactly one of dataset"):
+        EvalConfig()
+    with pytest.raises(ConfigError, match="exactly one of dataset"):
+        EvalConfig(dataset="davis:/d", edits="/e")
+    with pytest.raises(ConfigError, match="baselines"):
+        EvalConfig(dataset="davis:/d", baselines=("deforum",))
+    with pytest.raises(ConfigError, match="mask"):
+        EvalConfig(dataset="davis:/d", mask="people")
+    with pytest.raises(ConfigError, match="grid"):
+        EvalConfig(dataset="davis:/d", grid={"guidance": [7.5]})
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\nentrypoint: python -m jobs.entrypoints.eval\nconfig:\n  dataset: tgve:/t\n  steps: 3\n")
+    loaded = EvalConfig.from_yaml(spec, steps=5, limit=None)
+    assert (loaded.dataset, loaded.steps, loaded.limit) == ("tgve:/t", 5, None)
+    spec.write_text("dataset: davis:/d\nstep: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown keys \['step'\]"):
+        EvalConfig.from_yaml(spec)
+
+
+def test_methods_and_setting_labels():
+    assert method_of(1.5) == "gen1" and method_of(0.0) == "per_frame" and method_of(0.0, "sdedit") == "sdedit"
+    assert setting_label("gen1", 3, 7.5, 1.5) == "ts3-w7.5-wt1.5"
+    assert setting_label("sdedit", 7, 7.5, 0.0, 0.6) == "s0.6-w7.5"
+
+
+def _measured() -> pd.DataFrame:
+    rows = []
+    for video in ("bear", "walking"):
+        for w_t, strength, fc in ((1.0, None, 0.9), (1.5, None, 0.95), (0.0, None, 0.8), (0.0, 0.6, 0.7)):
+            rows.append({
+                "source_uri": f"/d/JPEGImages/480p/{video}", "clip_id": video, "prompt": PROMPT, "t_s": 3, "w": 7.5,
+                "w_t": w_t, "sdedit_strength": strength, "frame_indices": [0, 2], "output_uri": f"/o/{video}.mp4",
+                "frame_consistency": fc + (0.02 if video == "walking" else 0.0), "frame_consistency_all_pairs": fc,
+                "prompt_consistency": 0.2 + w_t / 10, "flow_warp_error": 0.1 / (1 + w_t), "input_flow_warp_error": 0.01,
+                "depth_fidelity": float("nan") if strength else 0.9, "error": None,
+            })
+    return pd.DataFrame(rows)
+
+
+def test_per_video_table_and_metric_names():
+    table = per_video_table(_measured())
+    assert len(table) == 8 and list(table["video"].unique()) == ["bear", "walking"]
+    assert table.groupby("method").size().to_dict() == {"gen1": 4, "per_frame": 2, "sdedit": 2}
+    assert set(table["setting"]) == {"ts3-w7.5-wt1", "ts3-w7.5-wt1.5", "ts3-w7.5-wt0", "s0.6-w7.5"}
+    metrics = tracking.summary_metrics(table, METRICS, "gen1")
+    assert metrics["frame_consistency"] == pytest.approx(np.mean([0.9, 0.95, 0.92, 0.97]))
+    assert metrics["frame_consistency/gen1/ts3-w7.5-wt1.5"] == pytest.approx(0.96)
+    assert metrics["frame_consistency/per_frame"] == pytest.approx(0.81)
+    assert metrics["frame_consistency_all_pairs/sdedit/s0.6-w7.5"] == pytest.approx(0.7)
+    assert metrics["prompt_consistency/gen1"] == pytest.approx(0.325)
+    assert "depth_fidelity/sdedit" not in metrics  # all NaN: left out, not logged as NaN
+    assert metrics["videos"] == 8.0
+    assert all(np.isfinite(v) for v in metrics.values())
+
+
+def test_plots_show_each_method_and_the_wt_sweep():
+    table = per_video_table(_measured())
+    fig = consistency_scatter(table, TINY.label())
+    ax = fig.axes[0]
+    means = [c for c in ax.collections if c.get_sizes()[0] == 70]
+    assert len(means) == 4  # one mean marker per (method, setting)
+    xy = {label: c.get_offsets()[0].tolist() for label, c in zip([t.get_text() for t in ax.get_legend().texts], means,
+                                                                    strict=True)}
+    assert xy["sdedit s0.6-w7.5"] == pytest.approx([0.2, 0.71])
+    assert "TINY RANDOM MODELS" in ax.get_title()
+    fig = consistency_vs_wt(table, "sd15")
+    line = fig.axes[0].get_lines()[0]
+    assert list(line.get_xdata()) == [0.0, 1.0, 1.5]  # per-frame (0) and our two settings; SDEdit excluded
+    assert list(line.get_ydata()) == pytest.approx([0.81, 0.91, 0.96])
+    mse = fig.axes[1].get_lines()[0]
+    assert list(mse.get_ydata()) == pytest.approx([0.1, 0.05, 0.04])
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri, artifacts = tracking.resolve_tracking_uri(None, tmp_path / "out")
+    assert uri == f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}"
+    assert artifacts == (tmp_path / "out" / "mlartifacts").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri(None, tmp_path) == ("http://127.0.0.1:5000", None)
+    assert tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/x.db", tmp_path) == (
+        f"sqlite:///{tmp_path}/x.db", (tmp_path / "mlartifacts").as_uri())
+    assert tracking.flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": "x" * 7000}) == {
+        "a.b": "1", "a.c": "[1, 2]", "d": "x" * tracking.MAX_PARAM_CHARS}
+
+
+# ------------------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    from gen1.models import Gen1Models
+
+    return Gen1Models.load(TINY, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def video() -> np.ndarray:
+    """A bright square moving over a gradient: uint8 (4, 64, 64, 3)."""
+    f, h, w = TINY.frames, TINY.height, TINY.width
+    yy, xx = np.mgrid[0:h, 0:w]
+    frames = np.zeros((f, h, w, 3), np.uint8)
+    for i in range(f):
+        frames[i, ..., 0] = (xx * 4) % 256
+        frames[i, ..., 1] = (yy * 4) % 256
+        frames[i, 16 + 4 * i : 32 + 4 * i, 16:32] = 255
+    return frames
+
+
+def test_sdedit_starts_from_the_input_and_ignores_temporal_layers(models, video):
+    import torch
+
+    from gen1.baselines import SDEditSettings, sdedit_video, start_index
+    from gen1.sampling import encode_frames
+
+    assert [start_index(10, s) for s in (0.1, 0.55, 1.0)] == [9, 4, 0]
+    z0 = encode_frames(models, video)
+    content = torch.nn.functional.normalize(torch.randn(TINY.clip_dim, generator=torch.Generator().manual_seed(3)), dim=0)
+    drift = []
+    for strength in (0.25, 0.5, 1.0):
+        r = sdedit_video(models, video, content, SDEditSettings(strength=strength, steps=4, guidance=1.0))
+        assert r.frames.shape == video.shape and r.frames.dtype == np.uint8
+        assert r.unet_forwards == round(4 * strength)
+        drift.append(float((r.latents - z0).abs().mean()))
+    assert drift[0] < drift[1] < drift[2]  # more strength, further from the input's latents
+    settings = SDEditSettings(strength=0.5, steps=4)
+    base = sdedit_video(models, video, content, settings)
+    saved = [p.detach().clone() for p in models.unet.temporal_parameters()]
+    try:
+        with torch.no_grad():
+            for p in models.unet.temporal_parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        again = sdedit_video(models, video, content, settings)
+    finally:
+        with torch.no_grad():
+            for p, s in zip(models.unet.temporal_parameters(), saved, strict=True):
+                p.copy_(s)
+    np.testing.assert_array_equal(base.frames, again.frames)  # per frame: temporal layers never run
+    mask = np.zeros(video.shape[:3], np.float32)
+    mask[:, :, :32] = 1
+    masked = sdedit_video(models, video, content, settings, mask=mask)
+    np.testing.assert_array_equal(masked.frames[:, :, 32:], video[:, :, 32:])
+    np.testing.assert_array_equal(masked.frames[:, :, :32], base.frames[:, :, :32])
+    with pytest.raises(ValueError, match="strength"):
+        SDEditSettings(strength=0.0)
+
+
+def test_metrics_stage_matches_gen1_metrics_batched_or_not(models, video, tmp_path):
+    from gen1.metrics import (
+        depth_fidelity,
+        flow_warp_error,
+        frame_consistency,
+        frame_consistency_all_pairs,
+        prompt_consistency,
+    )
+    from gen1.video import write_video
+    from pipelines.edit import EditClip
+    from pipelines.evaluate import read_video
+
+    src = str(tmp_path / "input.mp4")
+    write_video(video, src, 8.0)
+    outputs = []
+    for i, shift in enumerate((0, 40)):
+        out = np.clip(video.astype(int) + shift, 0, 255).astype(np.uint8)[:, :, ::-1]
+        outputs.append(str(tmp_path / f"out{i}.mp4"))
+        write_video(out, outputs[-1], 8.0)
+    rows = [{"clip_id": "c", "source_uri": src, "start": 0, "stride": 1, "frame_indices": [0, 1, 2, 3], "fps": 8.0,
+             "width": 64, "height": 64, "output_uri": uri, "prompt": p, "error": None}
+            for uri, p in zip(outputs, (PROMPT, "a snowy forest"), strict=True)]
+    rows.append({**rows[0], "output_uri": str(tmp_path / "missing.mp4")})
+    clip, depth = models.content.clip, models.structure.depth
+    stage = MetricsStage(TINY, clip=clip, depth=depth)
+    batched = stage(pd.DataFrame(rows))
+    single = pd.concat([MetricsStage(TINY, clip=clip, depth=depth)(pd.DataFrame([r])) for r in rows[:2]])
+    source = EditClip(clip_id="c", source_uri=src, start=0, stride=1, frame_indices=(0, 1, 2, 3), fps=8.0,
+                      width=64, height=64).load_frames()
+    for i in range(2):
+        frames = read_video(outputs[i])
+        emb = clip.embed_images(frames).float()
+        expected = {
+            "frame_consistency": frame_consistency(emb),
+            "frame_consistency_all_pairs": frame_consistency_all_pairs(emb),
+            "prompt_consistency": prompt_consistency(emb, clip.embed_texts([rows[i]["prompt"]])[0]),
+            "flow_warp_error": flow_warp_error(frames),
+            "input_flow_warp_error": flow_warp_error(source),
+            "depth_fidelity": depth_fidelity(depth(source).numpy(), depth(frames).numpy()),
+        }
+        for name, value in expected.items():
+            assert batched.iloc[i][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+            assert single.iloc[i][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    assert batched.iloc[0]["prompt_consistency"] != pytest.approx(batched.iloc[1]["prompt_consistency"])
+    assert "read output" in batched.iloc[2]["error"] and pd.isna(batched.iloc[2]["frame_consistency"])
+
+
+# --------------------------------------------------------------------------------- MLflow server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, timeout: float = 120.0):
+    """`mlflow server` with a SQLite backend and proxied artifacts on 127.0.0.1; yields its URI; stopped by pid."""
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(root / "mlflow-server.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n"
+                            f"{(root / 'mlflow-server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer on {uri} within {timeout:.0f}s")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)  # the group this test created: the server and its workers
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_davis_eval_is_logged_to_an_mlflow_server(tiny_models, davis_root, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.evaluate import run_eval
+
+    with mlflow_server(tmp_path) as uri:
+        cfg = EvalConfig(
+            dataset=f"davis:{davis_root}", out=str(tmp_path / "out"), models="tiny", steps=2,
+            grid={"t_s": [3], "w": [7.5], "w_t": [1.0], "seeds": [0]}, prompts=(PROMPT,), mask="objects",
+            tracking_uri=uri, experiment="gen1-eval-test", run_name="tiny-davis", sample_videos=1, num_cpus=2,
+        )
+        summary = run_eval(cfg)
+        assert summary.videos == 6 and summary.failed == 0  # 2 sequences x (ours, per-frame, SDEdit)
+        assert summary.by_method == {"gen1": 2, "per_frame": 2, "sdedit": 2}
+
+        client = MlflowClient(uri)
+        run = client.get_run(summary.run_id)
+        assert run.info.status == "FINISHED" and run.info.run_name == "tiny-davis"
+        params = run.data.params
+        assert params["models.unet"] == "tiny:unet" and params["models.tiny"] == "true"
+        assert params["sampler"] == "ddim" and params["steps"] == "2"
+        assert json.loads(params["guidance"]) == [7.5] and json.loads(params["t_s"]) == [3]
+        assert json.loads(params["temporal_guidance"]) == [1.0, 0.0]
+        assert json.loads(params["baselines"]) == ["per_frame", "sdedit"]
+        assert run.data.tags["gen1.tiny_models"] == "true"
+        assert "TINY RANDOM MODELS" in run.data.tags["gen1.models"]
+
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("gen1-eval-test")  # load_table searches the active experiment
+        table = mlflow.load_table("eval/per_video.json", run_ids=[summary.run_id])
+        assert len(table) == 6 and set(table["video"]) == {"walking", "megamind"}
+        assert table.groupby("method").size().to_dict() == {"gen1": 2, "per_frame": 2, "sdedit": 2}
+        assert table[table["video"] == "walking"]["masked"].all()  # DAVIS annotations -> masked edits
+        metrics = run.data.metrics
+        for name in ("frame_consistency", "prompt_consistency", "frame_consistency_all_pairs", "flow_warp_error",
+                     "depth_fidelity", "frame_consistency/per_frame", "frame_consistency/sdedit/s0.6-w7.5",
+                     "prompt_consistency/gen1/ts3-w7.5-wt1"):
+            assert np.isfinite(metrics[name]), name
+        gen1 = table[table["method"] == "gen1"]
+        assert metrics["frame_consistency"] == pytest.approx(gen1["frame_consistency"].mean())
+        assert metrics["prompt_consistency/sdedit"] == pytest.approx(
+            table[table["method"] == "sdedit"]["prompt_consistency"].mean())
+        assert 0.5 < metrics["depth_fidelity"] <= 1.0 and metrics["flow_warp_error"] >= 0
+
+        plots = {a.path for a in client.list_artifacts(summary.run_id, "plots")}
+        assert plots == {"plots/frame_vs_prompt_consistency.png", "plots/consistency_vs_wt.png"}
+        png = Path(client.download_artifacts(summary.run_id, "plots/consistency_vs_wt.png", str(tmp_path)))
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        samples = [a.path for a in client.list_artifacts(summary.run_id, "samples")]
+        assert len(samples) == 1 and samples[0].endswith(".mp4")
+        from gen1.video import probe
+
+        sample = probe(client.download_artifacts(summary.run_id, samples[0], str(tmp_path)))
+        assert sample.width == 4 * TINY.width  # input | ours | per-frame | SDEdit
+        assert Path(summary.table_uri).is_file()
+        assert not (tmp_path / "out" / "mlflow.db").exists()  # the configured server, not the local default
+
+
+# ---------------------------------------------------------------------------------- ray job submit
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ray_job_submit_of_the_eval_entry_point(tiny_models, davis_root, tmp_path):
+    from tests.fixtures import ray_cluster as rc
+
+    if "include_dashboard" not in inspect.signature(rc.start_ray_cluster).parameters:
+        pytest.skip("tests/fixtures/ray_cluster.py starts no dashboard (the job API): needs "
+                    "start_ray_cluster(include_dashboard=True) and RayCluster.dashboard_address")
+    out = tmp_path / "out"
+    with rc.start_ray_cluster(include_dashboard=True) as cluster:
+        runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT), "GEN1_TINY_DIR": os.environ["GEN1_TINY_DIR"],
+                                    "HF_HUB_OFFLINE": "1"}}
+        cmd = [
+            str(Path(sys.executable).with_name("ray")), "job", "submit",
+            "--address", f"http://{cluster.dashboard_address}", "--submission-id", "gen1-eval-test",
+            "--runtime-env-json", json.dumps(runtime_env), "--",
+            sys.executable, "-m", "jobs.entrypoints.eval", "--dataset", f"davis:{davis_root}", "--sequences", "walking",
+            "--models", "tiny", "--steps", "1", "--grid", "wt=1.0", "--baselines", "per_frame", "--prompts", PROMPT,
+            "--sample-videos", "0", "--out", str(out), "--run-name", "ray-job",
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        ]
+        proc = subprocess.run(cmd, env=cluster.env, capture_output=True, text=True, timeout=540)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output[-6000:]
+        assert "Job 'gen1-eval-test' succeeded" in output, output[-6000:]
+        assert "eval ray-job: 2 videos (0 failed; gen1 1, per_frame 1)" in output, output[-6000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs(client.get_experiment_by_name("gen1-eval").experiment_id)
+    assert run.info.run_name == "ray-job" and np.isfinite(run.data.metrics["frame_consistency"])
+    assert len(pd.read_parquet(out / "ray-job" / "per_video.parquet")) == 2
