@@ -15,6 +15,12 @@ import sys
 # Order is the order of `gen1 --help`.
 COMMAND_MODULES = (
     "jobs.commands.models",
+    "jobs.commands.edit_one",
+    "jobs.commands.preprocess",
+    "jobs.commands.edit",
+    "jobs.commands.train",
+    "jobs.commands.eval",
+    "jobs.commands.demo",
 )
 
 
