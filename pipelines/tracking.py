@@ -13,12 +13,13 @@ Metric names follow ``<metric>`` for the headline (our video model, all settings
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,18 +57,31 @@ def resolve_tracking_uri(configured: str | None, local_dir: str | Path) -> tuple
     return f"sqlite:///{root / LOCAL_DB}", (root / LOCAL_ARTIFACTS).as_uri()
 
 
-def start_run(tracking_uri: str, artifact_location: str | None, experiment: str, run_name: str, tags: Mapping[str, str]):
-    """Set the tracking URI, get or create ``experiment``, and start a run (a context manager)."""
+@contextlib.contextmanager
+def start_run(
+    tracking_uri: str, artifact_location: str | None, experiment: str, run_name: str, tags: Mapping[str, str]
+) -> Iterator[Any]:
+    """Get or create ``experiment`` at ``tracking_uri`` and run a block inside an MLflow run.
+
+    MLflow's fluent API needs a process-global tracking URI, and ``mlflow.set_tracking_uri`` also exports
+    it as ``MLFLOW_TRACKING_URI``; both are restored on exit so a job run in-process (tests, notebooks)
+    does not send later MLflow calls to this run's server.
+    """
     import mlflow
 
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
-    else:
-        experiment_id = found.experiment_id
-    log.info("MLflow: tracking %s, experiment %r (%s)", tracking_uri, experiment, experiment_id)
-    return mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags))
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
+            experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        else:
+            experiment_id = found.experiment_id
+        log.info("MLflow: tracking %s, experiment %r (%s)", tracking_uri, experiment, experiment_id)
+        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
+            yield run
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -16,6 +16,7 @@ torch.set_num_threads(1)
 
 pytest_plugins = [
     "tests.fixtures.clips",
+    "tests.fixtures.davis",
     "tests.fixtures.models",
     "tests.fixtures.s3",
     "tests.fixtures.ray_cluster",

@@ -23,7 +23,6 @@ from pipelines.datasets import (
     read_davis,
     read_tgve,
 )
-from tests.fixtures.davis import *  # noqa: F403  (the davis_root / tgve_root fixtures, until conftest lists them)
 from tests.fixtures.davis import DAVIS_FRAMES, TGVE_ROWS
 
 SIZE = (64, 48)

@@ -45,7 +45,6 @@ from pipelines.edit import (
 )
 from pipelines.schema import read_errors
 from pipelines.sources import plan_video
-from tests.fixtures.davis import *  # noqa: F403  (the davis_root / tgve_root fixtures, until conftest lists them)
 
 STEPS = 2
 PROMPTS = ("a watercolor painting of a street", "a snowy forest at night")

@@ -5,7 +5,6 @@ stage on tiny models; a tiny-model DAVIS eval logged to an MLflow server (SQLite
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 import signal
@@ -13,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from pipelines.evaluate import (
     per_video_table,
     setting_label,
 )
-from tests.fixtures.davis import *  # noqa: F403  (the davis_root fixture, until conftest lists it)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a watercolor painting"
@@ -291,7 +290,6 @@ def mlflow_server(root: Path, timeout: float = 120.0):
 @pytest.mark.slow
 @pytest.mark.timeout(480)
 def test_davis_eval_is_logged_to_an_mlflow_server(tiny_models, davis_root, tmp_path):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     from pipelines.evaluate import run_eval
@@ -318,9 +316,12 @@ def test_davis_eval_is_logged_to_an_mlflow_server(tiny_models, davis_root, tmp_p
         assert run.data.tags["gen1.tiny_models"] == "true"
         assert "TINY RANDOM MODELS" in run.data.tags["gen1.models"]
 
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment("gen1-eval-test")  # load_table searches the active experiment
-        table = mlflow.load_table("eval/per_video.json", run_ids=[summary.run_id])
+        # mlflow.log_table's JSON: {"columns": [...], "data": [[...], ...]} (read through the client: no
+        # global MLflow state is left behind for later tests)
+        local = client.download_artifacts(summary.run_id, "eval/per_video.json", str(tmp_path / "dl"))
+        logged = json.loads(Path(local).read_text())
+        table = pd.DataFrame(logged["data"], columns=logged["columns"])
+        assert os.environ.get("MLFLOW_TRACKING_URI") != uri  # run_eval restored MLflow's global tracking URI
         assert len(table) == 6 and set(table["video"]) == {"walking", "megamind"}
         assert table.groupby("method").size().to_dict() == {"gen1": 2, "per_frame": 2, "sdedit": 2}
         assert table[table["video"] == "walking"]["masked"].all()  # DAVIS annotations -> masked edits
@@ -352,16 +353,29 @@ def test_davis_eval_is_logged_to_an_mlflow_server(tiny_models, davis_root, tmp_p
 # ---------------------------------------------------------------------------------- ray job submit
 
 
+def _wait_for_http(url: str, timeout: float) -> None:
+    """Until the server at ``url`` answers HTTP at all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except urllib.error.HTTPError:  # it answers (401: token auth is on; `ray job submit` sends the token)
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not answer within {timeout:.0f}s: {e}") from e
+        time.sleep(1.0)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_ray_job_submit_of_the_eval_entry_point(tiny_models, davis_root, tmp_path):
     from tests.fixtures import ray_cluster as rc
 
-    if "include_dashboard" not in inspect.signature(rc.start_ray_cluster).parameters:
-        pytest.skip("tests/fixtures/ray_cluster.py starts no dashboard (the job API): needs "
-                    "start_ray_cluster(include_dashboard=True) and RayCluster.dashboard_address")
     out = tmp_path / "out"
     with rc.start_ray_cluster(include_dashboard=True) as cluster:
+        _wait_for_http(f"http://{cluster.dashboard_address}/api/version", timeout=120)
         runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT), "GEN1_TINY_DIR": os.environ["GEN1_TINY_DIR"],
                                     "HF_HUB_OFFLINE": "1"}}
         cmd = [
