@@ -71,15 +71,23 @@ from pipelines.failures import (
     mark_failed,
     with_error_columns,
 )
-from pipelines.schema import ERRORS_DIR, ERRORS_SCHEMA, RUNS_DIR, TMP_DIR, TableStore
+from pipelines.schema import (
+    EDIT_SCHEMA_VERSION,
+    ERRORS_DIR,
+    ERRORS_SCHEMA,
+    MANIFEST_DIR,
+    MANIFEST_SCHEMA,
+    OUTPUTS_DIR,
+    PROMPTS_DIR,
+    PROMPTS_SCHEMA,
+    RUNS_DIR,
+    TMP_DIR,
+    TableStore,
+)
 from pipelines.sources import VIDEO_EXTENSIONS, is_manifest, list_videos, normalize_uri
 
 logger = logging.getLogger(__name__)
 
-EDIT_SCHEMA_VERSION = 1
-MANIFEST_DIR = "manifest"
-PROMPTS_DIR = "prompts"
-OUTPUTS_DIR = "outputs"
 GRID_KEYS = {
     "ts": "t_s",
     "t_s": "t_s",
@@ -89,80 +97,6 @@ GRID_KEYS = {
     "seed": "seeds",
     "seeds": "seeds",
 }
-
-_INT_LIST = pa.list_(pa.int32())
-
-MANIFEST_SCHEMA = pa.schema(
-    [
-        pa.field("edit_key", pa.string(), nullable=False),  # `edit_key(...)`: what a rerun skips
-        pa.field("clip_id", pa.string(), nullable=False),
-        pa.field("source_uri", pa.string(), nullable=False),
-        pa.field("start", pa.int32(), nullable=False),
-        pa.field("stride", pa.int32(), nullable=False),
-        pa.field("frame_indices", _INT_LIST, nullable=False),  # source frames edited
-        pa.field("num_frames", pa.int32(), nullable=False),  # f of the output
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("fps", pa.float64(), nullable=False),  # of the output (source fps / stride)
-        pa.field("caption", pa.string(), nullable=True),  # the caption the prompt was written from
-        pa.field("prompt", pa.string(), nullable=True),  # the text prompt; null for image content
-        pa.field("prompt_index", pa.int32(), nullable=False),  # position among the clip's prompts
-        pa.field("prompt_source", pa.string(), nullable=False),  # user | clip | template | chat
-        pa.field("prompt_tag", pa.string(), nullable=True),  # e.g. a TGVE prompt kind
-        pa.field("content_kind", pa.string(), nullable=False),  # text | image
-        pa.field("image_uri", pa.string(), nullable=True),  # the reference image of image content
-        pa.field("masked", pa.bool_(), nullable=False),
-        pa.field(
-            "mask", pa.string(), nullable=True
-        ),  # the mask's URI, or a dataset sequence's object selection
-        pa.field("t_s", pa.int32(), nullable=False),  # structure strength 0..7
-        pa.field("w", pa.float64(), nullable=False),  # content guidance
-        pa.field("w_t", pa.float64(), nullable=False),  # temporal guidance (eq. 8)
-        pa.field("seed", pa.int64(), nullable=False),
-        pa.field("steps", pa.int32(), nullable=False),
-        pa.field("sampler", pa.string(), nullable=False),
-        pa.field("output_uri", pa.string(), nullable=False),
-        pa.field("preview_uri", pa.string(), nullable=True),
-        # metrics (gen1.metrics) of the output, with the models' own CLIP and depth estimator
-        pa.field("frame_consistency", pa.float64(), nullable=True),  # consecutive frames (paper)
-        pa.field("frame_consistency_all_pairs", pa.float64(), nullable=True),  # all pairs (TGVE)
-        pa.field("prompt_consistency", pa.float64(), nullable=True),  # vs the prompt (or reference image)
-        pa.field("flow_warp_error", pa.float64(), nullable=True),  # Fig. 4, [0, 1] intensities
-        pa.field("depth_fidelity", pa.float64(), nullable=True),  # Pearson(input depth, output depth)
-        pa.field("models", pa.string(), nullable=False),  # preset name
-        pa.field("vae_model", pa.string(), nullable=False),  # weight specs
-        pa.field("unet_model", pa.string(), nullable=False),
-        pa.field("clip_model", pa.string(), nullable=False),
-        pa.field("depth_model", pa.string(), nullable=False),
-        pa.field("prior_model", pa.string(), nullable=False),
-        pa.field("caption_model", pa.string(), nullable=True),  # set when the caption came from BLIP
-        pa.field("tiny_models", pa.bool_(), nullable=False),  # outputs of tiny random models: not results
-        pa.field("seconds", pa.float64(), nullable=False),  # sampling (edit_video)
-        pa.field("total_seconds", pa.float64(), nullable=False),  # decode + edit + metrics + write
-        pa.field("unet_forwards", pa.int32(), nullable=False),
-        pa.field("device", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("schema_version", pa.int32(), nullable=False),
-    ],
-    metadata={"gen1.table": "edit-manifest", "gen1.schema_version": str(EDIT_SCHEMA_VERSION)},
-)
-
-PROMPTS_SCHEMA = pa.schema(
-    [
-        pa.field("clip_id", pa.string(), nullable=False),
-        pa.field("source_uri", pa.string(), nullable=False),
-        pa.field("caption", pa.string(), nullable=True),
-        pa.field("caption_model", pa.string(), nullable=True),  # null when the caption was given
-        pa.field("prompt_index", pa.int32(), nullable=False),
-        pa.field("prompt", pa.string(), nullable=False),
-        pa.field("writer", pa.string(), nullable=False),  # template | chat
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("schema_version", pa.int32(), nullable=False),
-    ],
-    metadata={"gen1.table": "edit-prompts", "gen1.schema_version": str(EDIT_SCHEMA_VERSION)},
-)
 
 _STATUS_FIELDS = [pa.field("status", pa.string()), *[pa.field(c, pa.string()) for c in ERROR_COLUMNS]]
 # What an EditStage returns: a manifest row, or an error row (manifest columns null, error columns set).

@@ -14,15 +14,9 @@ import json
 import logging
 import sys
 
+from jobs.cli import parse_size
+
 log = logging.getLogger(__name__)
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 448x256; got {text!r}") from e
-    return w, h
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -83,7 +77,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips-per-video", type=int, help="clips per video, evenly spread (default 1; 0 = all)")
     p.add_argument(
         "--size",
-        type=_size,
+        type=parse_size,
         metavar="WxH",
         help="landscape edit size; portrait is transposed (default: the preset's, 448x256)",
     )
@@ -193,19 +187,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for `python -m jobs.commands.edit` (e.g. `ray job submit`)."""
-    from jobs.cli import add_models_argument
+    from jobs.cli import standalone_main
 
-    parser = argparse.ArgumentParser(prog="gen1 edit", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    _add_arguments(parser)
-    add_models_argument(parser)
-    parser.set_defaults(models=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    return run(args)
+    return standalone_main("gen1 edit", __doc__.splitlines()[0], _add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -15,17 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
+from jobs.cli import parse_size
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 448x256; got {text!r}") from e
-    return w, h
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -69,7 +63,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="only the first N sequences")
     p.add_argument("--frames", type=int, help="frames per clip (default: the model's window)")
     p.add_argument("--stride", type=int, help="source frames between edited frames (default 2)")
-    p.add_argument("--size", type=_size, metavar="WxH", help="edit size (default: the model's)")
+    p.add_argument("--size", type=parse_size, metavar="WxH", help="edit size (default: the model's)")
     p.add_argument("--mask", choices=("none", "objects", "background"),
                    help="masked edits from DAVIS annotations: edit the objects or the background (default none)")
     p.add_argument("--prompts", nargs="+", metavar="TEXT", help="prompts for every DAVIS sequence (default: "
@@ -142,18 +136,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point for `python -m jobs.commands.eval` / `python -m jobs.entrypoints.eval` (Ray Jobs)."""
-    from jobs.cli import add_models_argument
+    """Entry point for `python -m jobs.commands.eval` (e.g. `ray job submit`)."""
+    from jobs.cli import standalone_main
 
-    parser = argparse.ArgumentParser(prog="gen1 eval", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    _add_arguments(parser)
-    add_models_argument(parser)
-    parser.set_defaults(models=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    return standalone_main("gen1 eval", __doc__.splitlines()[0], _add_arguments, run, argv)
 
 
 if __name__ == "__main__":
