@@ -85,7 +85,7 @@ def test_packaged_configs_declare_the_paper_stages():
     assert (s3.use_structure, s3.ts_range, s3.trainable) == (True, (0, 0), ("all",))
     assert (s4.use_structure, s4.ts_range, s4.trainable) == (True, (0, 7), ("all",))
     for cfg in (s1, s2, s3, s4):
-        assert cfg.content_dropout == 0.1 and cfg.frames == 8
+        assert cfg.content_dropout == 0.1 and cfg.frames is None  # a window of the whole clip: 8 frames as preprocessed for sd15
         assert cfg.global_batch_size == 1152  # the paper's video batch; accumulation fills it
         assert cfg.accumulation(world_size=8) == math.ceil(1152 / (cfg.batch_size * 8))
         assert cfg.images_per_batch(8) * cfg.accumulation(1) >= 9216  # the paper's image batch
