@@ -42,6 +42,7 @@ import yaml
 
 from gen1.config import ConfigError, ModelSpecs, load_model_specs
 from pipelines.datasets import read_dataset
+from pipelines.regression import GateConfig
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ class EvalConfig:
     experiment: str = "gen1-eval"
     run_name: str | None = None  # None: eval-<dataset kind>-<UTC time>
     sample_videos: int = 3  # side-by-side sample videos logged
+    # regression gate (pipelines.regression): compare with the experiment's accepted baseline run
+    gate: GateConfig | dict[str, Any] | None = None  # None: the defaults; YAML: {thresholds: {...}, ...}
+    accept_baseline: bool = False  # tag this run as the accepted baseline when its gate does not fail
     # execution
     metrics_batch_size: int = 4
     metrics_concurrency: int = 1
@@ -127,6 +131,7 @@ class EvalConfig:
         for name in ("steps", "stride", "metrics_batch_size", "metrics_concurrency", "sdedit_concurrency"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
+        self.gate = GateConfig.from_value(self.gate)
         self.edit_grid()  # validate now, not after minutes of work
 
     @classmethod
@@ -425,6 +430,14 @@ class EvalSummary:
     samples: list[str] = field(default_factory=list)
     tiny_models: bool = False
     seconds: float = 0.0
+    gate: dict[str, Any] = field(default_factory=dict)  # regression.GateResult.as_dict()
+    gate_line: str = ""
+
+    @property
+    def regressed(self) -> bool:
+        from pipelines.regression import REGRESSED
+
+        return self.gate.get("status") == REGRESSED
 
     def line(self) -> str:
         tiny = " [TINY RANDOM MODELS: plumbing check, not results]" if self.tiny_models else ""
@@ -662,7 +675,23 @@ def _log_run(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame, run_name: 
         for sample in _samples(cfg, specs, good, run_dir):
             tracking.log_remote_file(sample, "samples")
             summary.samples.append(sample)
+    _gate(cfg, summary, table)  # after the run ends: an accepted baseline must be a FINISHED run
     return summary
+
+
+def _gate(cfg: EvalConfig, summary: EvalSummary, table: pd.DataFrame) -> None:
+    """The regression gate of the logged run, and acceptance of the run as baseline when asked and passed."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import regression
+
+    result = regression.run_gate(MlflowClient(summary.tracking_uri), summary.run_id, summary.metrics, table, cfg.gate)
+    summary.gate, summary.gate_line = result.as_dict(), result.line()
+    if cfg.accept_baseline:
+        if result.regressed:
+            log.error("not accepting run %s as baseline: it regressed", summary.run_id)
+        else:
+            regression.accept_baseline(summary.tracking_uri, summary.run_id)
 
 
 def _params(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame) -> dict[str, Any]:

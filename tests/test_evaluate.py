@@ -4,11 +4,8 @@ stage on tiny models; a tiny-model DAVIS eval logged to an MLflow server (SQLite
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +29,7 @@ from pipelines.evaluate import (
     per_video_table,
     setting_label,
 )
+from tests.fixtures.mlflow_server import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a watercolor painting"
@@ -239,52 +237,6 @@ def test_metrics_stage_matches_gen1_metrics_batched_or_not(models, video, tmp_pa
 
 
 # --------------------------------------------------------------------------------- MLflow server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def mlflow_server(root: Path, timeout: float = 120.0):
-    """`mlflow server` with a SQLite backend and proxied artifacts on 127.0.0.1; yields its URI; stopped by pid."""
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = open(root / "mlflow-server.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n"
-                            f"{(root / 'mlflow-server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer on {uri} within {timeout:.0f}s")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # the group this test created: the server and its workers
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
 
 
 @pytest.mark.slow

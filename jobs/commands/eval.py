@@ -4,6 +4,10 @@ Runs on a local Ray by default, on a cluster with ``--ray-address`` / ``$RAY_ADD
 with the same entry point::
 
     ray job submit --working-dir . -- python -m jobs.entrypoints.eval --config jobs/specs/eval-davis-nightly.yaml
+
+Exit codes: 0 ok; 1 too many videos failed; 3 the regression gate failed (a gated metric dropped beyond its
+threshold against the experiment's accepted baseline run; see `pipelines.regression`).
+``gen1 eval --accept RUN_ID`` accepts a reviewed run as the baseline and exits.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from jobs.cli import parse_size
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+EXIT_FAILED_VIDEOS = 1
+EXIT_REGRESSED = 3
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -47,6 +53,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     what.add_argument("--dataset", metavar="KIND:URI", help="davis:URI (JPEGImages/480p/<seq>/%%05d.jpg) or "
                       "tgve:URI (LOVEU-TGVE-2023 layout with its prompts CSV)")
     what.add_argument("--edits", metavar="DST", help="evaluate the manifest of an earlier `gen1 edit` job in DST")
+    what.add_argument("--accept", metavar="RUN_ID", help="tag MLflow run RUN_ID (at --tracking-uri) as the accepted "
+                      "baseline of its experiment and exit: later evals are gated against it")
     p.add_argument("--config", metavar="YAML", help="eval settings (fields of pipelines.evaluate.EvalConfig), or a "
                    "job spec from jobs/specs/ (its 'config' section); command-line options override them")
     p.add_argument("--out", metavar="URI", help="results folder (default gen1-eval): OUT/<run>/{edits,sdedit,"
@@ -77,6 +85,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda (default: cuda when the actor has a GPU)")
     p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to use (default: $RAY_ADDRESS, else local)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--accept-baseline", action="store_true", default=None,
+                   help="accept this run as the experiment's baseline if its regression gate does not fail")
+    p.add_argument("--no-gate", action="store_true", help="skip the regression gate (no comparison with the "
+                   "accepted baseline; the run is tagged gen1.regression=disabled)")
     p.add_argument("--max-failure-fraction", type=float, default=0.1,
                    help="exit 1 when more than this fraction of videos failed (default 0.1)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -103,17 +115,23 @@ def config_from_args(args: argparse.Namespace):
         "size": args.size, "mask": args.mask, "prompts": args.prompts, "prompt_kinds": args.prompt_kinds,
         "tracking_uri": args.tracking_uri, "experiment": args.experiment, "run_name": args.run_name,
         "sample_videos": args.sample_videos, "device": args.device, "ray_address": args.ray_address,
-        "num_cpus": args.num_cpus,
+        "num_cpus": args.num_cpus, "accept_baseline": args.accept_baseline,
         "baselines": None if args.baselines is None else tuple(args.baselines),
     }
     if args.config:
-        return EvalConfig.from_yaml(resolve_path(args.config), **overrides)
-    return EvalConfig(**{k: v for k, v in overrides.items() if v is not None})
+        cfg = EvalConfig.from_yaml(resolve_path(args.config), **overrides)
+    else:
+        cfg = EvalConfig(**{k: v for k, v in overrides.items() if v is not None})
+    if args.no_gate:
+        cfg.gate.enabled = False
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.evaluate import run_eval
 
+    if args.accept:
+        return accept(args)
     cfg = config_from_args(args)
     summary = run_eval(cfg)
     if args.json:
@@ -125,13 +143,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"MLflow: tracking {summary.tracking_uri}, run {summary.run_id}, artifacts {summary.artifact_uri}")
         for sample in summary.samples:
             print(f"sample: {sample}")
+        print(summary.gate_line)
     if summary.tiny_models:
         print("NOTE: TINY RANDOM MODELS - these numbers check the plumbing; they are not results.", file=sys.stderr)
     fraction = summary.failed / summary.videos if summary.videos else 1.0
     if fraction > args.max_failure_fraction:
         print(f"FAILED: {summary.failed} of {summary.videos} videos failed ({fraction:.1%} > "
               f"{args.max_failure_fraction:.1%}); see the 'error' column of {summary.table_uri}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED_VIDEOS
+    if summary.regressed:
+        from pipelines.regression import WORST_ARTIFACT
+
+        print(f"REGRESSED: {summary.gate_line}; worst videos in artifact {WORST_ARTIFACT} of run {summary.run_id}",
+              file=sys.stderr)
+        return EXIT_REGRESSED
+    return 0
+
+
+def accept(args: argparse.Namespace) -> int:
+    """``--accept RUN_ID``: tag the run as the accepted baseline (tracking URI from --tracking-uri or env)."""
+    import os
+
+    from pipelines.regression import accept_baseline
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        print("--accept needs the MLflow server: pass --tracking-uri URI or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        return 2
+    accept_baseline(uri, args.accept)
+    print(f"run {args.accept} accepted as baseline at {uri}")
     return 0
 
 
