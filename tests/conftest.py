@@ -21,4 +21,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.ray_cluster",
     "tests.fixtures.mlflow_server",
+    "tests.fixtures.fault_proxy",
 ]
