@@ -5,7 +5,9 @@ under load; one such failure must not turn a clip into an error row or break a s
 
 - botocore retries each request (``retries={"total_max_attempts": N, "mode": "standard"}``; N counts the
   first attempt, unlike botocore's ``max_attempts``, which counts retries only): 500/502/503/504,
-  throttling codes and connection errors, with exponential backoff and full jitter (at most 20 s a wait);
+  throttling codes and connection errors, with exponential backoff and full jitter: the i-th retry waits a
+  random fraction of 2^i s, at most 20 s (measured on botocore 1.43 for 500s and 503s alike; botocore's newer
+  formula, behind ``AWS_NEW_RETRIES_2026=true``, waits differently per error class);
 - s3fs retries a whole call ``s3fs_retries`` times (its own backoff, 0.1 s x 1.7^i) on the errors botocore
   hands back, e.g. a connection that drops while a body is read.
 
