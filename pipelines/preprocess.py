@@ -56,6 +56,7 @@ from pipelines.failures import (
     mark_failed,
     with_error_columns,
 )
+from pipelines.quarantine import load_quarantine, write_quarantine
 from pipelines.schema import (
     ERRORS_DIR,
     RUNS_DIR,
@@ -134,6 +135,8 @@ class PreprocessConfig:
     decode_timeout_s: float | None = 120.0  # per probe (plan) and per clip decode
     model_timeout_s: float | None = 600.0  # per model call (a batch forward, or one clip's on retry)
     max_concurrent_decodes: int | None = None  # decode tasks in flight at once (None: the task pool's size)
+    # inputs that failed in 2 runs are skipped (pipelines.quarantine) unless this is set
+    retry_quarantined: bool = False
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started here
     num_cpus: int | None = None  # CPUs of a local Ray (None: the machine's)
     progress: bool = True  # Ray Data progress bars
@@ -570,6 +573,7 @@ class Committer:
         self.store, self.run_id = store, run_id
         self.seen: dict[str, int] = {}  # committed shard path -> rows
         self.committed_ids: set[str] = set()  # in DST (any run)
+        self.committed_uris: set[str] = set()  # source URIs with a clip in DST
         self.written_ids: set[str] = set()  # committed by this run
         self.failed_ids: set[str] = set()  # error rows committed by this run
         self.dropped_duplicates = 0
@@ -579,9 +583,11 @@ class Committer:
         """Re-list committed shards; returns every committed clip id."""
         for path in self.store.committed(SHARDS_DIR):
             if path not in self.seen:
-                ids = self.store.read(path, ["clip_id"]).column("clip_id").to_pylist()
+                part = self.store.read(path, ["clip_id", "source_uri"])
+                ids = part.column("clip_id").to_pylist()
                 self.seen[path] = len(ids)
                 self.committed_ids.update(ids)
+                self.committed_uris.update(part.column("source_uri").to_pylist())
         return self.committed_ids
 
     def _name(self) -> str:
@@ -633,6 +639,8 @@ class PreprocessSummary:
     ok: int = 0  # clips written by this run
     failed: int = 0  # clips (or whole videos) that ended in `errors` in this run
     skipped: int = 0  # clips already in DST before this run
+    quarantined: int = 0  # inputs (clips, and videos that failed planning) skipped as quarantined
+    in_quarantine: int = 0  # inputs on the quarantine list after this run (DST/quarantine)
     seconds: float = 0.0
     error: str | None = None  # the exception that stopped the stream, if any
 
@@ -647,8 +655,8 @@ class PreprocessSummary:
 
     def line(self) -> str:
         return (
-            f"preprocess {self.run_id}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped "
-            f"of {self.planned} clips from {self.videos} videos in {self.seconds:.1f}s "
+            f"preprocess {self.run_id}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped, "
+            f"{self.quarantined} quarantined (skipped; {self.in_quarantine} on the list) of {self.planned} clips from {self.videos} videos in {self.seconds:.1f}s "
             f"({self.clips_per_second:.2f} clips/s) -> {self.dst}"
         )
 
@@ -760,6 +768,17 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
 
     uris = list_videos(src, cfg.extensions, cfg.manifest_column, cfg.storage_options)
     summary.videos = len(uris)
+    committer.refresh()
+    quarantine = load_quarantine(store, committer.committed_ids, committer.committed_uris)
+    if cfg.retry_quarantined:
+        logger.info("retrying %d quarantined inputs (retry_quarantined)", len(quarantine))
+    else:
+        held = [u for u in uris if u in quarantine.videos]
+        if held:
+            logger.warning("skipping %d quarantined videos (failed planning in %d+ runs; --retry-quarantined "
+                           "retries them): %s", len(held), 2, ", ".join(held[:5]) + (" ..." if len(held) > 5 else ""))
+        uris = [u for u in uris if u not in quarantine.videos]
+        summary.quarantined += len(held)
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     try:
         ctx = ray.data.DataContext.get_current()
@@ -768,12 +787,20 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
         done = committer.refresh()
         ok_plans = _unique_clips([p for p in plans if p["status"] == STATUS_OK])
         todo = [p for p in ok_plans if p["clip_id"] not in done]
+        summary.skipped = len(ok_plans) - len(todo)
+        if not cfg.retry_quarantined:
+            held_clips = [p for p in todo if p["clip_id"] in quarantine.clips]
+            if held_clips:
+                logger.warning("skipping %d quarantined clips (failed in 2+ runs; --retry-quarantined retries "
+                               "them)", len(held_clips))
+                todo = [p for p in todo if p["clip_id"] not in quarantine.clips]
+            summary.quarantined += len(held_clips)
         plan_errors = [p for p in plans if p["status"] != STATUS_OK]
         summary.planned = len(ok_plans) + len(plan_errors)
-        summary.skipped = len(ok_plans) - len(todo)
         committer.commit_errors([error_record(p) for p in plan_errors])
-        logger.info("%d videos -> %d clips: %d to do, %d already in %s, %d videos failed planning",
-                    len(uris), len(ok_plans), len(todo), summary.skipped, dst, len(plan_errors))
+        logger.info("%d videos -> %d clips: %d to do, %d already in %s, %d quarantined, %d videos failed "
+                    "planning", len(uris), len(ok_plans), len(todo), summary.skipped, dst, summary.quarantined,
+                    len(plan_errors))
         if todo:
             try:
                 for batch in _build_dataset(todo, dst, run_id, cfg, res).iter_batches(
@@ -793,6 +820,7 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
             store.remove_tmp(table, run_id)
         if started:
             ray.shutdown()
+    _update_quarantine(store, committer, summary)
     _write_run_record(store, run_id, src, cfg, summary)
     logger.info("%s", summary.line())
     return summary
@@ -874,6 +902,17 @@ def _record_missing(todo: list[dict[str, Any]], committer: Committer, error: str
          "error_type": error.split(":", 1)[0] if error else "MissingOutput", "message": message, "traceback": None}
         for p in missing
     ])
+
+
+def _update_quarantine(store: TableStore, committer: Committer, summary: PreprocessSummary) -> None:
+    """Recompute the quarantine list with this run's errors and write it to DST/quarantine."""
+    try:
+        committer.refresh()
+        quarantine = load_quarantine(store, committer.committed_ids, committer.committed_uris)
+        write_quarantine(store, quarantine)
+        summary.in_quarantine = len(quarantine)
+    except Exception:
+        logger.exception("could not update the quarantine list under %s", store.dst)
 
 
 def _write_run_record(store: TableStore, run_id: str, src: str, cfg: PreprocessConfig,

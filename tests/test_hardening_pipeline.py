@@ -10,7 +10,11 @@ intervals for files named ``paced*``. Every other file decodes normally, and the
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import os
+import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -29,7 +33,8 @@ from pipelines.preprocess import (
     PreprocessConfig,
     run_preprocess,
 )
-from pipelines.schema import read_errors, read_shards
+from pipelines.quarantine import find_quarantined, read_quarantine
+from pipelines.schema import ERRORS_SCHEMA, read_errors, read_shards
 from pipelines.sources import plan_video
 from pipelines.timeouts import StageTimeout, call_with_timeout
 
@@ -86,7 +91,7 @@ def decode_log(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hooked_ray(decode_log):
-    """A local 2-CPU Ray whose workers run `install_test_decoders`."""
+    """A local 2-CPU Ray whose workers run `install_test_decoders`; yields its address."""
     import ray
 
     if ray.is_initialized():  # another module's cluster: its workers lack the hook
@@ -97,7 +102,7 @@ def hooked_ray(decode_log):
         "worker_process_setup_hook": f"{__name__}.install_test_decoders",
         "env_vars": {DECODE_LOG_ENV: str(decode_log)},
     })
-    yield
+    yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
 
@@ -204,3 +209,131 @@ def test_pipeline_records_a_hung_decoder_as_a_timeout_and_goes_on(hooked_ray, ma
     assert [(e["clip_id"], e["stage"], e["error_type"]) for e in errors] == [(victim, "decode", "timeout")]
     ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
     assert len(ids) == len(set(ids)) == 5 and set(ids) == {p.clip_id for p in plans} - {victim}
+
+
+# ------------------------------------------------------------------- 3. per-clip resume, quarantine
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_run_killed_between_the_clips_of_one_video_resumes_at_the_missing_clips(hooked_ray, make_synthetic_clip,
+                                                                                tmp_path):
+    from tests.test_preprocess import _cli, _stop_session, _streaming_config, _wait_for_first_shard
+
+    n = 12
+    src = tmp_path / "src"
+    uri = make_synthetic_clip(src / "long.mp4", frames=7 * n, width=64, height=48)  # 12 clips of 7 frames
+    config = _streaming_config(tmp_path / "pp.yaml", frames_format="raw")
+    cfg = PreprocessConfig.from_yaml(config)
+    expected = {p.clip_id for p in _plans([uri], cfg)}
+    assert len(expected) == n
+    dst, log = tmp_path / "dst", tmp_path / "run1.log"
+    args = [str(src), str(dst), "--config", str(config), "--models", "tiny", "--ray-address", hooked_ray]
+    with open(log, "wb") as out:  # a second driver on this module's Ray; Ray ends its tasks when it dies
+        proc = subprocess.Popen([*_cli(), *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_first_shard(proc, dst, log)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        _stop_session(proc)
+    first = read_shards(str(dst), ["clip_id"]).column("clip_id").to_pylist()
+    assert 0 < len(first) < n, f"expected a half-finished video, found {len(first)} of {n} clips committed"
+
+    rerun_cfg = dataclasses.replace(cfg, decode_batch_size=4, depth_batch_size=4, clip_batch_size=4)
+    summary = run_preprocess(str(src), str(dst), rerun_cfg)  # same clips, fewer and larger batches
+    assert (summary.skipped, summary.ok, summary.failed) == (len(first), n - len(first), 0), summary
+    table = read_shards(str(dst), ["clip_id", "run_id"])
+    rerun = [c for c, r in zip(*table.to_pydict().values(), strict=True) if r == summary.run_id]
+    assert sorted(rerun) == sorted(expected - set(first))  # exactly the missing clips
+    ids = table.column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids)) == n and set(ids) == expected
+    assert read_errors(str(dst)).num_rows == 0
+
+
+def _errors(*rows) -> object:
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    cols = {f.name: [] for f in ERRORS_SCHEMA}
+    for i, (clip, uri, stage, run) in enumerate(rows):
+        for k, v in dict(clip_id=clip, uri=uri, start=None, stage=stage, error_type="E", message="m",
+                         traceback=None, run_id=run, timestamp=t0 + dt.timedelta(seconds=i),
+                         schema_version=1).items():
+            cols[k].append(v)
+    import pyarrow as pa
+
+    return pa.Table.from_pydict(cols, schema=ERRORS_SCHEMA)
+
+
+def test_find_quarantined_counts_runs_not_rows_and_forgets_successes():
+    errors = _errors(
+        ("a", "v1", "decode", "r1"), ("a", "v1", "decode", "r1"),  # twice in one run: not yet
+        ("b", "v1", "depth", "r1"), ("b", "v1", "timeout-free", "r2"),  # two runs: quarantined
+        ("c", "v1", "decode", "r1"), ("c", "v1", "decode", "r2"),  # two runs, committed since: not
+        ("d", "v2", "plan", "r1"), ("d", "v2", "plan", "r2"),  # a video: by URI
+        ("e", "v3", "plan", "r1"), ("e", "v3", "plan", "r2"),  # a video with a committed clip since: not
+        ("f", "v1", "pipeline", "r1"), ("f", "v1", "pipeline", "r2"),  # the stream broke: not the input's fault
+    )
+    q = find_quarantined(errors, committed_ids={"c"}, committed_uris={"v3"})
+    assert sorted(q.clips) == ["b"] and sorted(q.videos) == ["v2"] and len(q) == 2
+    assert q.clips["b"]["failed_runs"] == ["r1", "r2"] and q.clips["b"]["stage"] == "timeout-free"
+    assert q.table().column("kind").to_pylist() == ["clip", "video"]
+
+
+def _counts(s) -> tuple[int, ...]:
+    return s.ok, s.failed, s.skipped, s.quarantined, s.in_quarantine
+
+
+@pytest.mark.timeout(240)
+def test_a_corrupt_video_failing_two_runs_is_quarantined_skipped_and_retried_on_request(
+        hooked_ray, bad_videos, make_synthetic_clip, tmp_path):
+    from jobs.commands.preprocess import main as cli_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    corrupt = str(shutil.copy(bad_videos / "corrupt.mp4", src / "corrupt.mp4"))
+    good = make_synthetic_clip(src / "good.mp4", frames=14, width=64, height=48)  # 2 clips
+    dst, cfg = str(tmp_path / "dst"), _cfg()
+    good_ids = {p.clip_id for p in _plans([good], cfg)}
+
+    first = run_preprocess(str(src), dst, cfg)
+    assert _counts(first) == (2, 1, 0, 0, 0), first
+    assert read_quarantine(dst).num_rows == 0  # one failed run is not enough
+    second = run_preprocess(str(src), dst, cfg)
+    assert _counts(second) == (0, 1, 2, 0, 1), second
+    (entry,) = read_quarantine(dst).to_pylist()
+    assert (entry["kind"], entry["uri"], entry["stage"], entry["error_type"]) == (
+        "video", corrupt, "plan", "VideoDecodeError")
+    assert entry["failed_runs"] == [first.run_id, second.run_id]
+
+    third = run_preprocess(str(src), dst, cfg)  # skipped: not even probed, no new error rows
+    assert _counts(third) == (0, 0, 2, 1, 1), third
+    assert third.videos == 2 and third.planned == 2 and read_errors(dst).num_rows == 2
+
+    argv = [str(src), dst, "--models", "tiny", "--size", "64x48", "--shard-size", "2", "--frames-format", "raw",
+            "--no-progress", "--max-failure-fraction", "1", "--retry-quarantined"]
+    assert cli_main(argv) == 0
+    errors = read_errors(dst)
+    assert errors.num_rows == 3 and set(errors.column("uri").to_pylist()) == {corrupt}
+    (entry,) = read_quarantine(dst).to_pylist()
+    assert len(entry["failed_runs"]) == 3 and entry["failed_runs"][:2] == [first.run_id, second.run_id]
+    ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 2 and set(ids) == good_ids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_clip_failing_two_runs_is_quarantined_and_skipped(hooked_ray, make_synthetic_clip, tmp_path):
+    hang = make_synthetic_clip(tmp_path / "src" / "hang.mp4", frames=28, width=64, height=48)  # 4 clips
+    dst, cfg = str(tmp_path / "dst"), _cfg(decode_timeout_s=2.0)
+    victim = next(p.clip_id for p in _plans([hang], cfg) if p.start == HANG_START)
+    first = run_preprocess(str(tmp_path / "src"), dst, cfg)
+    assert _counts(first) == (3, 1, 0, 0, 0), first
+    second = run_preprocess(str(tmp_path / "src"), dst, cfg)
+    assert _counts(second) == (0, 1, 3, 0, 1), second
+    (entry,) = read_quarantine(dst).to_pylist()
+    assert (entry["kind"], entry["clip_id"], entry["stage"], entry["error_type"]) == (
+        "clip", victim, "decode", "timeout")
+    third = run_preprocess(str(tmp_path / "src"), dst, cfg)  # no pipeline: nothing left to do
+    assert _counts(third) == (0, 0, 3, 1, 1), third
+    assert third.seconds < 2.0 and read_errors(dst).num_rows == 2
+    ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 3 and victim not in ids
