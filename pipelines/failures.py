@@ -17,6 +17,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipelines.schema import ERRORS_SCHEMA, SCHEMA_VERSION
+from pipelines.timeouts import StageTimeout, call_with_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +41,18 @@ def with_error_columns(row: Row) -> Row:
     return row
 
 
+def error_type(exc: BaseException) -> str:
+    """The ``error_type`` recorded for ``exc``: its class name, or ``"timeout"`` for a `StageTimeout`."""
+    return exc.error_type if isinstance(exc, StageTimeout) else type(exc).__name__
+
+
 def mark_failed(row: Row, stage: str, exc: BaseException) -> Row:
     """Turn ``row`` into an error of ``stage`` caused by ``exc`` (in place) and log it."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     row.update(
         status=STATUS_ERROR,
         error_stage=stage,
-        error_type=type(exc).__name__,
+        error_type=error_type(exc),
         error_message=str(exc) or repr(exc),
         error_traceback=tb[-_MAX_TRACEBACK:],
     )
@@ -63,13 +69,22 @@ def apply_per_clip(
     batch_fn: Callable[[list[Any]], Sequence[Any]],
     item: Callable[[Row], Any],
     store: Callable[[Row, Any], None],
+    timeout_s: float | None = None,
 ) -> None:
     """Run ``batch_fn`` over the healthy ``rows`` at once; if that raises, retry clip by clip.
 
     ``item(row)`` builds one input, ``batch_fn(inputs) -> outputs`` (same length) and
     ``store(row, output)`` writes one result into its row. A clip whose own call (or ``item``) raises
     becomes an error row of ``stage``; the other clips of the batch are kept.
+
+    ``timeout_s`` limits every ``batch_fn`` call (`pipelines.timeouts.call_with_timeout`): a batch call
+    that hangs is retried clip by clip like one that raises, and a clip whose own call hangs becomes an
+    error row with ``error_type`` ``"timeout"``. A batch of n clips may thus take up to (n + 1) limits.
     """
+
+    def call(inputs: list[Any]) -> Sequence[Any]:
+        return call_with_timeout(batch_fn, timeout_s, inputs, what=f"{stage} of {len(inputs)} clips")
+
     todo: list[tuple[Row, Any]] = []
     for row in rows:
         with_error_columns(row)
@@ -82,7 +97,7 @@ def apply_per_clip(
     if not todo:
         return
     try:
-        outputs = batch_fn([x for _, x in todo])
+        outputs = call([x for _, x in todo])
         if len(outputs) != len(todo):
             raise RuntimeError(f"{stage}: expected {len(todo)} outputs for the batch; got {len(outputs)}")
         for (row, _), out in zip(todo, outputs, strict=True):
@@ -97,7 +112,7 @@ def apply_per_clip(
         )
     for row, x in todo:
         try:
-            (out,) = batch_fn([x])
+            (out,) = call([x])
             store(row, out)
         except Exception as e:
             mark_failed(row, stage, e)

@@ -56,6 +56,7 @@ from pipelines.failures import (
     mark_failed,
     with_error_columns,
 )
+from pipelines.quarantine import load_quarantine, write_quarantine
 from pipelines.schema import (
     ERRORS_DIR,
     RUNS_DIR,
@@ -67,6 +68,7 @@ from pipelines.schema import (
     encode_frames,
 )
 from pipelines.sources import VIDEO_EXTENSIONS, list_videos, plan_video
+from pipelines.timeouts import call_with_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +130,13 @@ class PreprocessConfig:
     latents_num_gpus: float = 0.25
     device: str | None = None  # None: cuda when the actor got a GPU, else cpu
     max_failure_fraction: float = 0.1  # exit non-zero when failed / (ok + failed) exceeds this
+    # time limits (`pipelines.timeouts`; None or 0: none). A clip over the limit becomes an error row of its
+    # stage with error_type "timeout"; the hung thread is abandoned, not killed.
+    decode_timeout_s: float | None = 120.0  # per probe (plan) and per clip decode
+    model_timeout_s: float | None = 600.0  # per model call (a batch forward, or one clip's on retry)
+    max_concurrent_decodes: int | None = None  # decode tasks in flight at once (None: the task pool's size)
+    # inputs that failed in 2 runs are skipped (pipelines.quarantine) unless this is set
+    retry_quarantined: bool = False
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started here
     num_cpus: int | None = None  # CPUs of a local Ray (None: the machine's)
     progress: bool = True  # Ray Data progress bars
@@ -144,6 +153,13 @@ class PreprocessConfig:
                      "latents_concurrency"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1; found {getattr(self, name)!r}")
+        if self.max_concurrent_decodes is not None and int(self.max_concurrent_decodes) < 1:
+            raise ConfigError(f"max_concurrent_decodes: expected an integer >= 1 or None; found "
+                              f"{self.max_concurrent_decodes!r}")
+        for name in ("decode_timeout_s", "model_timeout_s"):
+            if getattr(self, name) is not None and float(getattr(self, name)) < 0:
+                raise ConfigError(f"{name}: expected seconds >= 0 (0 or None: no limit); found "
+                                  f"{getattr(self, name)!r}")
         if not 0 <= self.max_failure_fraction <= 1:
             raise ConfigError(f"max_failure_fraction: expected a value in [0, 1]; found {self.max_failure_fraction}")
 
@@ -260,8 +276,10 @@ class PlanStage:
     batch: ``{"uri": [...]}`` -> pyarrow Table of PLAN_SCHEMA.
     """
 
-    def __init__(self, frames: int, stride: int, clips_per_video: int | None, size: tuple[int, int]):
+    def __init__(self, frames: int, stride: int, clips_per_video: int | None, size: tuple[int, int],
+                 timeout_s: float | None = None):
         self.frames, self.stride, self.clips_per_video, self.size = frames, stride, clips_per_video, size
+        self.timeout_s = timeout_s  # per probe (`pipelines.timeouts`); None: no limit
 
     def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pa.Table:
         from gen1.video import clip_id
@@ -270,7 +288,8 @@ class PlanStage:
         out: list[dict[str, Any]] = []
         for uri in uris:
             try:
-                plans = plan_video(uri, self.frames, self.stride, self.clips_per_video, self.size)
+                plans = call_with_timeout(plan_video, self.timeout_s, uri, self.frames, self.stride,
+                                          self.clips_per_video, self.size, what=f"probe {uri}")
                 out.extend(with_error_columns({**p.as_dict(), "num_frames": p.num_frames}) for p in plans)
             except Exception as e:
                 row = {
@@ -286,11 +305,17 @@ class DecodeStage:
     """Decode and resize the frames of each planned clip into ``frames_raw`` (uint8 (f, h, w, 3) bytes).
 
     A remote video is fetched once per batch (into a temp file) however many of its clips the batch
-    holds; sparse reads go through `gen1.video.read_frames`.
+    holds; sparse reads go through `gen1.video.read_frames`. Each clip's decode runs under ``timeout_s``
+    (`pipelines.timeouts.call_with_timeout`): a clip whose decode hangs becomes an error row (stage
+    ``decode``, error type ``timeout``) and the next clip goes on. The fetch itself is not limited here
+    (fsspec's own timeouts apply).
     """
 
+    def __init__(self, timeout_s: float | None = None):
+        self.timeout_s = timeout_s
+
     def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
-        from gen1.video import read_frames, resize_center_crop
+        from gen1 import video
 
         rows = _rows(batch)
         by_uri: dict[str, list[dict[str, Any]]] = {}
@@ -303,14 +328,23 @@ class DecodeStage:
                     try:
                         if fetch_error is not None:
                             raise fetch_error
-                        frames = _rename_decode_errors(uri, local, read_frames, [int(i) for i in row["frame_indices"]])
-                        frames = resize_center_crop(frames, int(row["width"]), int(row["height"]))
-                        if len(frames) != int(row["num_frames"]):
-                            raise RuntimeError(f"expected {row['num_frames']} frames; decoded {len(frames)}")
-                        row["frames_raw"] = np.ascontiguousarray(frames).tobytes()
+                        row["frames_raw"] = call_with_timeout(
+                            self._decode, self.timeout_s, video, uri, local, row,
+                            what=f"decode of clip {row['clip_id']} (start {row['start']}) of {uri}",
+                        )
                     except Exception as e:
                         mark_failed(row, "decode", e)
         return _frame(rows)
+
+    @staticmethod
+    def _decode(video: Any, uri: str, local: str, row: Mapping[str, Any]) -> bytes:
+        # `video.read_frames` is looked up at call time so a test can stand in a hanging decoder
+        indices = [int(i) for i in row["frame_indices"]]
+        frames = _rename_decode_errors(uri, local, video.read_frames, indices)
+        frames = video.resize_center_crop(frames, int(row["width"]), int(row["height"]))
+        if len(frames) != int(row["num_frames"]):
+            raise RuntimeError(f"expected {row['num_frames']} frames; decoded {len(frames)}")
+        return np.ascontiguousarray(frames).tobytes()
 
 
 class _local_copy:
@@ -359,10 +393,10 @@ def _rename_decode_errors(uri: str, local: str, fn: Callable[..., Any], *args: A
 class DepthStage:
     """Per-clip depth (`gen1.depth.DepthEstimator`, normalised per clip) -> ``depth`` (float16 bytes)."""
 
-    def __init__(self, spec: str, device: str | None = None):
+    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None):
         from gen1.depth import DepthEstimator
 
-        self.spec = spec
+        self.spec, self.timeout_s = spec, timeout_s  # timeout_s: per model call (`apply_per_clip`)
         self.estimator = DepthEstimator(spec, device=device)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
@@ -384,17 +418,17 @@ class DepthStage:
                 raise ValueError(f"depth of clip {row['clip_id']}: expected shape {expected}; got {depth.shape}")
             row["depth"] = encode_array(depth, "float16")[0]
 
-        apply_per_clip(rows, "depth", self.predict, clip_frames, store)
+        apply_per_clip(rows, "depth", self.predict, clip_frames, store, self.timeout_s)
         return _frame(rows)
 
 
 class ClipStage:
     """Per-frame CLIP image embeddings (`gen1.clip.ClipEmbedder`) -> ``clip_embedding`` (float16 bytes)."""
 
-    def __init__(self, spec: str, device: str | None = None):
+    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None):
         from gen1.clip import ClipEmbedder
 
-        self.spec = spec
+        self.spec, self.timeout_s = spec, timeout_s
         self.embedder = ClipEmbedder(spec, device=device)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
@@ -411,19 +445,19 @@ class ClipStage:
             row["clip_embedding"] = encode_array(emb, "float16")[0]
             row["clip_dim"] = int(emb.shape[1])
 
-        apply_per_clip(rows, "clip", self.predict, clip_frames, store)
+        apply_per_clip(rows, "clip", self.predict, clip_frames, store, self.timeout_s)
         return _frame(rows)
 
 
 class LatentsStage:
     """VAE latents of every frame: posterior mean times ``scaling_factor``, (c, f, h/8, w/8) float16."""
 
-    def __init__(self, spec: str, device: str | None = None):
+    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None):
         import torch
 
         from gen1.weights import load_vae
 
-        self.spec = spec
+        self.spec, self.timeout_s = spec, timeout_s
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.vae = load_vae(spec, device=self.device).eval()
         self.scale = float(getattr(self.vae.config, "scaling_factor", 1.0))
@@ -449,7 +483,7 @@ class LatentsStage:
             row["latents"] = encode_array(z, "float16")[0]
             row["lat_c"], _, row["lat_h"], row["lat_w"] = (int(s) for s in z.shape)
 
-        apply_per_clip(rows, "latents", self.predict, clip_frames, store)
+        apply_per_clip(rows, "latents", self.predict, clip_frames, store, self.timeout_s)
         return _frame(rows)
 
 
@@ -539,6 +573,7 @@ class Committer:
         self.store, self.run_id = store, run_id
         self.seen: dict[str, int] = {}  # committed shard path -> rows
         self.committed_ids: set[str] = set()  # in DST (any run)
+        self.committed_uris: set[str] = set()  # source URIs with a clip in DST
         self.written_ids: set[str] = set()  # committed by this run
         self.failed_ids: set[str] = set()  # error rows committed by this run
         self.dropped_duplicates = 0
@@ -548,9 +583,11 @@ class Committer:
         """Re-list committed shards; returns every committed clip id."""
         for path in self.store.committed(SHARDS_DIR):
             if path not in self.seen:
-                ids = self.store.read(path, ["clip_id"]).column("clip_id").to_pylist()
+                part = self.store.read(path, ["clip_id", "source_uri"])
+                ids = part.column("clip_id").to_pylist()
                 self.seen[path] = len(ids)
                 self.committed_ids.update(ids)
+                self.committed_uris.update(part.column("source_uri").to_pylist())
         return self.committed_ids
 
     def _name(self) -> str:
@@ -602,6 +639,8 @@ class PreprocessSummary:
     ok: int = 0  # clips written by this run
     failed: int = 0  # clips (or whole videos) that ended in `errors` in this run
     skipped: int = 0  # clips already in DST before this run
+    quarantined: int = 0  # inputs (clips, and videos that failed planning) skipped as quarantined
+    in_quarantine: int = 0  # inputs on the quarantine list after this run (DST/quarantine)
     seconds: float = 0.0
     error: str | None = None  # the exception that stopped the stream, if any
 
@@ -616,8 +655,8 @@ class PreprocessSummary:
 
     def line(self) -> str:
         return (
-            f"preprocess {self.run_id}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped "
-            f"of {self.planned} clips from {self.videos} videos in {self.seconds:.1f}s "
+            f"preprocess {self.run_id}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped, "
+            f"{self.quarantined} quarantined (skipped; {self.in_quarantine} on the list) of {self.planned} clips from {self.videos} videos in {self.seconds:.1f}s "
             f"({self.clips_per_second:.2f} clips/s) -> {self.dst}"
         )
 
@@ -703,12 +742,13 @@ def _node_cpus() -> list[float]:
     return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [0.0]
 
 
-def _task_compute(cfg: PreprocessConfig):
-    """The compute strategy of CPU tasks: a pool of task_concurrency (default: the cluster's CPUs)."""
+def _task_compute(cfg: PreprocessConfig, cap: int | None = None):
+    """The compute strategy of CPU tasks: a pool of task_concurrency (default: the cluster's CPUs), at most
+    ``cap`` tasks (e.g. max_concurrent_decodes) when given."""
     import ray
 
     size = cfg.task_concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return ray.data.TaskPoolStrategy(size=size)
+    return ray.data.TaskPoolStrategy(size=min(size, cap) if cap else size)
 
 
 def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> PreprocessSummary:
@@ -728,6 +768,17 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
 
     uris = list_videos(src, cfg.extensions, cfg.manifest_column, cfg.storage_options)
     summary.videos = len(uris)
+    committer.refresh()
+    quarantine = load_quarantine(store, committer.committed_ids, committer.committed_uris)
+    if cfg.retry_quarantined:
+        logger.info("retrying %d quarantined inputs (retry_quarantined)", len(quarantine))
+    else:
+        held = [u for u in uris if u in quarantine.videos]
+        if held:
+            logger.warning("skipping %d quarantined videos (failed planning in %d+ runs; --retry-quarantined "
+                           "retries them): %s", len(held), 2, ", ".join(held[:5]) + (" ..." if len(held) > 5 else ""))
+        uris = [u for u in uris if u not in quarantine.videos]
+        summary.quarantined += len(held)
     started = init_ray(cfg.ray_address, cfg.num_cpus)
     try:
         ctx = ray.data.DataContext.get_current()
@@ -736,12 +787,20 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
         done = committer.refresh()
         ok_plans = _unique_clips([p for p in plans if p["status"] == STATUS_OK])
         todo = [p for p in ok_plans if p["clip_id"] not in done]
+        summary.skipped = len(ok_plans) - len(todo)
+        if not cfg.retry_quarantined:
+            held_clips = [p for p in todo if p["clip_id"] in quarantine.clips]
+            if held_clips:
+                logger.warning("skipping %d quarantined clips (failed in 2+ runs; --retry-quarantined retries "
+                               "them)", len(held_clips))
+                todo = [p for p in todo if p["clip_id"] not in quarantine.clips]
+            summary.quarantined += len(held_clips)
         plan_errors = [p for p in plans if p["status"] != STATUS_OK]
         summary.planned = len(ok_plans) + len(plan_errors)
-        summary.skipped = len(ok_plans) - len(todo)
         committer.commit_errors([error_record(p) for p in plan_errors])
-        logger.info("%d videos -> %d clips: %d to do, %d already in %s, %d videos failed planning",
-                    len(uris), len(ok_plans), len(todo), summary.skipped, dst, len(plan_errors))
+        logger.info("%d videos -> %d clips: %d to do, %d already in %s, %d quarantined, %d videos failed "
+                    "planning", len(uris), len(ok_plans), len(todo), summary.skipped, dst, summary.quarantined,
+                    len(plan_errors))
         if todo:
             try:
                 for batch in _build_dataset(todo, dst, run_id, cfg, res).iter_batches(
@@ -761,6 +820,7 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
             store.remove_tmp(table, run_id)
         if started:
             ray.shutdown()
+    _update_quarantine(store, committer, summary)
     _write_run_record(store, run_id, src, cfg, summary)
     logger.info("%s", summary.line())
     return summary
@@ -779,7 +839,7 @@ def _plan(uris: list[str], cfg: PreprocessConfig, res: ResolvedConfig) -> list[d
     """Plan rows (PLAN_SCHEMA) of every video: in the driver for a few videos, else in Ray tasks."""
     import ray
 
-    stage = PlanStage(res.frames, res.stride, cfg.clips_per_video, res.size)
+    stage = PlanStage(res.frames, res.stride, cfg.clips_per_video, res.size, cfg.decode_timeout_s)
     if len(uris) <= cfg.plan_in_driver_max:
         return stage({"uri": uris}).to_pylist()
     ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / cfg.plan_batch_size))
@@ -812,12 +872,13 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
     resources = _plan_resources(cfg, pools)
     blocks = max(1, math.ceil(len(todo) / cfg.decode_batch_size))
     ds = ray.data.from_items(todo, override_num_blocks=blocks)
-    ds = ds.map_batches(DecodeStage(), batch_size=cfg.decode_batch_size, batch_format="pandas",
-                        num_cpus=cfg.task_num_cpus, compute=_task_compute(cfg))
+    ds = ds.map_batches(DecodeStage(cfg.decode_timeout_s), batch_size=cfg.decode_batch_size,
+                        batch_format="pandas", num_cpus=cfg.task_num_cpus,
+                        compute=_task_compute(cfg, cfg.max_concurrent_decodes))
     for p in pools:
         ds = ds.map_batches(
             p.stage,
-            fn_constructor_kwargs={"spec": p.spec, "device": cfg.device},
+            fn_constructor_kwargs={"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s},
             batch_size=p.batch_size,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=p.concurrency),
@@ -841,6 +902,17 @@ def _record_missing(todo: list[dict[str, Any]], committer: Committer, error: str
          "error_type": error.split(":", 1)[0] if error else "MissingOutput", "message": message, "traceback": None}
         for p in missing
     ])
+
+
+def _update_quarantine(store: TableStore, committer: Committer, summary: PreprocessSummary) -> None:
+    """Recompute the quarantine list with this run's errors and write it to DST/quarantine."""
+    try:
+        committer.refresh()
+        quarantine = load_quarantine(store, committer.committed_ids, committer.committed_uris)
+        write_quarantine(store, quarantine)
+        summary.in_quarantine = len(quarantine)
+    except Exception:
+        logger.exception("could not update the quarantine list under %s", store.dst)
 
 
 def _write_run_record(store: TableStore, run_id: str, src: str, cfg: PreprocessConfig,

@@ -61,6 +61,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failure-fraction", type=float, help="exit 1 above this failed fraction (default 0.1)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no Ray Data progress bars")
+    p.add_argument("--decode-timeout", dest="decode_timeout_s", type=float, metavar="S",
+                   help="seconds per probe and per clip decode before the clip is recorded as a 'timeout' "
+                   "error (default 120; 0: no limit)")
+    p.add_argument("--model-timeout", dest="model_timeout_s", type=float, metavar="S",
+                   help="seconds per model call (default 600; 0: no limit)")
+    p.add_argument("--max-concurrent-decodes", type=int, metavar="N",
+                   help="decode tasks in flight at once (default: the task pool's size)")
+    p.add_argument("--retry-quarantined", action="store_true", default=None,
+                   help="process inputs that failed in two runs again (default: skip them; see DST/quarantine)")
+
+
+_HARDENING_OPTIONS = ("decode_timeout_s", "model_timeout_s", "max_concurrent_decodes", "retry_quarantined")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -73,6 +85,8 @@ def config_from_args(args: argparse.Namespace):
         "store_frames": args.store_frames, "frames_format": args.frames_format,
         "max_failure_fraction": args.max_failure_fraction, "progress": args.progress,
     }
+    for name in _HARDENING_OPTIONS:  # getattr: callers that build args by hand may predate these options
+        overrides[name] = getattr(args, name, None)
     if args.config:
         return PreprocessConfig.from_yaml(args.config, **overrides)
     return PreprocessConfig(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,339 @@
+"""Issue 9, preprocess pipeline: the failure modes of peer video pipelines, each provoked for real.
+
+Hung decoders and model calls (time limits), a kill between the clips of one video (per-clip resume),
+inputs failing run after run (quarantine), shard files sized by bytes, bounded in-flight decodes.
+
+Ray workers of this module's cluster run `install_test_decoders` at start (a ``worker_process_setup_hook``):
+it stands in a decoder that hangs for one clip of files named ``hang*`` and one that logs its busy
+intervals for files named ``paced*``. Every other file decodes normally, and the driver is not hooked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gen1.config import TINY
+from pipelines.failures import STATUS_ERROR, STATUS_OK, apply_per_clip
+from pipelines.preprocess import (
+    ClipStage,
+    DecodeStage,
+    DepthStage,
+    PlanStage,
+    PreprocessConfig,
+    run_preprocess,
+)
+from pipelines.quarantine import find_quarantined, read_quarantine
+from pipelines.schema import ERRORS_SCHEMA, read_errors, read_shards
+from pipelines.sources import plan_video
+from pipelines.timeouts import StageTimeout, call_with_timeout
+
+SIZE = (64, 48)
+HANG_START = 7  # the hooked decoder hangs on the clip of a hang*.mp4 that starts at source frame 7
+HANG_SECONDS = 120.0  # far past every limit used here; the abandoned thread sleeps on after the test
+PACE_SECONDS = 0.3
+DECODE_LOG_ENV = "GEN1_TEST_DECODE_LOG"
+
+
+def install_test_decoders() -> None:
+    """Ray worker setup hook: `gen1.video.read_frames` hangs (``hang*`` files, clip at HANG_START) or logs
+    ``pid start end`` of each call to ``$GEN1_TEST_DECODE_LOG/<pid>`` (``paced*`` files)."""
+    from gen1 import video
+
+    real = video.read_frames
+
+    def read_frames(uri, indices):
+        name = os.path.basename(str(uri))
+        if name.startswith("hang") and int(indices[0]) == HANG_START:
+            time.sleep(HANG_SECONDS)
+        if name.startswith("paced"):
+            t0 = time.time()
+            time.sleep(PACE_SECONDS)
+            out = real(uri, indices)
+            with open(os.path.join(os.environ[DECODE_LOG_ENV], str(os.getpid())), "a") as f:
+                f.write(f"{t0} {time.time()}\n")
+            return out
+        return real(uri, indices)
+
+    video.read_frames = read_frames
+
+
+def _cfg(**kw) -> PreprocessConfig:
+    base = dict(models="tiny", size=SIZE, clips_per_video=None, shard_size=2, frames_format="raw",
+                progress=False)
+    return PreprocessConfig(**{**base, **kw})
+
+
+def _plans(uris, cfg: PreprocessConfig) -> list:
+    res = cfg.resolved()
+    return [p for u in uris for p in plan_video(u, res.frames, res.stride, cfg.clips_per_video, res.size)]
+
+
+def _plan_rows(uris, cfg: PreprocessConfig) -> pd.DataFrame:
+    res = cfg.resolved()
+    return PlanStage(res.frames, res.stride, cfg.clips_per_video, res.size)({"uri": list(uris)}).to_pandas()
+
+
+@pytest.fixture(scope="module")
+def decode_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("decode-log")
+
+
+@pytest.fixture(scope="module")
+def hooked_ray(decode_log):
+    """A local 2-CPU Ray whose workers run `install_test_decoders`; yields its address."""
+    import ray
+
+    if ray.is_initialized():  # another module's cluster: its workers lack the hook
+        ray.shutdown()
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={
+        "worker_process_setup_hook": f"{__name__}.install_test_decoders",
+        "env_vars": {DECODE_LOG_ENV: str(decode_log)},
+    })
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+# ------------------------------------------------------------------------------- 1. time limits
+
+
+def test_call_with_timeout_returns_raises_and_abandons_a_hung_call():
+    assert call_with_timeout(lambda a, b: a + b, 5, 2, 3) == 5
+    assert call_with_timeout(lambda: "direct", None) == "direct"  # no limit: no thread
+    with pytest.raises(KeyError, match="boom"):
+        call_with_timeout(lambda: {}["boom"], 5)
+    release = threading.Event()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(StageTimeout, match=r"decode of x: expected to finish within 0.3s") as info:
+            call_with_timeout(release.wait, 0.3, 60, what="decode of x")
+    finally:
+        release.set()
+    assert 0.3 <= time.monotonic() - t0 < 2.0
+    assert isinstance(info.value, TimeoutError) and info.value.error_type == "timeout"
+
+
+def test_a_hung_decode_fails_only_its_clip(monkeypatch, make_synthetic_clip, tmp_path):
+    from gen1 import video
+
+    uri = make_synthetic_clip(tmp_path / "v.mp4", frames=28, width=64, height=48)
+    rows = _plan_rows([uri], _cfg())
+    assert list(rows.start) == [0, 7, 14, 21]
+    real, release = video.read_frames, threading.Event()
+
+    def hanging(path, indices):
+        if indices[0] == HANG_START:
+            release.wait(60)
+        return real(path, indices)
+
+    monkeypatch.setattr(video, "read_frames", hanging)
+    t0 = time.monotonic()
+    try:
+        out = DecodeStage(timeout_s=0.5)(rows)
+    finally:
+        release.set()
+    assert time.monotonic() - t0 < 10
+    assert list(out.status) == [STATUS_OK, STATUS_ERROR, STATUS_OK, STATUS_OK]
+    bad = out.iloc[1]
+    assert (bad.error_stage, bad.error_type, bad.frames_raw) == ("decode", "timeout", b"")
+    assert "within 0.5s" in bad.error_message and bad.clip_id in bad.error_message
+    assert all(len(b) == 4 * 48 * 64 * 3 for b in out.frames_raw[out.status == STATUS_OK])
+
+
+def test_a_hung_model_call_fails_only_its_clip(make_synthetic_clip, tmp_path):
+    uri = make_synthetic_clip(tmp_path / "v.mp4", frames=21, width=64, height=48)
+    rows = DecodeStage()(_plan_rows([uri], _cfg()))
+    assert len(rows) == 3 and (rows.status == STATUS_OK).all()
+    victim = np.frombuffer(rows.frames_raw.iloc[1], np.uint8).reshape(4, 48, 64, 3)
+    stage = DepthStage(TINY.depth, device="cpu", timeout_s=1.0)
+    real, release, calls = stage.estimator, threading.Event(), []
+
+    class Hangs:  # a forward that includes the victim's frames never returns (until the test ends)
+        def predict_raw(self, frames):
+            calls.append(len(frames))
+            if any(np.array_equal(frames[i : i + 4], victim) for i in range(0, len(frames), 4)):
+                release.wait(60)
+            return real.predict_raw(frames)
+
+    stage.estimator = Hangs()
+    t0 = time.monotonic()
+    try:
+        out = ClipStage(TINY.clip, device="cpu")(stage(rows))
+    finally:
+        release.set()
+    assert time.monotonic() - t0 < 20
+    assert calls == [12, 4, 4, 4]  # the batch timed out, then clip by clip
+    assert list(out.status) == [STATUS_OK, STATUS_ERROR, STATUS_OK]
+    assert (out.error_stage.iloc[1], out.error_type.iloc[1]) == ("depth", "timeout")
+    assert all(out.clip_embedding.iloc[[0, 2]]) and out.clip_embedding.iloc[1] == b""
+
+
+def test_apply_per_clip_without_timeout_keeps_exception_types():
+    rows = [{"clip_id": str(i), "source_uri": "u"} for i in range(3)]
+
+    def fn(xs):
+        if 1 in xs:
+            raise ValueError("one is bad")
+        return [x * 10 for x in xs]
+
+    apply_per_clip(rows, "depth", fn, lambda r: int(r["clip_id"]), lambda r, o: r.update(out=o), timeout_s=5)
+    assert [r.get("out") for r in rows] == [0, None, 20]
+    assert rows[1]["error_type"] == "ValueError" and rows[1]["error_stage"] == "depth"
+
+
+@pytest.mark.timeout(180)
+def test_pipeline_records_a_hung_decoder_as_a_timeout_and_goes_on(hooked_ray, make_synthetic_clip, tmp_path):
+    src = tmp_path / "src"
+    uris = [make_synthetic_clip(src / "hang.mp4", frames=28, width=64, height=48),
+            make_synthetic_clip(src / "ok.mp4", frames=14, width=64, height=48)]
+    cfg = _cfg(decode_timeout_s=3.0)
+    plans = _plans(uris, cfg)
+    victim = next(p.clip_id for p in plans if p.source_uri.endswith("hang.mp4") and p.start == HANG_START)
+    dst = str(tmp_path / "dst")
+    summary = run_preprocess(str(src), dst, cfg)
+    assert (summary.ok, summary.failed, summary.planned) == (5, 1, 6), summary
+    assert summary.seconds < HANG_SECONDS  # the job did not wait for the hung decoder
+    errors = read_errors(dst).to_pylist()
+    assert [(e["clip_id"], e["stage"], e["error_type"]) for e in errors] == [(victim, "decode", "timeout")]
+    ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 5 and set(ids) == {p.clip_id for p in plans} - {victim}
+
+
+# ------------------------------------------------------------------- 3. per-clip resume, quarantine
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_run_killed_between_the_clips_of_one_video_resumes_at_the_missing_clips(hooked_ray, make_synthetic_clip,
+                                                                                tmp_path):
+    from tests.test_preprocess import _cli, _stop_session, _streaming_config, _wait_for_first_shard
+
+    n = 12
+    src = tmp_path / "src"
+    uri = make_synthetic_clip(src / "long.mp4", frames=7 * n, width=64, height=48)  # 12 clips of 7 frames
+    config = _streaming_config(tmp_path / "pp.yaml", frames_format="raw")
+    cfg = PreprocessConfig.from_yaml(config)
+    expected = {p.clip_id for p in _plans([uri], cfg)}
+    assert len(expected) == n
+    dst, log = tmp_path / "dst", tmp_path / "run1.log"
+    args = [str(src), str(dst), "--config", str(config), "--models", "tiny", "--ray-address", hooked_ray]
+    with open(log, "wb") as out:  # a second driver on this module's Ray; Ray ends its tasks when it dies
+        proc = subprocess.Popen([*_cli(), *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_first_shard(proc, dst, log)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        _stop_session(proc)
+    first = read_shards(str(dst), ["clip_id"]).column("clip_id").to_pylist()
+    assert 0 < len(first) < n, f"expected a half-finished video, found {len(first)} of {n} clips committed"
+
+    rerun_cfg = dataclasses.replace(cfg, decode_batch_size=4, depth_batch_size=4, clip_batch_size=4)
+    summary = run_preprocess(str(src), str(dst), rerun_cfg)  # same clips, fewer and larger batches
+    assert (summary.skipped, summary.ok, summary.failed) == (len(first), n - len(first), 0), summary
+    table = read_shards(str(dst), ["clip_id", "run_id"])
+    rerun = [c for c, r in zip(*table.to_pydict().values(), strict=True) if r == summary.run_id]
+    assert sorted(rerun) == sorted(expected - set(first))  # exactly the missing clips
+    ids = table.column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids)) == n and set(ids) == expected
+    assert read_errors(str(dst)).num_rows == 0
+
+
+def _errors(*rows) -> object:
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    cols = {f.name: [] for f in ERRORS_SCHEMA}
+    for i, (clip, uri, stage, run) in enumerate(rows):
+        for k, v in dict(clip_id=clip, uri=uri, start=None, stage=stage, error_type="E", message="m",
+                         traceback=None, run_id=run, timestamp=t0 + dt.timedelta(seconds=i),
+                         schema_version=1).items():
+            cols[k].append(v)
+    import pyarrow as pa
+
+    return pa.Table.from_pydict(cols, schema=ERRORS_SCHEMA)
+
+
+def test_find_quarantined_counts_runs_not_rows_and_forgets_successes():
+    errors = _errors(
+        ("a", "v1", "decode", "r1"), ("a", "v1", "decode", "r1"),  # twice in one run: not yet
+        ("b", "v1", "depth", "r1"), ("b", "v1", "timeout-free", "r2"),  # two runs: quarantined
+        ("c", "v1", "decode", "r1"), ("c", "v1", "decode", "r2"),  # two runs, committed since: not
+        ("d", "v2", "plan", "r1"), ("d", "v2", "plan", "r2"),  # a video: by URI
+        ("e", "v3", "plan", "r1"), ("e", "v3", "plan", "r2"),  # a video with a committed clip since: not
+        ("f", "v1", "pipeline", "r1"), ("f", "v1", "pipeline", "r2"),  # the stream broke: not the input's fault
+    )
+    q = find_quarantined(errors, committed_ids={"c"}, committed_uris={"v3"})
+    assert sorted(q.clips) == ["b"] and sorted(q.videos) == ["v2"] and len(q) == 2
+    assert q.clips["b"]["failed_runs"] == ["r1", "r2"] and q.clips["b"]["stage"] == "timeout-free"
+    assert q.table().column("kind").to_pylist() == ["clip", "video"]
+
+
+def _counts(s) -> tuple[int, ...]:
+    return s.ok, s.failed, s.skipped, s.quarantined, s.in_quarantine
+
+
+@pytest.mark.timeout(240)
+def test_a_corrupt_video_failing_two_runs_is_quarantined_skipped_and_retried_on_request(
+        hooked_ray, bad_videos, make_synthetic_clip, tmp_path):
+    from jobs.commands.preprocess import main as cli_main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    corrupt = str(shutil.copy(bad_videos / "corrupt.mp4", src / "corrupt.mp4"))
+    good = make_synthetic_clip(src / "good.mp4", frames=14, width=64, height=48)  # 2 clips
+    dst, cfg = str(tmp_path / "dst"), _cfg()
+    good_ids = {p.clip_id for p in _plans([good], cfg)}
+
+    first = run_preprocess(str(src), dst, cfg)
+    assert _counts(first) == (2, 1, 0, 0, 0), first
+    assert read_quarantine(dst).num_rows == 0  # one failed run is not enough
+    second = run_preprocess(str(src), dst, cfg)
+    assert _counts(second) == (0, 1, 2, 0, 1), second
+    (entry,) = read_quarantine(dst).to_pylist()
+    assert (entry["kind"], entry["uri"], entry["stage"], entry["error_type"]) == (
+        "video", corrupt, "plan", "VideoDecodeError")
+    assert entry["failed_runs"] == [first.run_id, second.run_id]
+
+    third = run_preprocess(str(src), dst, cfg)  # skipped: not even probed, no new error rows
+    assert _counts(third) == (0, 0, 2, 1, 1), third
+    assert third.videos == 2 and third.planned == 2 and read_errors(dst).num_rows == 2
+
+    argv = [str(src), dst, "--models", "tiny", "--size", "64x48", "--shard-size", "2", "--frames-format", "raw",
+            "--no-progress", "--max-failure-fraction", "1", "--retry-quarantined"]
+    assert cli_main(argv) == 0
+    errors = read_errors(dst)
+    assert errors.num_rows == 3 and set(errors.column("uri").to_pylist()) == {corrupt}
+    (entry,) = read_quarantine(dst).to_pylist()
+    assert len(entry["failed_runs"]) == 3 and entry["failed_runs"][:2] == [first.run_id, second.run_id]
+    ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 2 and set(ids) == good_ids
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_clip_failing_two_runs_is_quarantined_and_skipped(hooked_ray, make_synthetic_clip, tmp_path):
+    hang = make_synthetic_clip(tmp_path / "src" / "hang.mp4", frames=28, width=64, height=48)  # 4 clips
+    dst, cfg = str(tmp_path / "dst"), _cfg(decode_timeout_s=2.0)
+    victim = next(p.clip_id for p in _plans([hang], cfg) if p.start == HANG_START)
+    first = run_preprocess(str(tmp_path / "src"), dst, cfg)
+    assert _counts(first) == (3, 1, 0, 0, 0), first
+    second = run_preprocess(str(tmp_path / "src"), dst, cfg)
+    assert _counts(second) == (0, 1, 3, 0, 1), second
+    (entry,) = read_quarantine(dst).to_pylist()
+    assert (entry["kind"], entry["clip_id"], entry["stage"], entry["error_type"]) == (
+        "clip", victim, "decode", "timeout")
+    third = run_preprocess(str(tmp_path / "src"), dst, cfg)  # no pipeline: nothing left to do
+    assert _counts(third) == (0, 0, 3, 1, 1), third
+    assert third.seconds < 2.0 and read_errors(dst).num_rows == 2
+    ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 3 and victim not in ids
