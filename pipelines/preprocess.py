@@ -108,7 +108,12 @@ class PreprocessConfig:
     frames_format: str = "jpeg"  # "jpeg" (compact) | "raw" (exact uint8)
     jpeg_quality: int = 95
     latents: bool = False  # compute VAE latents of the frames (LatentsStage)
-    shard_size: int = 64  # clips per shard file
+    shard_size: int = 64  # clips per shard file (when target_shard_bytes is None)
+    # Shard files sized by bytes instead: each file holds rows whose in-memory Arrow size totals at most this
+    # (a row larger than it gets a file of its own), so a file is at most target + one row, and smaller once
+    # zstd compresses it. Writer batches hold about this many bytes (estimated from the frame size), so most
+    # files come close to it. None: shard_size clips per file.
+    target_shard_bytes: int | None = None
     # execution
     plan_batch_size: int = 1  # videos per planning task
     plan_in_driver_max: int = 8  # corpora up to this many videos are planned in the driver (no task start-up)
@@ -153,6 +158,8 @@ class PreprocessConfig:
                      "latents_concurrency"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1; found {getattr(self, name)!r}")
+        if self.target_shard_bytes is not None and int(self.target_shard_bytes) < 1:
+            raise ConfigError(f"target_shard_bytes: expected bytes >= 1 or None; found {self.target_shard_bytes!r}")
         if self.max_concurrent_decodes is not None and int(self.max_concurrent_decodes) < 1:
             raise ConfigError(f"max_concurrent_decodes: expected an integer >= 1 or None; found "
                               f"{self.max_concurrent_decodes!r}")
@@ -496,8 +503,9 @@ class ShardWriter:
 
     def __init__(self, dst: str, run_id: str, models: Mapping[str, str | None], store_frames: bool = True,
                  frames_format: str = "jpeg", jpeg_quality: int = 95,
-                 storage_options: Mapping[str, Any] | None = None):
+                 storage_options: Mapping[str, Any] | None = None, target_bytes: int | None = None):
         self.dst, self.run_id, self.models = dst, run_id, dict(models)
+        self.target_bytes = target_bytes  # split a batch into shards of at most this many Arrow bytes
         self.store_frames, self.frames_format, self.jpeg_quality = store_frames, frames_format, jpeg_quality
         self.storage_options = dict(storage_options or {})
 
@@ -546,10 +554,10 @@ class ShardWriter:
                         mark_failed(r, "write", e)
                 ok = good
                 table = self.shard_table(ok) if ok else None
-            if table is not None:
-                path = store.write_tmp(SHARDS_DIR, table, self.run_id)
-                written.append({"table": SHARDS_DIR, "tmp_path": path, "clip_ids": [r["clip_id"] for r in ok],
-                                "num_rows": len(ok)})
+            for lo, hi in (split_by_bytes(table, self.target_bytes) if table is not None else []):
+                path = store.write_tmp(SHARDS_DIR, table.slice(lo, hi - lo), self.run_id)
+                written.append({"table": SHARDS_DIR, "tmp_path": path,
+                                "clip_ids": [r["clip_id"] for r in ok[lo:hi]], "num_rows": hi - lo})
         failed = [r for r in rows if r["status"] == STATUS_ERROR]
         if failed:
             path = store.write_tmp(ERRORS_DIR, error_table([error_record(r) for r in failed], self.run_id),
@@ -557,6 +565,39 @@ class ShardWriter:
             written.append({"table": ERRORS_DIR, "tmp_path": path, "clip_ids": [r["clip_id"] for r in failed],
                             "num_rows": len(failed)})
         return pd.DataFrame(written, columns=list(WRITTEN_COLUMNS))
+
+
+def split_by_bytes(table: pa.Table, target_bytes: int | None) -> list[tuple[int, int]]:
+    """Row ranges ``[lo, hi)`` of ``table`` whose Arrow sizes total at most ``target_bytes`` each (a
+    larger row alone); one range of every row when ``target_bytes`` is None. Greedy, in row order."""
+    n = table.num_rows
+    if not target_bytes or n == 0:
+        return [(0, n)] if n else []
+    ranges, lo, size = [], 0, 0
+    for i in range(n):
+        row = table.slice(i, 1).nbytes
+        if i > lo and size + row > target_bytes:
+            ranges.append((lo, i))
+            lo, size = i, 0
+        size += row
+    ranges.append((lo, n))
+    return ranges
+
+
+def estimated_row_bytes(cfg: PreprocessConfig, res: ResolvedConfig) -> int:
+    """About how many Arrow bytes one shard row takes: depth, CLIP embeddings, frames (JPEG guessed at a
+    sixth of raw), latents, plus 1 KiB of ids and scalars. Sizes writer batches for target_shard_bytes."""
+    f, (w, h) = res.frames, res.size
+    frames = 0 if not cfg.store_frames else f * h * w * 3 // (1 if cfg.frames_format == "raw" else 6)
+    latents = 4 * f * (h // 8) * (w // 8) * 2 if res.vae_model else 0
+    return f * h * w * 2 + f * res.specs.clip_dim * 2 + frames + latents + 1024
+
+
+def writer_batch_rows(cfg: PreprocessConfig, res: ResolvedConfig) -> int:
+    """Rows per writer call: shard_size, or as many estimated rows as fit in target_shard_bytes."""
+    if cfg.target_shard_bytes is None:
+        return cfg.shard_size
+    return max(1, cfg.target_shard_bytes // estimated_row_bytes(cfg, res))
 
 
 # ------------------------------------------------------------------------------------------- commits
@@ -885,9 +926,10 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
             **resources[p.name],
         )
     writer = ShardWriter(dst, run_id, {"depth": res.depth_model, "clip": res.clip_model, "vae": res.vae_model},
-                         cfg.store_frames, cfg.frames_format, cfg.jpeg_quality, cfg.storage_options)
-    return ds.map_batches(writer, batch_size=cfg.shard_size, batch_format="pandas", num_cpus=cfg.task_num_cpus,
-                          compute=_task_compute(cfg))
+                         cfg.store_frames, cfg.frames_format, cfg.jpeg_quality, cfg.storage_options,
+                         target_bytes=cfg.target_shard_bytes)
+    return ds.map_batches(writer, batch_size=writer_batch_rows(cfg, res), batch_format="pandas",
+                          num_cpus=cfg.task_num_cpus, compute=_task_compute(cfg))
 
 
 def _record_missing(todo: list[dict[str, Any]], committer: Committer, error: str | None) -> None:

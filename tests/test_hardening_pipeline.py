@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import math
 import os
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ from pipelines.preprocess import (
     run_preprocess,
 )
 from pipelines.quarantine import find_quarantined, read_quarantine
-from pipelines.schema import ERRORS_SCHEMA, read_errors, read_shards
+from pipelines.schema import ERRORS_SCHEMA, SHARDS_DIR, TableStore, read_errors, read_shards
 from pipelines.sources import plan_video
 from pipelines.timeouts import StageTimeout, call_with_timeout
 
@@ -66,6 +67,9 @@ def install_test_decoders() -> None:
         return real(uri, indices)
 
     video.read_frames = read_frames
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(**kw) -> PreprocessConfig:
@@ -100,7 +104,9 @@ def hooked_ray(decode_log):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={
         "worker_process_setup_hook": f"{__name__}.install_test_decoders",
-        "env_vars": {DECODE_LOG_ENV: str(decode_log)},
+        # the workers import this module (`tests.` + its name) for the hook: put the repo root on their path
+        "env_vars": {DECODE_LOG_ENV: str(decode_log),
+                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
     })
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -337,3 +343,40 @@ def test_a_clip_failing_two_runs_is_quarantined_and_skipped(hooked_ray, make_syn
     assert third.seconds < 2.0 and read_errors(dst).num_rows == 2
     ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
     assert len(ids) == len(set(ids)) == 3 and victim not in ids
+
+
+# ------------------------------------------------------------------ 5. bytes per shard, decodes in flight
+
+
+@pytest.mark.timeout(240)
+def test_shards_are_sized_by_bytes_and_decodes_in_flight_are_bounded(hooked_ray, decode_log, make_synthetic_clip,
+                                                                     tmp_path):
+    src = tmp_path / "src"
+    uris = [make_synthetic_clip(src / f"paced{i}.mp4", frames=28, width=64, height=48, pattern="noise")
+            for i in range(2)]  # 8 clips of noise: zstd cannot shrink them much
+    target = 150_000  # about 2.4 rows of 4 raw 64x48 frames + float16 depth
+    cfg = _cfg(target_shard_bytes=target, max_concurrent_decodes=1, shard_size=64, decode_batch_size=2)
+    for f in decode_log.iterdir():
+        f.unlink()
+    dst = str(tmp_path / "dst")
+    summary = run_preprocess(str(src), dst, cfg)
+    assert (summary.ok, summary.failed) == (8, 0), summary
+
+    store = TableStore(dst)
+    parts = store.committed(SHARDS_DIR)
+    tables = [store.read(p) for p in parts]
+    rows = [t.slice(i, 1).nbytes for t in tables for i in range(t.num_rows)]
+    biggest, total = max(rows), sum(rows)
+    assert 60_000 < biggest < target / 2  # what the bounds below assume
+    for path, table in zip(parts, tables, strict=True):
+        assert table.nbytes <= target, (path, table.num_rows, table.nbytes)
+        assert store.fs.size(path) <= target + biggest, (path, store.fs.size(path))
+    assert math.ceil(total / target) <= len(parts) <= math.ceil(total / (target - biggest))
+    ids = [i for t in tables for i in t.column("clip_id").to_pylist()]
+    assert len(ids) == len(set(ids)) == 8 and set(ids) == {p.clip_id for p in _plans(uris, cfg)}
+
+    spans = sorted(tuple(map(float, line.split())) for f in decode_log.iterdir() for line in f.read_text().split("\n")
+                   if line)
+    assert len(spans) == 8  # every paced decode logged its busy interval
+    overlaps = [(a, b) for a, b in zip(spans, spans[1:], strict=False) if b[0] < a[1]]
+    assert not overlaps, f"decodes ran concurrently despite max_concurrent_decodes=1: {overlaps}"

@@ -68,11 +68,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds per model call (default 600; 0: no limit)")
     p.add_argument("--max-concurrent-decodes", type=int, metavar="N",
                    help="decode tasks in flight at once (default: the task pool's size)")
+    p.add_argument("--target-shard-bytes", type=int, metavar="BYTES",
+                   help="size shard files by bytes (about this many, uncompressed) instead of --shard-size clips")
     p.add_argument("--retry-quarantined", action="store_true", default=None,
                    help="process inputs that failed in two runs again (default: skip them; see DST/quarantine)")
 
 
-_HARDENING_OPTIONS = ("decode_timeout_s", "model_timeout_s", "max_concurrent_decodes", "retry_quarantined")
+_HARDENING_OPTIONS = ("decode_timeout_s", "model_timeout_s", "max_concurrent_decodes", "retry_quarantined",
+                      "target_shard_bytes")
 
 
 def config_from_args(args: argparse.Namespace):
