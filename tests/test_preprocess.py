@@ -122,7 +122,7 @@ def _assert_matches_wrappers(table: pa.Table, depth_model, clip_model) -> None:
         np.testing.assert_allclose(row_clip_embedding(row), want_emb, atol=TOL)
 
 
-# ------------------------------------------------------------------------------------------ no Ray
+# ---------------------------------------------------------------------------------- stages without Ray
 
 
 def test_array_and_frame_codecs_round_trip():
