@@ -5,7 +5,8 @@ inputs failing run after run (quarantine), shard files sized by bytes, bounded i
 
 Ray workers of this module's cluster run `install_test_decoders` at start (a ``worker_process_setup_hook``):
 it stands in a decoder that hangs for one clip of files named ``hang*`` and one that logs its busy
-intervals for files named ``paced*``. Every other file decodes normally, and the driver is not hooked.
+intervals for files named ``paced*``, and a depth model that raises on any batch holding an all-black clip.
+Every other file decodes normally, and the driver is not hooked.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ HANG_START = 7  # the hooked decoder hangs on the clip of a hang*.mp4 that start
 HANG_SECONDS = 120.0  # far past every limit used here; the abandoned thread sleeps on after the test
 PACE_SECONDS = 0.3
 DECODE_LOG_ENV = "GEN1_TEST_DECODE_LOG"
+POISON_MEAN = 8.0  # the hooked depth model raises on a batch holding a clip this dark (mean grey level)
 
 
 def install_test_decoders() -> None:
@@ -67,6 +69,20 @@ def install_test_decoders() -> None:
         return real(uri, indices)
 
     video.read_frames = read_frames
+
+    from pipelines import preprocess
+
+    real_predict = preprocess.DepthStage.predict
+
+    def predict(self, clips):  # a model that raises on any call holding a black clip
+        poisoned = [bool(c.mean() < POISON_MEAN) for c in clips]
+        if any(poisoned):
+            with open(os.path.join(os.environ[DECODE_LOG_ENV], f"poison-{os.getpid()}"), "a") as f:
+                f.write(f"{len(clips)} {sum(poisoned)}\n")
+            raise RuntimeError("model failed on a black clip (simulated)")
+        return real_predict(self, clips)
+
+    preprocess.DepthStage.predict = predict
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -380,3 +396,37 @@ def test_shards_are_sized_by_bytes_and_decodes_in_flight_are_bounded(hooked_ray,
     assert len(spans) == 8  # every paced decode logged its busy interval
     overlaps = [(a, b) for a, b in zip(spans, spans[1:], strict=False) if b[0] < a[1]]
     assert not overlaps, f"decodes ran concurrently despite max_concurrent_decodes=1: {overlaps}"
+
+
+# ------------------------------------------------------------- 2. one bad sample does not kill its batch
+
+
+@pytest.mark.timeout(240)
+def test_a_model_raising_on_one_clip_of_a_batched_actor_call_fails_only_that_clip(hooked_ray, decode_log,
+                                                                                   tmp_path):
+    from tests.fixtures.clips import encode_mp4, synthetic_frames
+
+    src = tmp_path / "src"
+    src.mkdir()
+    frames = synthetic_frames(24, *SIZE)
+    (src / "plain.mp4").write_bytes(encode_mp4(frames))
+    cfg = _cfg(decode_batch_size=6, depth_batch_size=6, shard_size=6)  # all 6 clips in one depth call
+    middle = _plans([str(src / "plain.mp4")], cfg)[1]  # 3 clips a video; black out the middle one's frames:
+    frames[min(middle.frame_indices) : max(middle.frame_indices) + 1] = 0  # the hooked depth model raises on it
+    (src / "dark.mp4").write_bytes(encode_mp4(frames))
+    for f in decode_log.glob("poison-*"):
+        f.unlink()
+    dst = str(tmp_path / "dst")
+    summary = run_preprocess(str(src), dst, cfg)
+
+    victim = next(p.clip_id for p in _plans([str(src / "dark.mp4")], cfg) if p.start == middle.start)
+    calls = [tuple(map(int, line.split())) for f in decode_log.glob("poison-*")
+             for line in f.read_text().splitlines() if line]  # (clips in the call, black ones) per raising call
+    assert sorted(calls) == [(1, 1), (6, 1)], calls  # the batched call raised, then the victim's own call
+    assert (summary.ok, summary.failed, summary.error) == (5, 1, None), summary
+    errors = read_errors(dst).to_pylist()
+    assert [(e["clip_id"], e["stage"], e["error_type"]) for e in errors] == [(victim, "depth", "RuntimeError")]
+    assert "black clip" in errors[0]["message"]
+    ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
+    everything = {p.clip_id for p in _plans([str(src / "plain.mp4"), str(src / "dark.mp4")], cfg)}
+    assert len(ids) == len(set(ids)) == 5 and set(ids) == everything - {victim}
