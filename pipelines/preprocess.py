@@ -117,6 +117,14 @@ class PreprocessConfig:
     # execution
     plan_batch_size: int = 1  # videos per planning task
     plan_in_driver_max: int = 8  # corpora up to this many videos are planned in the driver (no task start-up)
+    # Memory: blocks stream through the object store; Ray Data backpressures each stage by its share of the
+    # store (about half of it in all), and decodes run at most max_concurrent_decodes at once, so memory does
+    # not grow with the corpus. A block is decode_batch_size decoded clips (frames * h * w * 3 bytes each,
+    # plus float16 depth after the depth stage); every stage may hold a block or two in and out whatever the
+    # budget, and Ray spills past 80% of the store, so keep a block under about 1/16 of the object store (the
+    # test runs 4.4 MiB blocks in 80 MiB) or blocks spill to disk. Frames leave the stream after the last
+    # model stage unless store_frames is set. The writer's batch (shard_size rows, or target_shard_bytes)
+    # also waits in the store: keep it a small part of the store too, or the stages starve each other.
     decode_batch_size: int = 4  # clips per decode task
     depth_batch_size: int = 4  # clips per depth call
     clip_batch_size: int = 8  # clips per CLIP call
@@ -257,6 +265,14 @@ def clip_frames(row: Mapping[str, Any]) -> np.ndarray:
         raise ValueError(f"clip {row['clip_id']}: expected decoded frames; the row has none")
     shape = (int(row["num_frames"]), int(row["height"]), int(row["width"]), 3)
     return np.frombuffer(data, dtype=np.uint8).reshape(shape).copy()  # writable: torch.from_numpy needs it
+
+
+def _without_frames(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows with ``frames_raw`` emptied: after the last stage that reads them, when they are not stored,
+    so the frames (the largest column) take no more object-store room downstream."""
+    for row in rows:
+        row["frames_raw"] = b""
+    return rows
 
 
 def _by_shape(inputs: list[np.ndarray], fn: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
@@ -400,10 +416,12 @@ def _rename_decode_errors(uri: str, local: str, fn: Callable[..., Any], *args: A
 class DepthStage:
     """Per-clip depth (`gen1.depth.DepthEstimator`, normalised per clip) -> ``depth`` (float16 bytes)."""
 
-    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None):
+    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None,
+                 drop_frames: bool = False):
         from gen1.depth import DepthEstimator
 
         self.spec, self.timeout_s = spec, timeout_s  # timeout_s: per model call (`apply_per_clip`)
+        self.drop_frames = drop_frames  # the last stage that needs the frames, and they are not stored
         self.estimator = DepthEstimator(spec, device=device)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
@@ -426,16 +444,17 @@ class DepthStage:
             row["depth"] = encode_array(depth, "float16")[0]
 
         apply_per_clip(rows, "depth", self.predict, clip_frames, store, self.timeout_s)
-        return _frame(rows)
+        return _frame(_without_frames(rows) if self.drop_frames else rows)
 
 
 class ClipStage:
     """Per-frame CLIP image embeddings (`gen1.clip.ClipEmbedder`) -> ``clip_embedding`` (float16 bytes)."""
 
-    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None):
+    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None,
+                 drop_frames: bool = False):
         from gen1.clip import ClipEmbedder
 
-        self.spec, self.timeout_s = spec, timeout_s
+        self.spec, self.timeout_s, self.drop_frames = spec, timeout_s, drop_frames
         self.embedder = ClipEmbedder(spec, device=device)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
@@ -453,18 +472,19 @@ class ClipStage:
             row["clip_dim"] = int(emb.shape[1])
 
         apply_per_clip(rows, "clip", self.predict, clip_frames, store, self.timeout_s)
-        return _frame(rows)
+        return _frame(_without_frames(rows) if self.drop_frames else rows)
 
 
 class LatentsStage:
     """VAE latents of every frame: posterior mean times ``scaling_factor``, (c, f, h/8, w/8) float16."""
 
-    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None):
+    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None,
+                 drop_frames: bool = False):
         import torch
 
         from gen1.weights import load_vae
 
-        self.spec, self.timeout_s = spec, timeout_s
+        self.spec, self.timeout_s, self.drop_frames = spec, timeout_s, drop_frames
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.vae = load_vae(spec, device=self.device).eval()
         self.scale = float(getattr(self.vae.config, "scaling_factor", 1.0))
@@ -491,7 +511,7 @@ class LatentsStage:
             row["lat_c"], _, row["lat_h"], row["lat_w"] = (int(s) for s in z.shape)
 
         apply_per_clip(rows, "latents", self.predict, clip_frames, store, self.timeout_s)
-        return _frame(rows)
+        return _frame(_without_frames(rows) if self.drop_frames else rows)
 
 
 class ShardWriter:
@@ -916,10 +936,12 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
     ds = ds.map_batches(DecodeStage(cfg.decode_timeout_s), batch_size=cfg.decode_batch_size,
                         batch_format="pandas", num_cpus=cfg.task_num_cpus,
                         compute=_task_compute(cfg, cfg.max_concurrent_decodes))
-    for p in pools:
+    for i, p in enumerate(pools):
+        last = i == len(pools) - 1  # the last reader of the frames: it drops them unless they are stored
         ds = ds.map_batches(
             p.stage,
-            fn_constructor_kwargs={"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s},
+            fn_constructor_kwargs={"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s,
+                                   "drop_frames": last and not cfg.store_frames},
             batch_size=p.batch_size,
             batch_format="pandas",
             compute=ray.data.ActorPoolStrategy(size=p.concurrency),

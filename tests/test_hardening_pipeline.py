@@ -430,3 +430,141 @@ def test_a_model_raising_on_one_clip_of_a_batched_actor_call_fails_only_that_cli
     ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
     everything = {p.clip_id for p in _plans([str(src / "plain.mp4"), str(src / "dark.mp4")], cfg)}
     assert len(ids) == len(set(ids)) == 5 and set(ids) == everything - {victim}
+
+
+# ------------------------------------------------------------------------------- 4. bounded memory
+
+STORE_BYTES = 80 * 1024 * 1024  # the local Ray's object store: just over Ray's 75 MiB minimum
+BIG_SIZE = (896, 512)  # a decoded clip of 2 frames is 2.6 MiB; the tiny depth model's cost hardly grows with it
+
+
+def test_the_last_model_stage_drops_the_frames_when_they_are_not_stored(make_synthetic_clip, tmp_path):
+    from pipelines.preprocess import ShardWriter
+
+    cfg = _cfg()
+    rows = DecodeStage()(_plan_rows([make_synthetic_clip(tmp_path / "a.mp4", frames=16, width=64, height=48)], cfg))
+    kept = ClipStage(TINY.clip, device="cpu")(DepthStage(TINY.depth, device="cpu")(rows))
+    dropped = ClipStage(TINY.clip, device="cpu", drop_frames=True)(DepthStage(TINY.depth, device="cpu")(rows))
+    assert len(rows) == 2 and all(len(b) == 4 * 48 * 64 * 3 for b in kept.frames_raw)
+    assert list(dropped.frames_raw) == [b"", b""] and list(dropped.status) == [STATUS_OK, STATUS_OK]
+    assert list(dropped.clip_embedding) == list(kept.clip_embedding) and list(dropped.depth) == list(kept.depth)
+    written = ShardWriter(str(tmp_path / "dst"), "run1", {"depth": TINY.depth, "clip": TINY.clip, "vae": None},
+                          store_frames=False)(dropped)
+    assert list(written.num_rows) == [2]
+
+
+class _MemorySampler(threading.Thread):
+    """Every second: the RSS of this process (the driver) and the largest RSS of one of its descendants (a local
+    `ray.init` spawns the whole session as our children: GCS, the raylet with its plasma store, agents and
+    every worker), the summed PSS of all of them (PSS splits a shared page among the processes mapping it,
+    so plasma pages count once), and the object store's bytes in use."""
+
+    def __init__(self, address: str):
+        super().__init__(daemon=True)
+        self.address = address  # this session's GCS (other Ray instances may run on the machine)
+        self.halt = threading.Event()
+        self.pss_peak = self.rss_peak = self.driver_peak = self.store_peak = self.samples = 0
+
+    def sample(self) -> None:
+        import psutil
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        me = psutil.Process()
+        pss = 0
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                info = p.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            pss += info.pss
+            if p.pid == me.pid:
+                self.driver_peak = max(self.driver_peak, info.rss)
+            else:
+                self.rss_peak = max(self.rss_peak, info.rss)
+        self.pss_peak = max(self.pss_peak, pss)
+        stats = get_memory_info_reply(get_state_from_address(self.address)).store_stats
+        self.store_peak = max(self.store_peak, stats.object_store_bytes_used)
+        self.samples += 1
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.sample()
+            self.halt.wait(1.0)
+
+    def __enter__(self) -> _MemorySampler:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.halt.set()
+        self.join()
+        self.sample()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_decoded_frames_several_object_stores_big_stream_in_bounded_memory_without_spilling(
+        make_synthetic_clip, tmp_path):
+    """Runs last in this module: it replaces the module's hooked cluster with a Ray of an 80 MiB store."""
+    import json
+
+    import ray
+    from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+    ray.shutdown()
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=STORE_BYTES, _system_config={
+        "object_spilling_config": json.dumps({"type": "filesystem", "params": {"directory_path": str(spill)}}),
+    })
+    address = ray.get_runtime_context().gcs_address
+    try:
+        one = make_synthetic_clip(tmp_path / "one.mp4", frames=32, width=BIG_SIZE[0], height=BIG_SIZE[1])
+        for name, copies in (("small", 1), ("big", 7)):  # same content, distinct URIs: distinct clip ids
+            for i in range(copies):
+                (tmp_path / name).mkdir(exist_ok=True)
+                shutil.copy(one, tmp_path / name / f"v{i}.mp4")
+        # 2 frames at stride 1: 16 clips a video. Blocks of one clip (2.6 MiB of frames, 4.4 MiB with depth:
+        # under 1/16 of the store, see PreprocessConfig). No frames stored: small writes, frames leave after CLIP.
+        # One clip per shard: a writer batch of 8 clips (14 MiB of full-size depth) starves this small store's
+        # budgets and the run takes 5x as long (measured), though it stays as bounded.
+        cfg = _cfg(size=BIG_SIZE, frames=2, stride=1, store_frames=False, shard_size=1, decode_batch_size=1,
+                   depth_batch_size=1, clip_batch_size=2, max_concurrent_decodes=2)
+        clip_bytes = 2 * BIG_SIZE[0] * BIG_SIZE[1] * 3
+        runs = {}
+        for name in ("small", "big"):
+            with _MemorySampler(address) as mem:
+                summary = run_preprocess(str(tmp_path / name), str(tmp_path / f"dst-{name}"), cfg)
+            runs[name] = (summary, mem)
+        stats = get_memory_info_reply(get_state_from_address(address)).store_stats
+    finally:
+        ray.shutdown()
+
+    (small, small_mem), (big, big_mem) = runs["small"], runs["big"]
+    decoded = big.planned * clip_bytes
+    report = (f"decoded {decoded / 2**20:.0f} MiB ({big.planned} clips); store peak "
+              f"{big_mem.store_peak / 2**20:.0f} of {STORE_BYTES / 2**20:.0f} MiB; summed PSS peak small "
+              f"{small_mem.pss_peak / 2**20:.0f} MiB, big {big_mem.pss_peak / 2**20:.0f} MiB; largest RSS of a Ray "
+              f"process small {small_mem.rss_peak / 2**20:.0f} MiB, big {big_mem.rss_peak / 2**20:.0f} MiB; driver RSS "
+              f"small {small_mem.driver_peak / 2**20:.0f} MiB, big {big_mem.driver_peak / 2**20:.0f} MiB; "
+              f"{big_mem.samples} samples; runs {small.seconds:.0f} s, {big.seconds:.0f} s")
+    print(report)
+    assert decoded >= 3 * STORE_BYTES, report  # the corpus really is several object stores of frames
+    for summary, dst, clips in ((small, "dst-small", 16), (big, "dst-big", 112)):  # 112 clips: 294 MiB
+        assert (summary.planned, summary.ok, summary.failed) == (clips, clips, 0), summary
+        ids = read_shards(str(tmp_path / dst), ["clip_id"]).column("clip_id").to_pylist()
+        assert len(ids) == len(set(ids)) == clips, dst  # every clip written exactly once
+    assert big_mem.samples >= 10, report
+    # Nothing went to disk: no spilled or fallback-allocated (disk-mmapped) bytes, an empty spill directory.
+    assert (stats.spilled_bytes_total, stats.spilled_objects_total, stats.object_store_bytes_fallback) == (0, 0, 0)
+    assert not any(spill.rglob("*")), sorted(str(p) for p in spill.rglob("*"))[:5]
+    assert big_mem.store_peak < STORE_BYTES, report
+    # The stated bound, per process: over the big corpus (7x the clips, 3.7 object stores of frames) no Ray
+    # process (worker, raylet, GCS) and not the driver peaks higher in RSS than the largest of its kind did over
+    # the small corpus plus one object store (RSS counts the plasma pages a process touched: at most the store)
+    # plus eight decoded clips (blocks in flight in a stage's heap). A stage or driver that held frames ahead of
+    # the others would grow with the corpus, by a good part of the 294 MiB. (The summed PSS of the session is
+    # reported, not bounded: it also counts how many task workers Ray happened to start.)
+    slack = STORE_BYTES + 8 * clip_bytes
+    assert big_mem.rss_peak < small_mem.rss_peak + slack, report
+    assert big_mem.driver_peak < small_mem.driver_peak + slack, report
