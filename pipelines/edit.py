@@ -85,6 +85,7 @@ from pipelines.schema import (
     TableStore,
 )
 from pipelines.sources import VIDEO_EXTENSIONS, is_manifest, list_videos, normalize_uri
+from pipelines.timeouts import call_with_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -491,6 +492,11 @@ class EditJobConfig:
     commit_every: int = 8  # manifest rows per committed part (a kill redoes at most this many edits)
     commit_interval_s: float = 60.0  # ... or fewer, once the oldest uncommitted row is this old
     max_failure_fraction: float = 0.1  # `gen1 edit` exits non-zero above this
+    # Time limits (seconds; 0 or None: none). A call past its limit fails its clip or edit task alone with
+    # error_type "timeout" (`pipelines.timeouts`) and the run goes on.
+    decode_timeout_s: float | None = 120.0  # per clip decode (the edit's frames, the caption's middle frame)
+    caption_timeout_s: float | None = 600.0  # per BLIP call (a batch, or one clip's on retry)
+    edit_timeout_s: float | None = 3600.0  # per edit task: decode, sampling, metrics, writing
     ray_address: str | None = None
     num_cpus: int | None = None  # of a local Ray
     progress: bool = True
@@ -522,6 +528,11 @@ class EditJobConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
+        for name in ("decode_timeout_s", "caption_timeout_s", "edit_timeout_s"):
+            if getattr(self, name) is not None and float(getattr(self, name)) < 0:
+                raise ConfigError(
+                    f"{name}: expected seconds >= 0 (0 or None: no limit); found {getattr(self, name)!r}"
+                )
         if self.auto_prompts and (self.prompts or self.prompts_file):
             raise ConfigError("give prompts (a file or a list) or auto_prompts, not both")
         if self.src is None and self.clips is None:
@@ -584,16 +595,32 @@ class CaptionStage:
     """Caption each clip's middle frame with BLIP (`gen1.captions.Captioner`), one batched call per batch.
 
     Rows that already have a caption pass through; a clip that fails alone becomes an error row of stage
-    ``caption``. batch: PROMPT_PLAN_SCHEMA rows -> pyarrow Table of PROMPT_PLAN_SCHEMA.
+    ``caption``. ``timeout_s`` limits each BLIP call and ``decode_timeout_s`` each middle-frame decode: a
+    clip past either fails alone with error_type ``timeout``.
+    batch: PROMPT_PLAN_SCHEMA rows -> pyarrow Table of PROMPT_PLAN_SCHEMA.
     """
 
-    def __init__(self, spec: str, device: str | None = None, captioner: Any = None):
+    def __init__(
+        self,
+        spec: str,
+        device: str | None = None,
+        captioner: Any = None,
+        timeout_s: float | None = None,
+        decode_timeout_s: float | None = None,
+    ):
         if captioner is None:
             from gen1.captions import Captioner
 
             captioner = Captioner(spec, device=device)
         self.spec = spec
         self.captioner = captioner
+        self.timeout_s, self.decode_timeout_s = timeout_s, decode_timeout_s
+
+    def middle_frame(self, row: Mapping[str, Any]) -> np.ndarray:
+        clip = _clip(row)
+        return call_with_timeout(
+            clip.middle_frame, self.decode_timeout_s, what=f"decode of clip {clip.clip_id}"
+        )
 
     def __call__(self, batch: pa.Table | pd.DataFrame | Mapping[str, Any]) -> pa.Table:
         rows = _stage_rows(batch)
@@ -602,7 +629,7 @@ class CaptionStage:
         def store(row: dict[str, Any], caption: str) -> None:
             row["caption"], row["caption_model"] = caption, self.spec
 
-        apply_per_clip(todo, "caption", self.captioner, lambda r: _clip(r).middle_frame(), store)
+        apply_per_clip(todo, "caption", self.captioner, self.middle_frame, store, self.timeout_s)
         return pa.Table.from_pylist(rows, schema=PROMPT_PLAN_SCHEMA)
 
 
@@ -649,7 +676,9 @@ class EditStage:
     compute its metrics, write the mp4 and preview atomically under DST, and return its manifest row.
 
     One `Gen1Models` per actor. A task that raises becomes an error row naming its stage (``decode``,
-    ``content``, ``edit``, ``metrics``, ``write``); the other tasks of the batch go on.
+    ``content``, ``edit``, ``metrics``, ``write``); the other tasks of the batch go on. A clip decode past
+    ``decode_timeout_s``, or a whole task past ``edit_timeout_s``, fails that task alone with error_type
+    ``timeout`` and the stage it was in (its thread is abandoned, see `pipelines.timeouts`).
     batch: task rows (`plan_tasks`) -> pyarrow Table of RESULT_SCHEMA.
     """
 
@@ -664,6 +693,8 @@ class EditStage:
         storage_options: Mapping[str, Any] | None = None,
         models: Any = None,
         cache_clips: int = 4,
+        decode_timeout_s: float | None = None,
+        edit_timeout_s: float | None = None,
     ):
         if models is None:
             from gen1.models import Gen1Models
@@ -676,13 +707,17 @@ class EditStage:
         self._clips: OrderedDict[str, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
         self._images: OrderedDict[str, np.ndarray] = OrderedDict()
         self.cache_clips = cache_clips
+        self.decode_timeout_s, self.edit_timeout_s = decode_timeout_s, edit_timeout_s
 
     def __call__(self, batch: pa.Table | pd.DataFrame | Mapping[str, Any]) -> pa.Table:
         out = []
         for task in _rows(batch):
             stage = ["decode"]
             try:
-                out.append(with_error_columns(self.edit(task, stage)))
+                row = call_with_timeout(
+                    self.edit, self.edit_timeout_s, task, stage, what=f"edit {task['edit_key']}"
+                )
+                out.append(with_error_columns(row))
             except Exception as e:
                 row = {k: task.get(k) for k in RESULT_SCHEMA.names if k in task}
                 out.append(mark_failed(with_error_columns(row), stage[0], e))
@@ -769,7 +804,9 @@ class EditStage:
         t0 = time.perf_counter()
         clip = _clip(task)
         stage[0] = "decode"
-        frames, mask = self._load_clip(clip)
+        frames, mask = call_with_timeout(
+            self._load_clip, self.decode_timeout_s, clip, what=f"decode of clip {clip.clip_id}"
+        )
         stage[0] = "content"
         if task["image_uri"]:
             content = Content(image=self._load_image(task["image_uri"]), image_uri=task["image_uri"])
@@ -1180,7 +1217,12 @@ def _write_prompts(
     if any(not r["caption"] for r in rows):
         ds = ds.map_batches(
             CaptionStage,
-            fn_constructor_kwargs={"spec": specs.caption, "device": config.device},
+            fn_constructor_kwargs={
+                "spec": specs.caption,
+                "device": config.device,
+                "timeout_s": config.caption_timeout_s,
+                "decode_timeout_s": config.decode_timeout_s,
+            },
             batch_size=config.caption_batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=config.caption_concurrency),
@@ -1350,6 +1392,8 @@ def _run_edits(
             "previews": config.previews,
             "metrics": config.metrics,
             "storage_options": config.storage_options,
+            "decode_timeout_s": config.decode_timeout_s,
+            "edit_timeout_s": config.edit_timeout_s,
         },
         batch_size=config.edit_batch_size,
         batch_format="pyarrow",

@@ -440,6 +440,154 @@ def test_caption_and_prompt_stages(tiny_models, synthetic_clip, bad_videos):
     assert all("walking a dog" in p for p in written[2]["prompts"][1:])
 
 
+# ---------------------------------------------------------------------------------------- time limits
+
+
+@pytest.fixture
+def release():
+    """An event every hung call waits on; set at teardown, so the abandoned threads end (by raising)."""
+    import threading
+
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def _hang_then_fail(release) -> None:
+    assert release.wait(120), "the test never released this call"
+    raise RuntimeError("released after the test")  # an abandoned call ends without writing anything
+
+
+def test_a_hung_decode_or_edit_fails_only_its_task(models, synthetic_clip, release, monkeypatch, tmp_path):
+    """Issue 9 item 1 for `gen1 edit`: a clip decode past decode_timeout_s and an edit past edit_timeout_s each
+    become a `timeout` error of their stage; the tasks around them in the same batch are written."""
+    import gen1.sampling
+
+    real_load, real_edit = EditClip.load, gen1.sampling.edit_video
+
+    def load(self):
+        if self.clip_id == "hung-decode":
+            _hang_then_fail(release)
+        return real_load(self)
+
+    def edit_video(models, frames, content, settings, **kw):
+        if content.text == "hang":
+            _hang_then_fail(release)
+        return real_edit(models, frames, content, settings, **kw)
+
+    monkeypatch.setattr(EditClip, "load", load)
+    monkeypatch.setattr(gen1.sampling, "edit_video", edit_video)
+    clip = _clip(synthetic_clip)
+    hung_clip = dataclasses.replace(clip, clip_id="hung-decode")
+    tasks = [
+        _task(clip, PromptSpec(text=PROMPTS[0])),
+        _task(hung_clip, PromptSpec(text=PROMPTS[0])),
+        _task(clip, PromptSpec(text="hang")),
+        _task(clip, PromptSpec(text=PROMPTS[1])),
+    ]
+    stage = EditStage(
+        TINY, str(tmp_path / "dst"), "run0", models=models, decode_timeout_s=2, edit_timeout_s=10
+    )
+    t0 = time.monotonic()
+    rows = stage(pa.Table.from_pylist(tasks)).to_pylist()
+    seconds = time.monotonic() - t0
+    assert [r["status"] for r in rows] == ["ok", "error", "error", "ok"]
+    assert [(r["error_stage"], r["error_type"]) for r in rows[1:3]] == [
+        ("decode", "timeout"),
+        ("edit", "timeout"),
+    ]
+    assert "decode of clip hung-decode" in rows[1]["error_message"] and "2s" in rows[1]["error_message"]
+    assert tasks[2]["edit_key"] in rows[2]["error_message"] and "10s" in rows[2]["error_message"]
+    assert [r["edit_key"] for r in rows] == [t["edit_key"] for t in tasks]
+    for row in (rows[0], rows[3]):
+        assert _decoded(row["output_uri"]).shape == (TINY.frames, TINY.height, TINY.width, 3)
+    assert seconds < 2 + 10 + 60, seconds  # the two limits, plus two real tiny edits
+    outputs = sorted(p.name for p in (tmp_path / "dst").rglob("*.mp4"))
+    assert outputs == sorted(
+        f"{r['edit_key']}{ext}" for r in (rows[0], rows[3]) for ext in (".mp4", ".preview.mp4")
+    )
+
+
+def test_a_hung_caption_call_or_frame_decode_fails_only_its_clip(synthetic_clip, release, monkeypatch):
+    """A BLIP call that hangs on one clip of a batch: the batch is retried clip by clip and only that clip fails
+    (``timeout``, stage ``caption``); a middle-frame decode past its limit fails its clip the same way."""
+    good = _clip(synthetic_clip)
+    hung_caption = dataclasses.replace(
+        good, clip_id="hung-caption", frame_indices=tuple(i + 1 for i in good.frame_indices)
+    )
+    hung_decode = dataclasses.replace(good, clip_id="hung-decode")
+    poison = hung_caption.middle_frame()
+    assert not np.array_equal(poison, good.middle_frame())
+    real_middle = EditClip.middle_frame
+    calls = []
+
+    def middle_frame(self):
+        if self.clip_id == "hung-decode":
+            _hang_then_fail(release)
+        return real_middle(self)
+
+    def captioner(frames):
+        calls.append(len(frames))
+        if any(np.array_equal(f, poison) for f in frames):
+            _hang_then_fail(release)
+        return [f"a clip of mean {float(np.mean(f)):.1f}" for f in frames]
+
+    monkeypatch.setattr(EditClip, "middle_frame", middle_frame)
+    rows = [
+        {
+            "clip": pickle.dumps(c),
+            "clip_id": c.clip_id,
+            "source_uri": c.source_uri,
+            "start": c.start,
+            "caption": "",
+            "caption_model": "",
+            "existing": [],
+            "prompts": [],
+            "writer": "",
+        }
+        for c in (good, hung_caption, hung_decode)
+    ]
+    stage = CaptionStage(TINY.caption, captioner=captioner, timeout_s=2, decode_timeout_s=2)
+    out = stage(pa.Table.from_pylist(rows, schema=PROMPT_PLAN_SCHEMA)).to_pylist()
+    assert [r["status"] for r in out] == ["ok", "error", "error"]
+    assert [(r["error_stage"], r["error_type"]) for r in out[1:]] == [
+        ("caption", "timeout"),
+        ("caption", "timeout"),
+    ]
+    assert "decode of clip hung-decode" in out[2]["error_message"]
+    assert out[0]["caption"] == f"a clip of mean {float(np.mean(good.middle_frame())):.1f}"
+    assert calls == [2, 1, 1]  # the batch of the two decoded clips hung, then one call per clip
+
+
+def test_edit_time_limits_are_validated_and_reach_the_cli(tmp_path):
+    from jobs.cli import build_parser
+    from jobs.commands.edit import config_from_args
+
+    args = build_parser().parse_args(
+        [
+            "edit",
+            "src",
+            str(tmp_path),
+            "--decode-timeout",
+            "5",
+            "--caption-timeout",
+            "0",
+            "--edit-timeout",
+            "90",
+        ]
+    )
+    cfg = config_from_args(args)
+    assert (cfg.decode_timeout_s, cfg.caption_timeout_s, cfg.edit_timeout_s) == (5.0, 0.0, 90.0)
+    defaults = EditJobConfig(dst=str(tmp_path), src="src")
+    assert (defaults.decode_timeout_s, defaults.caption_timeout_s, defaults.edit_timeout_s) == (
+        120.0,
+        600.0,
+        3600.0,
+    )
+    with pytest.raises(ConfigError, match="edit_timeout_s"):
+        EditJobConfig(dst=str(tmp_path), src="src", edit_timeout_s=-1)
+
+
 # ------------------------------------------------------------------------------------------ Ray runs
 
 

@@ -113,6 +113,27 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-failure-fraction", type=float, help="exit 1 above this failed fraction (default 0.1)"
     )
+    p.add_argument(
+        "--decode-timeout",
+        dest="decode_timeout_s",
+        type=float,
+        metavar="S",
+        help="seconds per clip decode before it is recorded as a 'timeout' error (default 120; 0: no limit)",
+    )
+    p.add_argument(
+        "--caption-timeout",
+        dest="caption_timeout_s",
+        type=float,
+        metavar="S",
+        help="seconds per BLIP call (default 600; 0: no limit)",
+    )
+    p.add_argument(
+        "--edit-timeout",
+        dest="edit_timeout_s",
+        type=float,
+        metavar="S",
+        help="seconds per edit task: decode, sampling, metrics, writing (default 3600; 0: no limit)",
+    )
     p.add_argument("--device", help="cpu | cuda (default: cuda when the actor has a GPU)")
     p.add_argument(
         "--ray-address", metavar="ADDR", help="Ray cluster to use (default: $RAY_ADDRESS, else local)"
@@ -148,6 +169,9 @@ def config_from_args(args: argparse.Namespace):
         "edit_batch_size": args.edit_batch_size,
         "commit_every": args.commit_every,
         "max_failure_fraction": args.max_failure_fraction,
+        "decode_timeout_s": getattr(args, "decode_timeout_s", None),
+        "caption_timeout_s": getattr(args, "caption_timeout_s", None),
+        "edit_timeout_s": getattr(args, "edit_timeout_s", None),
         "device": args.device,
         "ray_address": args.ray_address,
         "num_cpus": args.num_cpus,
