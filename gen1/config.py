@@ -99,6 +99,25 @@ class ConfigError(ValueError):
     """A config file or preset name is wrong; the message says what was expected and what was found."""
 
 
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping in the YAML file ``path`` (empty file: {}); `ConfigError` for anything else.
+    ``what`` names its contents in the message, e.g. "edit settings"."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of {what}, found {type(data).__name__}")
+    return data
+
+
+def config_from_mapping(cls: type, data: dict[str, Any], source: str | Path, overrides: dict[str, Any]) -> Any:
+    """The dataclass ``cls`` from ``data`` with the non-None ``overrides`` on top; `ConfigError` naming
+    ``source`` for keys that are not fields of ``cls``."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
+    return cls(**{**data, **{k: v for k, v in overrides.items() if v is not None}})
+
+
 def load_model_specs(preset_or_yaml: str) -> ModelSpecs:
     """Return the preset named ``preset_or_yaml`` or the specs in that YAML file.
 

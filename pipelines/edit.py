@@ -56,9 +56,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import yaml
 
-from gen1.config import ConfigError, ModelSpecs, load_model_specs
+from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
 from gen1.prompts import ChatConfig, PromptSpec, PromptWriterError, make_prompt_writer, read_prompt_file
 from pipelines.failures import (
     ERROR_COLUMNS,
@@ -85,7 +84,7 @@ from pipelines.schema import (
     TableStore,
 )
 from pipelines.sources import VIDEO_EXTENSIONS, is_manifest, list_videos, normalize_uri
-from pipelines.timeouts import call_with_timeout
+from pipelines.timeouts import call_with_timeout, check_time_limits
 
 logger = logging.getLogger(__name__)
 
@@ -528,11 +527,7 @@ class EditJobConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
-        for name in ("decode_timeout_s", "caption_timeout_s", "edit_timeout_s"):
-            if getattr(self, name) is not None and float(getattr(self, name)) < 0:
-                raise ConfigError(
-                    f"{name}: expected seconds >= 0 (0 or None: no limit); found {getattr(self, name)!r}"
-                )
+        check_time_limits(self, ("decode_timeout_s", "caption_timeout_s", "edit_timeout_s"))
         if self.auto_prompts and (self.prompts or self.prompts_file):
             raise ConfigError("give prompts (a file or a list) or auto_prompts, not both")
         if self.src is None and self.clips is None:
@@ -541,15 +536,7 @@ class EditJobConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> EditJobConfig:
         """Fields from a YAML mapping, then ``overrides`` (None values ignored)."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of edit settings, found {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        return config_from_mapping(cls, read_yaml_mapping(path, "edit settings"), path, overrides)
 
     def as_dict(self) -> dict[str, Any]:
         """For logs and run records: no secrets, no pixels."""

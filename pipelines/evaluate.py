@@ -38,9 +38,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from gen1.config import ConfigError, ModelSpecs, load_model_specs
+from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
 from pipelines.datasets import read_dataset
 from pipelines.regression import GateConfig
 
@@ -137,17 +136,10 @@ class EvalConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> EvalConfig:
         """Fields from a YAML mapping (or a job spec's ``config:`` section), then non-None ``overrides``."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of eval settings, found {type(data).__name__}")
+        data = read_yaml_mapping(path, "eval settings")
         if "entrypoint" in data:  # a job spec (jobs/specs/*.yaml): its config section
             data = data.get("config") or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        return config_from_mapping(cls, data, path, overrides)
 
     def edit_grid(self):
         """The edit pipeline's grid: ours, plus w_t = 0 when the per-frame baseline is on."""

@@ -42,9 +42,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import yaml
 
-from gen1.config import ConfigError, ModelSpecs, load_model_specs
+from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
 from pipelines.failures import (
     ERROR_COLUMNS,
     STATUS_ERROR,
@@ -68,7 +67,7 @@ from pipelines.schema import (
     encode_frames,
 )
 from pipelines.sources import VIDEO_EXTENSIONS, list_videos, plan_video
-from pipelines.timeouts import call_with_timeout
+from pipelines.timeouts import call_with_timeout, check_time_limits
 
 logger = logging.getLogger(__name__)
 
@@ -171,25 +170,14 @@ class PreprocessConfig:
         if self.max_concurrent_decodes is not None and int(self.max_concurrent_decodes) < 1:
             raise ConfigError(f"max_concurrent_decodes: expected an integer >= 1 or None; found "
                               f"{self.max_concurrent_decodes!r}")
-        for name in ("decode_timeout_s", "model_timeout_s"):
-            if getattr(self, name) is not None and float(getattr(self, name)) < 0:
-                raise ConfigError(f"{name}: expected seconds >= 0 (0 or None: no limit); found "
-                                  f"{getattr(self, name)!r}")
+        check_time_limits(self, ("decode_timeout_s", "model_timeout_s"))
         if not 0 <= self.max_failure_fraction <= 1:
             raise ConfigError(f"max_failure_fraction: expected a value in [0, 1]; found {self.max_failure_fraction}")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> PreprocessConfig:
         """Fields from a YAML mapping, then ``overrides`` (None values ignored)."""
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of preprocess settings; found {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        return config_from_mapping(cls, read_yaml_mapping(path, "preprocess settings"), path, overrides)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

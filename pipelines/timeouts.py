@@ -27,6 +27,16 @@ T = TypeVar("T")
 TIMEOUT_ERROR_TYPE = "timeout"
 
 
+def check_time_limits(config: Any, names: tuple[str, ...]) -> None:
+    """`gen1.config.ConfigError` unless each field ``names`` of ``config`` is None or seconds >= 0."""
+    from gen1.config import ConfigError
+
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and float(value) < 0:
+            raise ConfigError(f"{name}: expected seconds >= 0 (0 or None: no limit); found {value!r}")
+
+
 class StageTimeout(TimeoutError):
     """``what`` did not finish within ``timeout_s`` seconds (its thread was abandoned, still running)."""
 
