@@ -16,7 +16,6 @@ import datetime as dt
 import math
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -240,7 +239,7 @@ def test_pipeline_records_a_hung_decoder_as_a_timeout_and_goes_on(hooked_ray, ma
 @pytest.mark.timeout(300)
 def test_a_run_killed_between_the_clips_of_one_video_resumes_at_the_missing_clips(hooked_ray, make_synthetic_clip,
                                                                                 tmp_path):
-    from tests.test_preprocess import _cli, _stop_session, _streaming_config, _wait_for_first_shard
+    from tests.test_preprocess import _kill_after_first_shard, _streaming_config
 
     n = 12
     src = tmp_path / "src"
@@ -251,13 +250,7 @@ def test_a_run_killed_between_the_clips_of_one_video_resumes_at_the_missing_clip
     assert len(expected) == n
     dst, log = tmp_path / "dst", tmp_path / "run1.log"
     args = [str(src), str(dst), "--config", str(config), "--models", "tiny", "--ray-address", hooked_ray]
-    with open(log, "wb") as out:  # a second driver on this module's Ray; Ray ends its tasks when it dies
-        proc = subprocess.Popen([*_cli(), *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for_first_shard(proc, dst, log)
-        assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        _stop_session(proc)
+    _kill_after_first_shard(args, dst, log)  # a second driver on this module's Ray; Ray ends its tasks when it dies
     first = read_shards(str(dst), ["clip_id"]).column("clip_id").to_pylist()
     assert 0 < len(first) < n, f"expected a half-finished video, found {len(first)} of {n} clips committed"
 

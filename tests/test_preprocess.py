@@ -382,6 +382,18 @@ def _stop_session(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
+def _kill_after_first_shard(args: list[str], dst: Path, log: Path) -> None:
+    """Run `gen1 preprocess ARGS` (output to ``log``) in a session of its own, wait for its first committed
+    shard under ``dst``, then SIGKILL the whole session while the run is still going."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*_cli(), *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for_first_shard(proc, dst, log)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        _stop_session(proc)
+
+
 BIG = 24  # clips in big_corpus
 
 
@@ -408,14 +420,7 @@ def test_killed_run_resumes_without_duplicates(local_ray, big_corpus, tmp_path):
     dst = tmp_path / "dst"
     log = tmp_path / "run1.log"
     config = _streaming_config(tmp_path / "pp.yaml")
-    args = [str(src), str(dst), "--config", str(config), "--models", "tiny"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*_cli(), *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_for_first_shard(proc, dst, log)
-        assert proc.poll() is None, "the run ended before it could be killed"
-    finally:
-        _stop_session(proc)
+    _kill_after_first_shard([str(src), str(dst), "--config", str(config), "--models", "tiny"], dst, log)
     at_kill = committed_clip_ids(str(dst))
     assert 0 < len(at_kill) < BIG, f"expected a half-finished run, found {len(at_kill)} of {BIG} clips committed"
 
