@@ -29,6 +29,8 @@ import fsspec
 import numpy as np
 import torch
 
+from gen1.video import read_image
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -264,12 +266,6 @@ def decode_image(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as im:
         return np.asarray(im.convert("RGB"))
-
-
-def read_image(uri: str) -> np.ndarray:
-    """An image file (any fsspec URI) -> uint8 (h, w, 3) RGB."""
-    with fsspec.open(uri, "rb") as fh:
-        return decode_image(fh.read())
 
 
 def read_image_parquet(uri: str, column: str = "image") -> list[bytes]:

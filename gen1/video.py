@@ -48,6 +48,15 @@ class VideoDecodeError(RuntimeError):
         return (type(self), (self.uri, self.reason))
 
 
+class ImageDecodeError(VideoDecodeError):
+    """An image (reference image, mask, dataset frame) could not be read. ``str(e)`` names the URI and the
+    reason; it is a `VideoDecodeError`, so code that handles bad media handles both."""
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(uri, reason)
+        self.args = (f"cannot decode image {uri!r}: {reason}",)
+
+
 @dataclass
 class VideoInfo:
     """What a probe found. ``width``/``height`` are display dimensions (after ``rotation``)."""
@@ -379,6 +388,21 @@ class _Source:
                 self.uri, f"frames {missing[:5]} not decodable: the stream ended after {len(found)} of them"
             )
         return np.stack([found[i] for i in indices])
+
+
+def read_image(uri: str, mode: str = "RGB") -> np.ndarray:
+    """An image file at any fsspec URI -> uint8 array: ``(h, w, 3)`` for mode "RGB", ``(h, w)`` palette
+    ids for "P" (segmentation masks keep their ids). A missing, unreadable or non-image file raises
+    `ImageDecodeError` naming ``uri``."""
+    from PIL import Image
+
+    try:
+        with open_uri(uri, "rb") as fh:
+            image = Image.open(io.BytesIO(fh.read()))
+            image.load()
+    except (OSError, ValueError, ImportError) as err:  # FileNotFoundError, PIL's UnidentifiedImageError, ...
+        raise ImageDecodeError(uri, f"cannot read image: {type(err).__name__}: {err}") from err
+    return np.asarray(image if mode == "P" else image.convert(mode))
 
 
 # -------------------------------------------------------------------------------------------- encoding

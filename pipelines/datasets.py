@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 
 import fsspec
 import numpy as np
-from PIL import Image
 
-from gen1.video import Clip, VideoDecodeError, open_uri, resize_center_crop, sample_indices
+from gen1.video import Clip, open_uri, read_image, resize_center_crop, sample_indices
 
 log = logging.getLogger(__name__)
 
@@ -264,18 +263,6 @@ def read_tgve(uri: str, csv_uri: str | None = None, limit: int | None = None, fp
 # ------------------------------------------------------------------------------------------------ reading
 
 
-def read_image(uri: str, mode: str) -> np.ndarray:
-    """An image file at any fsspec URI -> uint8 array: (h, w, 3) for mode "RGB", (h, w) ids for "P"."""
-    try:
-        with open_uri(uri, "rb") as fh:
-            image = Image.open(io.BytesIO(fh.read()))
-            image.load()
-    except (OSError, ValueError) as err:
-        raise VideoDecodeError(uri, f"cannot read image: {err}") from err
-    return np.asarray(image.convert(mode) if mode != "P" else image)
-
-
-_read_image = read_image  # the name pipelines.edit imports
 
 
 def choose_indices(num_frames: int, n: int, stride: int, start: int = 0) -> tuple[list[int], int]:

@@ -229,7 +229,7 @@ class SequenceClip(EditClip):
 
     @staticmethod
     def _read(uri: str, mode: str) -> np.ndarray:
-        from pipelines.datasets import read_image
+        from gen1.video import read_image
 
         return read_image(uri, mode)
 
@@ -300,18 +300,18 @@ class SequenceClip(EditClip):
 def read_mask(uri: str, indices: Sequence[int], width: int, height: int) -> np.ndarray:
     """A mask video (frames ``indices``) or image (every frame) -> float32 (f, height, width) in {0, 1},
     resized like the frames; white (>= 50% grey) = edit."""
-    from PIL import Image
-
-    from gen1.video import VideoDecodeError, open_uri, read_frames, resize_center_crop
+    from gen1.video import ImageDecodeError, VideoDecodeError, read_frames, read_image, resize_center_crop
 
     try:
         frames = read_frames(uri, indices)
-    except VideoDecodeError:
+    except VideoDecodeError as video_error:
         try:
-            with open_uri(uri) as fh:
-                image = np.asarray(Image.open(io.BytesIO(fh.read())).convert("RGB"))
-        except Exception as e:
-            raise ValueError(f"mask {uri!r}: expected a video or an image, could read neither ({e})") from e
+            image = read_image(uri)
+        except ImageDecodeError as image_error:
+            raise ImageDecodeError(
+                uri, f"mask: expected a video or an image, could read neither ({video_error.reason}; "
+                f"{image_error.reason})"
+            ) from image_error
         frames = np.repeat(image[None], len(indices), axis=0)
     return (resize_center_crop(frames, width, height).mean(axis=-1) >= 127.5).astype(np.float32)
 
@@ -725,13 +725,10 @@ class EditStage:
         return loaded
 
     def _load_image(self, uri: str) -> np.ndarray:
-        from PIL import Image
-
-        from gen1.video import open_uri
+        from gen1.video import read_image
 
         if uri not in self._images:
-            with open_uri(uri) as fh:
-                self._images[uri] = np.asarray(Image.open(io.BytesIO(fh.read())).convert("RGB"))
+            self._images[uri] = read_image(uri)
             while len(self._images) > 16:
                 self._images.popitem(last=False)
         return self._images[uri]

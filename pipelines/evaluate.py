@@ -315,14 +315,9 @@ class SDEditStage:
 
 
 def _image(uri: str) -> np.ndarray:
-    import io
+    from gen1.video import read_image
 
-    from PIL import Image
-
-    from gen1.video import open_uri
-
-    with open_uri(uri) as fh:
-        return np.asarray(Image.open(io.BytesIO(fh.read())).convert("RGB"))
+    return read_image(uri)
 
 
 class MetricsStage:

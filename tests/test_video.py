@@ -358,3 +358,30 @@ def test_clip_id_is_stable_and_distinct():
     assert clip.clip_id == V.clip_id("u", 3, 3, 2)  # stride derived from the indices
     single = V.Clip("u", start=3, indices=[3], fps=8.0, frames=np.zeros((1, 2, 2, 3), np.uint8), stride=4)
     assert single.clip_id == V.clip_id("u", 3, 1, 4)
+
+
+def test_read_image_rgb_palette_and_typed_errors(tmp_path):
+    from PIL import Image
+
+    rgb = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    Image.fromarray(rgb).save(tmp_path / "frame.png")
+    np.testing.assert_array_equal(V.read_image(str(tmp_path / "frame.png")), rgb)
+    with fsspec.open("memory://images/frame.png", "wb") as fh:
+        fh.write((tmp_path / "frame.png").read_bytes())
+    np.testing.assert_array_equal(V.read_image("memory://images/frame.png"), rgb)
+
+    ids = np.array([[0, 1, 2], [2, 1, 0]], dtype=np.uint8)  # a DAVIS-style palette mask keeps its ids
+    palette = Image.fromarray(ids, mode="P")
+    palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0])
+    palette.save(tmp_path / "mask.png")
+    np.testing.assert_array_equal(V.read_image(str(tmp_path / "mask.png"), "P"), ids)
+    assert V.read_image(str(tmp_path / "mask.png")).shape == (2, 3, 3)
+
+    (tmp_path / "notes.png").write_text("not an image")
+    for uri, cause in ((str(tmp_path / "missing.png"), "FileNotFoundError"),
+                       (str(tmp_path / "notes.png"), "UnidentifiedImageError")):
+        with pytest.raises(V.ImageDecodeError) as info:
+            V.read_image(uri)
+        assert str(info.value).startswith(f"cannot decode image {uri!r}: cannot read image: {cause}")
+        assert isinstance(info.value, V.VideoDecodeError) and info.value.uri == uri
+        assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)
