@@ -61,6 +61,46 @@ def configure_logging(verbose: bool = False) -> None:
             handler.addFilter(_not_library_chatter)
 
 
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that describe bad input (a video or image: `VideoDecodeError` and its `ImageDecodeError`; a
+    URI; missing weights; a config), not a bug in gen1: a command that raises one ends with a message
+    naming the input and the reason, exit code 1."""
+    from gen1.config import ConfigError
+    from gen1.prompts import PromptWriterError
+    from gen1.video import VideoDecodeError
+    from gen1.weights import WeightsNotFoundError
+    from pipelines.datasets import DatasetError
+
+    return (
+        ConfigError,
+        DatasetError,
+        PromptWriterError,
+        VideoDecodeError,
+        WeightsNotFoundError,
+        FileNotFoundError,
+        IsADirectoryError,
+        PermissionError,
+    )
+
+
+EXIT_USER_ERROR = 1
+
+
+def run_command(prog: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
+    """``run(args)``; a `user_error_types` error ends the command with ``PROG: error: TYPE: message`` on
+    stderr (the message as the error words it: a missing-weights message lists every location tried, one
+    per line) and exit code 1, without a traceback unless ``-v``. Any other exception propagates."""
+    try:
+        return int(run(args) or 0)
+    except Exception as err:
+        if not isinstance(err, user_error_types()):
+            raise
+        if getattr(args, "verbose", False):
+            logging.getLogger(prog).exception("%s failed", prog)
+        print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
 def standalone_main(
     prog: str,
     description: str,
@@ -71,13 +111,13 @@ def standalone_main(
     """``python -m jobs.commands.<name>`` (what Ray Job entry points call): the command's own options
     plus ``-v`` and ``--models`` (default: the command's config, else tiny)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for input errors")
     add_arguments(parser)
     add_models_argument(parser)
     parser.set_defaults(models=None)
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    return int(run(args) or 0)
+    return run_command(prog, args, run)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gen1",
         description="Structure- and content-guided video diffusion (Gen-1) and its batch pipelines.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for input errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -99,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    return run_command(f"gen1 {args.command}", args, args.func)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,6 @@ import json
 import logging
 import sys
 
-import numpy as np
-
 log = logging.getLogger(__name__)
 
 
@@ -47,44 +45,31 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def read_mask(uri: str, num_frames: int, width: int, height: int) -> np.ndarray:
-    """A mask image or video -> float32 (f, h, w) in {0, 1}, resized like the frames (1 = edit)."""
-    from gen1.video import VideoDecodeError, load_clip, open_uri, resize_center_crop
-
-    try:
-        clip = load_clip(uri, n=num_frames, stride=1, start=0, size=None)
-        frames = clip.frames
-    except VideoDecodeError:
-        from PIL import Image
-
-        with open_uri(uri) as fh:
-            image = np.asarray(Image.open(fh).convert("RGB"))
-        frames = np.repeat(image[None], num_frames, axis=0)
-    frames = resize_center_crop(frames, width, height)
-    return (frames.mean(axis=-1) >= 127.5).astype(np.float32)
-
-
 def preview_uri(out: str) -> str:
     stem, dot, suffix = out.rpartition(".")
     return f"{stem}.preview.{suffix}" if dot else f"{out}.preview.mp4"
 
 
 def run(args: argparse.Namespace) -> int:
-    from gen1.config import load_model_specs
+    from gen1.config import ConfigError, load_model_specs
     from gen1.models import Gen1Models
     from gen1.preview import depth_to_rgb, side_by_side
     from gen1.sampling import Content, EditSettings, edit_video
-    from gen1.video import load_clip, open_uri, probe, target_size, write_video
+    from gen1.video import load_clip, probe, read_image, target_size, write_video
+    from pipelines.edit import read_mask
 
     specs = load_model_specs(args.models)
-    settings = EditSettings(
-        structure_strength=args.ts,
-        guidance=args.w,
-        temporal_guidance=args.wt,
-        steps=args.steps,
-        seed=args.seed,
-        sampler=args.sampler,
-    )
+    try:
+        settings = EditSettings(
+            structure_strength=args.ts,
+            guidance=args.w,
+            temporal_guidance=args.wt,
+            steps=args.steps,
+            seed=args.seed,
+            sampler=args.sampler,
+        )
+    except ValueError as err:
+        raise ConfigError(f"edit settings: {err}") from err
     info = probe(args.input)
     width, height = target_size(info.width, info.height, (specs.width, specs.height))
     frames_wanted = args.frames or specs.frames
@@ -92,11 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         content = Content(text=args.prompt)
     else:
-        from PIL import Image
-
-        with open_uri(args.image) as fh:
-            content = Content(image=np.asarray(Image.open(fh).convert("RGB")), image_uri=args.image)
-    mask = read_mask(args.mask, len(clip.indices), width, height) if args.mask else None
+        content = Content(image=read_image(args.image), image_uri=args.image)
+    mask = read_mask(args.mask, clip.indices, width, height) if args.mask else None
 
     log.info("models: %s; settings: %s", specs.label(), settings.as_dict())
     models = Gen1Models.load(specs, device=args.device)

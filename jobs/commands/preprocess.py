@@ -12,15 +12,9 @@ import argparse
 import logging
 import sys
 
+from jobs.cli import parse_size
+
 log = logging.getLogger(__name__)
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 448x256; got {text!r}") from e
-    return w, h
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -51,7 +45,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=int, help="frames per clip (default: the preset's; 8 for sd15)")
     p.add_argument("--stride", type=int, help="source frames between sampled frames (default: preset's; 4)")
     p.add_argument("--clips-per-video", type=int, help="clips per video, evenly spread (default: all)")
-    p.add_argument("--size", type=_size, metavar="WxH", help="landscape output size; portrait is transposed "
+    p.add_argument("--size", type=parse_size, metavar="WxH", help="landscape output size; portrait is transposed "
                    "(default: the preset's, 448x256)")
     p.add_argument("--shard-size", type=int, help="clips per shard file (default 64)")
     p.add_argument("--latents", action="store_true", default=None, help="also store VAE latents of the frames")
