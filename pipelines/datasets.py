@@ -263,8 +263,6 @@ def read_tgve(uri: str, csv_uri: str | None = None, limit: int | None = None, fp
 # ------------------------------------------------------------------------------------------------ reading
 
 
-
-
 def choose_indices(num_frames: int, n: int, stride: int, start: int = 0) -> tuple[list[int], int]:
     """``n`` frames ``stride`` apart from ``start``; the stride shrinks (down to 1) to fit short sequences.
 

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
+from gen1.video import read_image
 from pipelines.datasets import read_dataset
 from pipelines.regression import GateConfig
 
@@ -301,7 +302,7 @@ class SDEditStage:
                 frames, mask = self._load(row)
                 settings = SDEditSettings(strength=float(row["sdedit_strength"]), guidance=float(row["w"]),
                                           steps=int(row["steps"]), seed=int(row["seed"]), sampler=row["sampler"])
-                content = Content(text=row["prompt"]) if row.get("prompt") else Content(image=_image(row["image_uri"]))
+                content = Content(text=row["prompt"]) if row.get("prompt") else Content(image=read_image(row["image_uri"]))
                 result = sdedit_video(self.models, frames, content, settings, mask=mask)
                 uri = posixpath.join(self.out, "outputs", row["clip_id"], f"{row['edit_key']}.mp4")
                 write_video(result.frames, uri, clip.fps)
@@ -312,12 +313,6 @@ class SDEditStage:
             row.pop("clip", None)
             out.append(row)
         return pd.DataFrame(out)
-
-
-def _image(uri: str) -> np.ndarray:
-    from gen1.video import read_image
-
-    return read_image(uri)
 
 
 class MetricsStage:
@@ -377,7 +372,7 @@ class MetricsStage:
                 if row.get("prompt"):
                     target = text_emb[row["prompt"]]
                 else:
-                    target = self.clip.embed_images(_image(row["image_uri"])[None]).float().cpu().numpy()[0]
+                    target = self.clip.embed_images(read_image(row["image_uri"])[None]).float().cpu().numpy()[0]
                 e = per_video[i]
                 row.update(
                     frame_consistency=frame_consistency(e),
