@@ -39,10 +39,12 @@ DEFAULT_SIZE = (448, 256)  # (w, h) for landscape sources; portrait sources get 
 class VideoDecodeError(RuntimeError):
     """A video could not be read or sampled. ``str(e)`` names the URI and the reason."""
 
+    kind = "video"  # what could not be decoded, as the message says it
+
     def __init__(self, uri: str, reason: str):
         self.uri = uri
         self.reason = reason
-        super().__init__(f"cannot decode video {uri!r}: {reason}")
+        super().__init__(f"cannot decode {self.kind} {uri!r}: {reason}")
 
     def __reduce__(self):  # keep (uri, reason) across pickling (Ray workers, multiprocessing)
         return (type(self), (self.uri, self.reason))
@@ -52,9 +54,7 @@ class ImageDecodeError(VideoDecodeError):
     """An image (reference image, mask, dataset frame) could not be read. ``str(e)`` names the URI and the
     reason; it is a `VideoDecodeError`, so code that handles bad media handles both."""
 
-    def __init__(self, uri: str, reason: str):
-        super().__init__(uri, reason)
-        self.args = (f"cannot decode image {uri!r}: {reason}",)
+    kind = "image"
 
 
 @dataclass
