@@ -6,7 +6,8 @@
   output frame's CLIP image embedding;
 - flow-warp error: MSE between frame t and frame t+1 warped back to t along the optical flow
   (OpenCV Farneback), on [0, 1] intensities; lower means temporally smoother (Fig. 4);
-- depth fidelity: Pearson correlation between the input's depth and the output's depth.
+- depth fidelity: Pearson correlation between the input's depth and the output's depth;
+- `video_metrics`: all of them for one output video (the edit manifest's and the eval table's columns).
 
 Embeddings need not be normalised: cosines normalise them. Inputs may be numpy arrays or torch tensors.
 """
@@ -138,3 +139,26 @@ def depth_fidelity(depth_in: np.ndarray | torch.Tensor, depth_out: np.ndarray | 
         log.warning("depth fidelity undefined: a depth map is constant over the clip")
         return float("nan")
     return float(np.sum(a * b) / denom)
+
+
+def video_metrics(
+    frames: np.ndarray,
+    frame_emb: np.ndarray | torch.Tensor,
+    target_emb: np.ndarray | torch.Tensor,
+    depth_in: np.ndarray | torch.Tensor,
+    depth_out: np.ndarray | torch.Tensor,
+) -> dict[str, float | None]:
+    """Every per-video metric of one output, as the edit manifest and the eval table store them.
+
+    frames: uint8 (f, h, w, 3) output; frame_emb: (f, d) its CLIP image embeddings; target_emb: (d,) the
+    prompt's CLIP text embedding (or the reference image's); depth_in, depth_out: (f, h, w) depth of input
+    and output. The metrics of consecutive frames are None for a one-frame output.
+    """
+    many = len(frames) >= 2
+    return {
+        "frame_consistency": frame_consistency(frame_emb) if many else None,
+        "frame_consistency_all_pairs": frame_consistency_all_pairs(frame_emb) if many else None,
+        "prompt_consistency": prompt_consistency(frame_emb, target_emb),
+        "flow_warp_error": flow_warp_error(frames) if many else None,
+        "depth_fidelity": depth_fidelity(depth_in, depth_out),
+    }

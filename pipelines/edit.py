@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -83,7 +82,14 @@ from pipelines.schema import (
     TMP_DIR,
     TableStore,
 )
-from pipelines.sources import VIDEO_EXTENSIONS, is_manifest, list_videos, normalize_uri
+from pipelines.sources import (
+    VIDEO_EXTENSIONS,
+    PlanStage,
+    is_manifest,
+    list_videos,
+    normalize_uri,
+    read_manifest_rows,
+)
 from pipelines.timeouts import call_with_timeout, check_time_limits
 
 logger = logging.getLogger(__name__)
@@ -325,44 +331,16 @@ def read_source_table(
     URI), ``mask`` (a mask image/video URI), ``caption``. Several rows may name one video, one prompt
     each. Relative URIs resolve against the manifest's directory.
     """
-    import posixpath
-
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    if path.lower().endswith(".csv"):
-        import pyarrow.csv as pcsv
-
-        table = pcsv.read_csv(io.BytesIO(data), convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
-    else:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(io.BytesIO(data))
-    if "uri" not in table.column_names:
-        raise ValueError(f"source manifest {uri!r}: expected a column 'uri'; found {table.column_names}")
-    base = posixpath.dirname(fs.unstrip_protocol(path))
-
-    def resolve(entry: str) -> str:
-        if "://" not in entry and not os.path.isabs(entry):
-            entry = posixpath.join(base, entry)
-        return normalize_uri(entry)
-
     out: dict[str, dict[str, Any]] = {}
-    for row in table.to_pylist():
-        if not row.get("uri") or not str(row["uri"]).strip():
-            continue
-        entry = out.setdefault(
-            resolve(str(row["uri"]).strip()), {"prompts": [], "caption": None, "mask_uri": None}
-        )
-        text, image = (row.get("prompt") or "").strip(), (row.get("image") or "").strip()
+    for row in read_manifest_rows(uri, ("uri", "image", "mask"), storage_options):
+        entry = out.setdefault(row["uri"], {"prompts": [], "caption": None, "mask_uri": None})
+        text = (row.get("prompt") or "").strip()
         if text:
             entry["prompts"].append(PromptSpec(text=text))
-        if image:
-            entry["prompts"].append(PromptSpec(image_uri=image if "://" in image else resolve(image)))
-        if (row.get("mask") or "").strip():
-            entry["mask_uri"] = resolve(row["mask"].strip())
+        if row.get("image"):
+            entry["prompts"].append(PromptSpec(image_uri=row["image"]))
+        if row.get("mask"):
+            entry["mask_uri"] = row["mask"]
         if (row.get("caption") or "").strip():
             entry["caption"] = row["caption"].strip()
     return out
@@ -1112,7 +1090,6 @@ def _plan_clips(
     """The clips to edit: injected, or listed from ``src`` and planned on the cluster (PlanStage)."""
     import ray
 
-    from pipelines.preprocess import PlanStage
 
     if config.clips is not None:
         clips = list(config.clips)

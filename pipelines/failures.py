@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import pandas as pd
 import pyarrow as pa
 
 from pipelines.schema import ERRORS_SCHEMA, SCHEMA_VERSION
@@ -27,6 +28,26 @@ ERROR_COLUMNS = ("error_stage", "error_type", "error_message", "error_traceback"
 _MAX_TRACEBACK = 4000
 
 Row = dict[str, Any]
+
+
+def batch_rows(batch: pa.Table | pd.DataFrame | Mapping[str, Any]) -> list[Row]:
+    """A stage batch (pyarrow Table, pandas DataFrame or a mapping of columns) as a list of row dicts."""
+    if isinstance(batch, pa.Table):
+        return batch.to_pylist()
+    df = batch if isinstance(batch, pd.DataFrame) else pd.DataFrame(dict(batch))
+    return df.to_dict("records")
+
+
+def stage_rows(batch: pa.Table | pd.DataFrame | Mapping[str, Any]) -> list[Row]:
+    """`batch_rows` with ``status`` and the error columns set on every row (null ones read as a healthy
+    row's, as they come back from a pass that added no error column)."""
+    rows = batch_rows(batch)
+    for row in rows:
+        for col in ("status", *ERROR_COLUMNS):
+            if row.get(col) is None:
+                row.pop(col, None)
+        with_error_columns(row)
+    return rows
 
 
 def healthy(row: Row) -> bool:

@@ -45,7 +45,6 @@ import pyarrow as pa
 
 from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
 from pipelines.failures import (
-    ERROR_COLUMNS,
     STATUS_ERROR,
     STATUS_OK,
     apply_per_clip,
@@ -66,7 +65,7 @@ from pipelines.schema import (
     encode_array,
     encode_frames,
 )
-from pipelines.sources import VIDEO_EXTENSIONS, list_videos, plan_video
+from pipelines.sources import PLAN_COLUMNS, VIDEO_EXTENSIONS, PlanStage, list_videos
 from pipelines.timeouts import call_with_timeout, check_time_limits
 
 logger = logging.getLogger(__name__)
@@ -211,22 +210,6 @@ class ResolvedConfig:
 
 # -------------------------------------------------------------------------------------------- columns
 
-PLAN_SCHEMA = pa.schema(
-    [
-        ("clip_id", pa.string()),
-        ("source_uri", pa.string()),
-        ("start", pa.int64()),  # -1 on a whole-video error row
-        ("stride", pa.int64()),
-        ("frame_indices", pa.list_(pa.int64())),
-        ("fps", pa.float64()),
-        ("num_frames", pa.int64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
-        ("status", pa.string()),
-        *[(c, pa.string()) for c in ERROR_COLUMNS],
-    ]
-)
-PLAN_COLUMNS = tuple(PLAN_SCHEMA.names)
 # Added by the stages (bytes are b"" and ints 0 where a stage did not run, so types never vary).
 FEATURE_COLUMNS = ("frames_raw", "depth", "clip_embedding", "clip_dim", "latents", "lat_c", "lat_h", "lat_w")
 WRITTEN_COLUMNS = ("table", "tmp_path", "clip_ids", "num_rows")
@@ -278,38 +261,6 @@ def _by_shape(inputs: list[np.ndarray], fn: Callable[[np.ndarray], np.ndarray]) 
 
 
 # --------------------------------------------------------------------------------------------- stages
-
-
-class PlanStage:
-    """Videos -> clips: probe each ``uri`` and pick its clips; a video that cannot be probed or is too
-    short becomes one error row (stage ``plan``, ``start`` -1, the clip id of its start-0 clip).
-
-    batch: ``{"uri": [...]}`` -> pyarrow Table of PLAN_SCHEMA.
-    """
-
-    def __init__(self, frames: int, stride: int, clips_per_video: int | None, size: tuple[int, int],
-                 timeout_s: float | None = None):
-        self.frames, self.stride, self.clips_per_video, self.size = frames, stride, clips_per_video, size
-        self.timeout_s = timeout_s  # per probe (`pipelines.timeouts`); None: no limit
-
-    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pa.Table:
-        from gen1.video import clip_id
-
-        uris = list(batch["uri"])
-        out: list[dict[str, Any]] = []
-        for uri in uris:
-            try:
-                plans = call_with_timeout(plan_video, self.timeout_s, uri, self.frames, self.stride,
-                                          self.clips_per_video, self.size, what=f"probe {uri}")
-                out.extend(with_error_columns({**p.as_dict(), "num_frames": p.num_frames}) for p in plans)
-            except Exception as e:
-                row = {
-                    "clip_id": clip_id(uri, 0, self.frames, self.stride),
-                    "source_uri": uri, "start": -1, "stride": self.stride, "frame_indices": [],
-                    "fps": 0.0, "num_frames": self.frames, "width": 0, "height": 0,
-                }
-                out.append(mark_failed(with_error_columns(row), "plan", e))
-        return pa.Table.from_pylist([{c: r[c] for c in PLAN_COLUMNS} for r in out], schema=PLAN_SCHEMA)
 
 
 class DecodeStage:

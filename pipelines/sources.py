@@ -21,9 +21,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
+import pandas as pd
+import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from gen1.video import VideoInfo, clip_id, clip_starts, probe, sample_indices, target_size
+from pipelines.failures import ERROR_COLUMNS, mark_failed, with_error_columns
+from pipelines.timeouts import call_with_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -92,32 +96,48 @@ def list_videos(
     return _unique(uris, src)
 
 
-def read_manifest(
-    uri: str, column: str = "uri", storage_options: Mapping[str, Any] | None = None
-) -> list[str]:
-    """Video URIs from column ``column`` of a CSV or Parquet manifest, in file order, duplicates dropped."""
+def read_manifest_rows(
+    uri: str, resolve: Sequence[str] = ("uri",), storage_options: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The rows of a CSV or Parquet manifest, in file order, as dicts (empty strings read as None).
+
+    The columns named in ``resolve`` hold URIs: stripped, relative ones resolved against the manifest's
+    own directory, all normalised (`normalize_uri`). Rows whose first ``resolve`` column is empty are
+    dropped. `ValueError` when that column is missing.
+    """
     fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
     with fs.open(path, "rb") as f:
         data = f.read()
     if path.lower().endswith(".csv"):
         import pyarrow.csv as pcsv
 
-        table = pcsv.read_csv(io.BytesIO(data))
+        table = pcsv.read_csv(io.BytesIO(data), convert_options=pcsv.ConvertOptions(strings_can_be_null=True))
     else:
         import pyarrow.parquet as pq
 
         table = pq.read_table(io.BytesIO(data))
-    if column not in table.column_names:
-        raise ValueError(f"manifest {uri!r}: expected a column {column!r}; found columns {table.column_names}")
+    key = resolve[0]
+    if key not in table.column_names:
+        raise ValueError(f"manifest {uri!r}: expected a column {key!r}; found columns {table.column_names}")
     base = posixpath.dirname(fs.unstrip_protocol(path))
-    uris = []
-    for entry in table.column(column).to_pylist():
-        if entry is None or not str(entry).strip():
-            continue
-        entry = str(entry).strip()
-        if "://" not in entry and not os.path.isabs(entry):
-            entry = posixpath.join(base, entry)
-        uris.append(normalize_uri(entry))
+    rows = []
+    for row in table.to_pylist():
+        for col in resolve:
+            entry = row.get(col)
+            entry = str(entry).strip() if entry is not None else ""
+            if entry and "://" not in entry and not os.path.isabs(entry):
+                entry = posixpath.join(base, entry)
+            row[col] = normalize_uri(entry) if entry else None
+        if row[key] is not None:
+            rows.append(row)
+    return rows
+
+
+def read_manifest(
+    uri: str, column: str = "uri", storage_options: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Video URIs from column ``column`` of a CSV or Parquet manifest, in file order, duplicates dropped."""
+    uris = [row[column] for row in read_manifest_rows(uri, (column,), storage_options)]
     logger.info("manifest %s: %d videos", uri, len(uris))
     return _unique(uris, uri)
 
@@ -171,3 +191,54 @@ def plan_video(
 ) -> list[ClipPlan]:
     """Probe ``uri`` and plan its clips (`plan_clips`); raises `gen1.video.VideoDecodeError`."""
     return plan_clips(probe(uri), frames, stride, clips_per_video, size)
+
+
+# ------------------------------------------------------------------------------------------- the plan stage
+# Rows of planned clips, as they enter the preprocess and edit pipelines (status and error columns:
+# `pipelines.failures`).
+PLAN_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("start", pa.int64()),  # -1 on a whole-video error row
+        ("stride", pa.int64()),
+        ("frame_indices", pa.list_(pa.int64())),
+        ("fps", pa.float64()),
+        ("num_frames", pa.int64()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("status", pa.string()),
+        *[(c, pa.string()) for c in ERROR_COLUMNS],
+    ]
+)
+PLAN_COLUMNS = tuple(PLAN_SCHEMA.names)
+
+
+class PlanStage:
+    """Videos -> clips: probe each ``uri`` and pick its clips; a video that cannot be probed or is too
+    short becomes one error row (stage ``plan``, ``start`` -1, the clip id of its start-0 clip).
+
+    batch: ``{"uri": [...]}`` -> pyarrow Table of PLAN_SCHEMA.
+    """
+
+    def __init__(self, frames: int, stride: int, clips_per_video: int | None, size: tuple[int, int],
+                 timeout_s: float | None = None):
+        self.frames, self.stride, self.clips_per_video, self.size = frames, stride, clips_per_video, size
+        self.timeout_s = timeout_s  # per probe (`pipelines.timeouts`); None: no limit
+
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pa.Table:
+        uris = list(batch["uri"])
+        out: list[dict[str, Any]] = []
+        for uri in uris:
+            try:
+                plans = call_with_timeout(plan_video, self.timeout_s, uri, self.frames, self.stride,
+                                          self.clips_per_video, self.size, what=f"probe {uri}")
+                out.extend(with_error_columns({**p.as_dict(), "num_frames": p.num_frames}) for p in plans)
+            except Exception as e:
+                row = {
+                    "clip_id": clip_id(uri, 0, self.frames, self.stride),
+                    "source_uri": uri, "start": -1, "stride": self.stride, "frame_indices": [],
+                    "fps": 0.0, "num_frames": self.frames, "width": 0, "height": 0,
+                }
+                out.append(mark_failed(with_error_columns(row), "plan", e))
+        return pa.Table.from_pylist([{c: r[c] for c in PLAN_COLUMNS} for r in out], schema=PLAN_SCHEMA)

@@ -30,13 +30,12 @@ from pipelines.preprocess import (
     ClipStage,
     DecodeStage,
     DepthStage,
-    PlanStage,
     PreprocessConfig,
     run_preprocess,
 )
 from pipelines.quarantine import find_quarantined, read_quarantine
 from pipelines.schema import ERRORS_SCHEMA, SHARDS_DIR, TableStore, read_errors, read_shards
-from pipelines.sources import plan_video
+from pipelines.sources import PlanStage, plan_video
 from pipelines.timeouts import StageTimeout, call_with_timeout
 
 SIZE = (64, 48)

@@ -24,7 +24,6 @@ from pipelines.preprocess import (
     Committer,
     DecodeStage,
     DepthStage,
-    PlanStage,
     PreprocessConfig,
     ShardWriter,
     clip_frames,
@@ -47,7 +46,7 @@ from pipelines.schema import (
     row_depth,
     row_frames,
 )
-from pipelines.sources import plan_video
+from pipelines.sources import PlanStage, plan_video
 from tests.fixtures.ray_cluster import session_pids
 
 SIZE = (64, 48)  # (w, h) landscape; portrait sources get 48x64

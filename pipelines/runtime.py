@@ -1,0 +1,158 @@
+"""What every job shares at run time: connecting to Ray, run ids, sizing actor pools, run records.
+
+- `init_ray`: connect to ``--ray-address`` / ``$RAY_ADDRESS`` (forwarding `FORWARDED_ENV` to a remote
+  cluster), else start a local Ray. S3 retries with backoff are installed on import of `pipelines`
+  (`pipelines.storage`), so every driver and worker has them.
+- `new_run_id`: ``<UTC time>-<6 hex>``, the name of a run's parts, records and temp folders.
+- `plan_resources`: the one resource planner. Model actors take ``num_gpus`` each when the cluster has
+  GPUs and a CPU fraction otherwise; the pools must leave room for Ray Data's CPU tasks, since an actor
+  pool that holds every CPU starves them and hangs the job (measured on 2 CPUs, and after a worker node
+  dies and its actors restart on the head).
+- `write_run_record`: ``DST/runs/<name>.json``, the config and summary of a run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gen1.config import ConfigError
+from pipelines.schema import RUNS_DIR, TableStore
+
+logger = logging.getLogger(__name__)
+
+# Non-secret settings a job submitted to a remote cluster takes along (a local cluster inherits them).
+FORWARDED_ENV = (
+    "GEN1_TINY_DIR",
+    "GEN1_CACHE_DIR",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HF_HUB_OFFLINE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+)
+
+
+def new_run_id() -> str:
+    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` (or $RAY_ADDRESS), else start a local Ray; no-op if already connected.
+
+    Returns True when this call connected (the caller shuts down what it started).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # never re-run workers through `uv run`
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        env = forwarded_env()
+        logger.info("connecting to Ray at %s (forwarding %s)", address, ", ".join(env) or "no env vars")
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
+    return True
+
+
+def forwarded_env() -> dict[str, str]:
+    """The `FORWARDED_ENV` variables set here, for a remote cluster's runtime_env."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+# --------------------------------------------------------------------------------------------- resources
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """One model-actor pool of a Ray Data pass: ``concurrency`` actors of ``num_gpus`` each on a GPU cluster."""
+
+    name: str
+    concurrency: int
+    num_gpus: float
+
+
+def cluster_resources() -> tuple[float, float]:
+    """(CPUs, GPUs) of the connected cluster."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+
+
+def plan_resources(pools: Sequence[ActorPool], actor_num_cpus: float,
+                   task_num_cpus: float) -> dict[str, dict[str, float]]:
+    """``{pool name: {"num_cpus": ..., "num_gpus": ...}}`` for actor pools that run at the same time.
+
+    With GPUs each actor takes its ``num_gpus`` (the pools together must fit) and at most one CPU; without,
+    ``actor_num_cpus`` each. `ConfigError` when the actors leave less than ``task_num_cpus`` for Ray
+    Data's CPU tasks (the job would hang).
+    """
+    cpus, gpus = cluster_resources()
+    out: dict[str, dict[str, float]] = {}
+    if gpus > 0:
+        need = sum(p.num_gpus * p.concurrency for p in pools)
+        if need > gpus:
+            raise ConfigError(
+                f"model pools need {need:g} GPUs ({', '.join(f'{p.name}: {p.concurrency} x {p.num_gpus:g}' for p in pools)}) "
+                f"but the cluster has {gpus:g}; lower *_concurrency or *_num_gpus"
+            )
+        for p in pools:
+            out[p.name] = {"num_gpus": p.num_gpus, "num_cpus": min(1.0, actor_num_cpus)}
+    else:
+        for p in pools:
+            out[p.name] = {"num_gpus": 0.0, "num_cpus": actor_num_cpus}
+    actor_cpus = sum(out[p.name]["num_cpus"] * p.concurrency for p in pools)
+    if actor_cpus + task_num_cpus > cpus:
+        raise ConfigError(
+            f"model actors ({', '.join(f'{p.name}: {p.concurrency}' for p in pools)}) claim {actor_cpus:g} of "
+            f"the cluster's {cpus:g} CPUs, leaving less than task_num_cpus={task_num_cpus:g} for Ray Data's "
+            f"tasks (the job would hang); lower actor_num_cpus or *_concurrency"
+        )
+    if task_num_cpus > 0 and actor_cpus + task_num_cpus > min(_node_cpus()):
+        logger.warning(
+            "model actors claim %g CPUs and task_num_cpus=%g: if nodes are lost and the actors restart on a "
+            "node of %g CPUs, CPU tasks can starve; task_num_cpus=0 avoids that",
+            actor_cpus, task_num_cpus, min(_node_cpus()),
+        )
+    return out
+
+
+def _node_cpus() -> list[float]:
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [0.0]
+
+
+def task_concurrency(configured: int | None, cap: int | None = None) -> int:
+    """How many CPU tasks of a stage run at once: ``configured`` (default: the cluster's CPUs), at most
+    ``cap`` (e.g. max_concurrent_decodes) when given."""
+    size = configured or max(1, int(cluster_resources()[0] or 1))
+    return min(size, cap) if cap else size
+
+
+# -------------------------------------------------------------------------------------------- run records
+
+
+def write_run_record(store: TableStore, name: str, record: Mapping[str, Any]) -> str:
+    """Write ``record`` (config, summary, ...) as ``DST/runs/<name>.json``; returns its URI.
+
+    A failed write is logged, not raised: the run's data is committed by then.
+    """
+    path = store.path(RUNS_DIR, f"{name}.json")
+    try:
+        store.fs.makedirs(store.path(RUNS_DIR), exist_ok=True)
+        store.fs.pipe_file(path, json.dumps(dict(record), indent=2, default=str).encode())
+    except Exception:
+        logger.exception("could not write the run record %s", store.uri(path))
+    return store.uri(path)
