@@ -15,6 +15,7 @@ Regenerate the expected tables (only when a change of behaviour is intended, and
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -58,7 +59,9 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def corpus(tiny_models) -> Iterator[Path]:
     """The fixed corpus under ROOT: a manifest of two real clips, a corrupt mp4 and a missing file; a
-    reference image; a two-sequence DAVIS layout."""
+    reference image; a two-sequence DAVIS layout. A lock file keeps two checkouts from sharing ROOT."""
+    lock = open(f"{ROOT}.lock", "w")  # noqa: SIM115 -- held for the module, released on close
+    fcntl.flock(lock, fcntl.LOCK_EX)
     shutil.rmtree(ROOT, ignore_errors=True)
     ROOT.mkdir(parents=True)
     data = bytearray(encode_mp4(synthetic_frames(24)))
@@ -73,8 +76,11 @@ def corpus(tiny_models) -> Iterator[Path]:
     ramp = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
     Image.fromarray(ramp).save(ROOT / "reference.png")
     make_davis(ROOT / "davis", frames=8)
-    yield ROOT
-    shutil.rmtree(ROOT, ignore_errors=True)
+    try:
+        yield ROOT
+    finally:
+        shutil.rmtree(ROOT, ignore_errors=True)
+        lock.close()
 
 
 @pytest.fixture(scope="module")
