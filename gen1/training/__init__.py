@@ -47,7 +47,7 @@ from gen1.training.objective import (
     v_prediction_loss,
 )
 from gen1.training.tasks import Cursor, PriorTask, UNetTask, build_task
-from gen1.training.tracking import Tracking
+from gen1.training.tracking import Tracker
 from gen1.training.trainable import Trainable, select_trainable
 
 __all__ = [
@@ -56,7 +56,7 @@ __all__ = [
     "PriorTask",
     "Runtime",
     "StepCallback",
-    "Tracking",
+    "Tracker",
     "TrainConfig",
     "TrainResult",
     "Trainable",

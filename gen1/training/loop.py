@@ -29,7 +29,7 @@ from gen1.training.config import TrainConfig, resolve_init
 from gen1.training.distributed import Runtime, wrap_model
 from gen1.training.state import set_rng_state
 from gen1.training.tasks import build_task
-from gen1.training.tracking import MlflowTracker, Tracking
+from gen1.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class TrainResult:
     start_step: int  # step it started (or resumed) from
     final: str | None  # exported weights
     init_from: str  # what the model was loaded from: init spec, or the checkpoint resumed
-    mlflow_run_id: str | None = None
+    run_id: str | None = None  # the tracker's run (the main worker's), None without a tracker
     seconds: float = 0.0
 
 
@@ -57,14 +57,15 @@ def train(
     *,
     resume: bool = False,
     runtime: Runtime | None = None,
-    tracking: Tracking | None = None,
+    tracker: Tracker | None = None,
     callbacks: Sequence[StepCallback] = (),
 ) -> TrainResult:
     """Train ``cfg`` on ``data`` (clip batches, or prior pairs for ``task: prior``), writing under ``output``.
 
     With ``resume`` the run continues from ``output``'s latest checkpoint (model, optimizer, LR schedule,
     EMA, data position, RNG states) when there is one. Every worker of a data-parallel run calls this with
-    its own ``runtime`` and its own shard of the data.
+    its own ``runtime`` and its own shard of the data. The main worker reports params and metrics to
+    ``tracker`` (a resumed run continues the run its checkpoint names).
     """
     started = time.perf_counter()
     runtime = runtime or Runtime.current()
@@ -124,14 +125,16 @@ def train(
 
     model = wrap_model(task.model, cfg, runtime, task.find_unused_parameters)
     wrapped = model is not task.model
-    tracker = None
-    if runtime.is_main:
-        if ckpt is None:
-            store.write_bytes(cfg.to_yaml().encode(), "config.yaml")
-        if tracking is not None and tracking.uri:
-            tracker = MlflowTracker(tracking, run_id)
-            if not tracker.resumed:
-                tracker.log_params({**cfg.as_params(), "models": specs.name, "world_size": str(runtime.world_size)})
+    if runtime.is_main and ckpt is None:
+        store.write_bytes(cfg.to_yaml().encode(), "config.yaml")
+    tracker = tracker if runtime.is_main else None  # the main worker reports for all
+    if tracker is None:
+        run_id = None  # later checkpoints name no run
+    else:
+        resumed = run_id is not None
+        run_id = tracker.start(run_id)
+        if not resumed:
+            tracker.log_params({**cfg.as_params(), "models": specs.name, "world_size": str(runtime.world_size)})
 
     accum = cfg.accumulation(runtime.world_size)
     log.info("batch: %d per worker x %d accumulation x %d workers = %d clips per step", cfg.batch_size, accum,
@@ -186,7 +189,7 @@ def train(
                 callback(step, metrics)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 save_checkpoint(store, step, task, model, optimizer, lr_schedule, scaler, ema, gens, runtime,
-                                cfg, tracker.run_id if tracker else None)
+                                cfg, run_id)
         final = export_final(store, task, model, ema, runtime)
         status = "FINISHED"
     finally:
@@ -196,11 +199,11 @@ def train(
     log.info("trained %s: steps %d -> %d in %.1fs; weights in %s", cfg.stage, start_step, step, seconds, final)
     return TrainResult(
         output=output, steps=step, losses=losses, start_step=start_step, final=final, init_from=init_from,
-        mlflow_run_id=tracker.run_id if tracker else None, seconds=seconds,
+        run_id=run_id, seconds=seconds,
     )
 
 
-def _log_window(step: int, window: dict, optimizer, runtime: Runtime, tracker: MlflowTracker | None) -> None:
+def _log_window(step: int, window: dict, optimizer, runtime: Runtime, tracker: Tracker | None) -> None:
     elapsed = max(time.perf_counter() - window["t0"], 1e-9)
     loss, samples, frames = runtime.mean([window["loss"] / window["steps"], window["samples"], window["frames"]])
     metrics = {
