@@ -12,20 +12,20 @@ import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
-from torch import nn
 
-from gen1.ema import EMA
 from gen1.training.config import TrainConfig
-from gen1.training.distributed import Runtime, full_weights, gather_objects, optimizer_state_dict
-from gen1.training.state import rng_state
+from gen1.training.distributed import Runtime, full_weights, gather_objects
+from gen1.training.state import TrainState
+
+if TYPE_CHECKING:
+    from gen1.training.tasks import PriorTask, UNetTask
 
 log = logging.getLogger(__name__)
-
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
@@ -36,6 +36,11 @@ STATE_FILE = "state.pt"
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def rng_file(rank: int) -> str:
+    """A checkpoint's file of worker ``rank``'s random streams."""
+    return f"rng-{rank}.pt"
 
 
 class CheckpointStore:
@@ -160,47 +165,26 @@ def check_output(output: str, resume: bool) -> None:
         )
 
 
-
 def save_checkpoint(
-    store: CheckpointStore,
-    step: int,
-    task,
-    model: nn.Module,
-    optimizer,
-    lr_schedule,
-    scaler,
-    ema: EMA | None,
-    gens: dict[str, torch.Generator],
-    runtime: Runtime,
-    cfg: TrainConfig,
-    mlflow_run_id: str | None,
+    store: CheckpointStore, state: TrainState, task: UNetTask | PriorTask, runtime: Runtime, cfg: TrainConfig
 ) -> str:
-    """Write checkpoint ``step`` (every worker its RNG and data position), commit it, move ``latest``."""
-    name = checkpoint_name(step)
+    """Write checkpoint ``state.step`` (every worker its RNG and data position), commit it, move ``latest``."""
+    name = checkpoint_name(state.step)
     tmp = f".tmp-{name}"
     if runtime.is_main:
         store.remove(CHECKPOINTS_DIR, tmp)
     runtime.barrier()
-    data_states = gather_objects(task.data_state(), runtime)
-    optim_state = optimizer_state_dict(model, optimizer)  # collective under FSDP
-    store.write_torch(rng_state(gens), CHECKPOINTS_DIR, tmp, f"rng-{runtime.rank}.pt")
-    with full_weights(model, runtime):
+    worker = state.state_dict(shared=runtime.is_main)  # collective under FSDP
+    data_states = gather_objects(worker.pop("data"), runtime)
+    store.write_torch(worker.pop("rng"), CHECKPOINTS_DIR, tmp, rng_file(runtime.rank))
+    with full_weights(state.model, runtime):
         if runtime.is_main:
             with tempfile.TemporaryDirectory(prefix="gen1-save-") as local:
                 task.save_model(Path(local) / MODEL_DIR)
                 store.upload_dir(Path(local), CHECKPOINTS_DIR, tmp)
-            state = {
-                "step": step,
-                "optimizer": optim_state,
-                "lr_schedule": lr_schedule.state_dict(),
-                "scaler": scaler.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "data": dict(enumerate(data_states)),
-                "world_size": runtime.world_size,
-                "mlflow_run_id": mlflow_run_id,
-                "config": cfg.as_dict(),
-            }
-            store.write_torch(state, CHECKPOINTS_DIR, tmp, STATE_FILE)
+            shared = {**worker, "data": dict(enumerate(data_states)), "world_size": runtime.world_size,
+                      "config": cfg.as_dict()}
+            store.write_torch(shared, CHECKPOINTS_DIR, tmp, STATE_FILE)
     runtime.barrier()
     if runtime.is_main:
         store.commit_dir((CHECKPOINTS_DIR, tmp), (CHECKPOINTS_DIR, name))
@@ -211,10 +195,30 @@ def save_checkpoint(
     return name
 
 
-def export_final(store: CheckpointStore, task, model: nn.Module, ema: EMA | None, runtime: Runtime) -> str:
+def load_checkpoint(store: CheckpointStore, name: str, state: TrainState, runtime: Runtime) -> None:
+    """Restore ``state`` from checkpoint ``name``: the shared state, this worker's data position and RNG.
+
+    A worker the checkpoint has no data position for (a run resumed with more workers) takes worker 0's;
+    one without an RNG file restarts its random streams.
+    """
+    saved = store.read_torch(CHECKPOINTS_DIR, name, STATE_FILE)
+    data = saved["data"]
+    saved["data"] = data[runtime.rank] if runtime.rank in data else data[0]
+    rng = rng_file(runtime.rank)
+    saved["rng"] = None
+    if store.exists(CHECKPOINTS_DIR, name, rng):
+        saved["rng"] = store.read_torch(CHECKPOINTS_DIR, name, rng)
+    else:
+        log.warning("checkpoint %s has no %s (different worker count): random streams restart", name, rng)
+    state.load_state_dict(saved, source=f"checkpoint {name}")
+    log.info("resumed from %s at step %d", store.uri(CHECKPOINTS_DIR, name), state.step)
+
+
+def export_final(store: CheckpointStore, task: UNetTask | PriorTask, state: TrainState, runtime: Runtime) -> str:
     """The inference weights (EMA weights when EMA is on) to ``OUTPUT/final``, committed by rename."""
     tmp = f".tmp-{FINAL}"
-    with full_weights(model, runtime):
+    ema = state.ema
+    with full_weights(state.model, runtime):
         if runtime.is_main:
             store.remove(tmp)
             swap = ema.swapped() if ema is not None else contextlib.nullcontext()
