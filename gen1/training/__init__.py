@@ -23,14 +23,22 @@ A run writes under its output URI (any fsspec URI)::
 
     OUTPUT/config.yaml                          the config it ran with
     OUTPUT/checkpoints/step-00001000/model/     weights (the model's own save_pretrained)
-    OUTPUT/checkpoints/step-00001000/state.pt   optimizer, LR schedule, EMA, data position, step
+    OUTPUT/checkpoints/step-00001000/state.pt   step, optimizer, LR schedule, EMA, data positions, tracker run
     OUTPUT/checkpoints/step-00001000/rng-<rank>.pt   every worker's RNG states
     OUTPUT/checkpoints/latest                   the name of the newest committed checkpoint
     OUTPUT/final/                               the exported weights (EMA weights when EMA is on)
 
 A checkpoint is written under ``checkpoints/.tmp-<name>`` and committed by renaming it and then updating
 ``latest``; ``resume`` restores everything in it, so a run killed and resumed reaches the same weights as
-one that ran through.
+one that ran through, and reports to the same tracker run.
+
+Params and metrics go to a `Tracker` the caller hands to `train` (``gen1 train`` passes
+`pipelines.tracking.MlflowTracker`); the library itself imports neither MLflow nor Ray.
+
+Modules: `config` (`TrainConfig`), `objective` (the loss and its random draws, pure), `trainable` (what a
+stage unfreezes), `tasks` (the UNet's and the prior's data -> loss), `state` (`TrainState`: everything
+resumed besides the weights), `checkpoints` (the store; save, load, export), `distributed` (`Runtime`,
+DDP / FSDP), `tracking` (`Tracker`), `loop` (`train`).
 """
 
 from gen1.training.checkpoints import CheckpointStore, check_output, checkpoint_name
@@ -46,6 +54,7 @@ from gen1.training.objective import (
     sample_timesteps,
     v_prediction_loss,
 )
+from gen1.training.state import TrainState
 from gen1.training.tasks import Cursor, PriorTask, UNetTask, build_task
 from gen1.training.tracking import Tracker
 from gen1.training.trainable import Trainable, select_trainable
@@ -59,6 +68,7 @@ __all__ = [
     "Tracker",
     "TrainConfig",
     "TrainResult",
+    "TrainState",
     "Trainable",
     "UNetInputs",
     "UNetTask",

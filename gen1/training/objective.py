@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def draw_image_step(image_batch_prob: float, generator: torch.Generator) -> bool:
+    """Whether the next optimizer step is an image step. Workers drawing from generators seeded alike agree."""
+    return bool(torch.rand((), generator=generator) < image_batch_prob)
+
+
 def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
     """Diffusion timesteps t ~ U{0..T-1}: (n,) long."""
     return torch.randint(0, num_train_timesteps, (n,), generator=generator)
