@@ -79,7 +79,6 @@ class Runtime:
                 p.grad.copy_(grad)
 
 
-
 def wrap_model(model: nn.Module, cfg: TrainConfig, runtime: Runtime, find_unused: bool) -> nn.Module:
     """DDP (or FSDP) around ``model`` when several workers train; the model itself otherwise."""
     if not runtime.distributed:
@@ -116,7 +115,8 @@ def full_weights(model: nn.Module, runtime: Runtime):
         yield
 
 
-def optimizer_state_dict(model: nn.Module, optimizer) -> dict:
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer``'s state dict; under FSDP the full one, gathered from every shard (a collective)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if isinstance(model, FullyShardedDataParallel):
@@ -124,8 +124,8 @@ def optimizer_state_dict(model: nn.Module, optimizer) -> dict:
     return optimizer.state_dict()
 
 
-
 def gather_objects(obj: Any, runtime: Runtime) -> list[Any]:
+    """Every worker's ``obj``, by rank (a collective)."""
     if not runtime.distributed:
         return [obj]
     out: list[Any] = [None] * runtime.world_size

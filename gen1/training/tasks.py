@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,15 @@ from torch import nn
 
 from gen1.config import ModelSpecs
 from gen1.schedule import make_train_scheduler
-from gen1.train_data import BatchSource, ClipBatch, ImageSet, PriorBatch, concat_batches
+from gen1.train_data import (
+    BatchSource,
+    ClipBatch,
+    ImageFeaturizer,
+    ImageFolderSource,
+    ImageSet,
+    PriorBatch,
+    concat_batches,
+)
 from gen1.training.config import LATENT_CHANNELS, TrainConfig
 from gen1.training.distributed import Runtime
 from gen1.training.objective import (
@@ -321,14 +329,12 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-
 def build_task(
     cfg: TrainConfig,
     specs: ModelSpecs,
     runtime: Runtime,
     model_spec: str,
     data: BatchSource,
-    image_source: Callable[[TrainConfig, ModelSpecs, Runtime], BatchSource] | None = None,
 ) -> UNetTask | PriorTask:
     """The task of ``cfg.task`` with its data: image steps read ``cfg.image_data`` and ``cfg.subject_data``."""
     if cfg.task == "prior":
@@ -337,8 +343,6 @@ def build_task(
     if cfg.image_data is not None or cfg.subject_data is not None:
         featurize = image_featurizer(cfg, specs, runtime)
         if cfg.image_data is not None:
-            from gen1.train_data import ImageFolderSource
-
             n = cfg.images_per_batch(cfg.frames or specs.frames)
             images = ImageFolderSource(cfg.image_data, featurize, n, seed=cfg.seed + runtime.rank)
         if cfg.subject_data is not None:
@@ -346,12 +350,11 @@ def build_task(
     return UNetTask(cfg, specs, runtime, model_spec, data, images, subject)
 
 
-def image_featurizer(cfg: TrainConfig, specs: ModelSpecs, runtime: Runtime):
+def image_featurizer(cfg: TrainConfig, specs: ModelSpecs, runtime: Runtime) -> ImageFeaturizer:
     """CLIP + depth on this worker's device for image folders (the image dataset, the subject set)."""
     from gen1.clip import ClipEmbedder
     from gen1.depth import DepthEstimator
     from gen1.structure import StructureEncoder
-    from gen1.train_data import ImageFeaturizer
 
     clip = ClipEmbedder(specs.clip, device=str(runtime.device))
     depth = StructureEncoder(DepthEstimator(specs.depth, device=str(runtime.device)), None).depth
