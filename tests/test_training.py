@@ -26,6 +26,7 @@ from gen1.training import (
     Cursor,
     TrainConfig,
     UNetInputs,
+    draw_image_step,
     drop_content,
     frame_window,
     pick_content_frame,
@@ -209,6 +210,11 @@ def test_sampling_helpers():
     for i in range(2):
         frames = {int((p[i, 0].item() - emb[i, 0, 0].item()) // 3) for p in picks}
         assert frames == set(range(5))  # every frame of its own clip, no other clip's
+
+    kinds = [draw_image_step(0.125, torch.Generator().manual_seed(s)) for s in range(4000)]
+    assert abs(sum(kinds) / 4000 - 0.125) < 0.02
+    worker = [torch.Generator().manual_seed(7) for _ in range(2)]  # two workers, the same seed: the same steps
+    assert [draw_image_step(0.5, worker[0]) for _ in range(50)] == [draw_image_step(0.5, worker[1]) for _ in range(50)]
 
     win = frame_window(num_frames=10, frames=4, stride=2, batch=300, generator=g)
     assert win.shape == (300, 4) and win.min() >= 0 and win.max() <= 9

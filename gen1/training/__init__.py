@@ -47,6 +47,7 @@ from gen1.training.distributed import Runtime
 from gen1.training.loop import StepCallback, TrainResult, train
 from gen1.training.objective import (
     UNetInputs,
+    draw_image_step,
     drop_content,
     frame_window,
     pick_content_frame,
@@ -75,6 +76,7 @@ __all__ = [
     "build_task",
     "check_output",
     "checkpoint_name",
+    "draw_image_step",
     "drop_content",
     "frame_window",
     "output_parent",

@@ -94,7 +94,8 @@ def v_prediction_loss(
 ) -> torch.Tensor:
     """Eq. 6 with v targets: mean of (v_theta(z_t, t, s, c) - v)^2 over every element. Returns a float32 scalar.
 
-    ``scheduler`` is `gen1.schedule.make_train_scheduler()` (``add_noise``, ``get_velocity``); noise and
+    z0 = ``inputs.latents``: (b, 4, f, h, w); noise: (b, 4, f, h, w); t: (b,); ``model`` maps the UNet input
+    (b, 4 + extra, f, h, w) to v: (b, 4, f, h, w). ``scheduler`` is `gen1.schedule.make_train_scheduler()` (``add_noise``, ``get_velocity``); noise and
     timesteps are drawn on the CPU from ``generator``, so runs are reproducible on any device.
     """
     z0 = inputs.latents.float()
