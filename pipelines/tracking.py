@@ -9,6 +9,8 @@ opens it.)
 
 Metric names follow ``<metric>`` for the headline (our video model, all settings averaged),
 ``<metric>/<method>`` per method and ``<metric>/<method>/<setting>`` per setting.
+
+Training runs report through `MlflowTracker`, the `gen1.training.Tracker` that `gen1 train` hands in.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -178,3 +181,47 @@ def log_remote_file(uri: str, artifact_path: str) -> None:
         with fsspec.open(uri, "rb") as src, open(local, "wb") as dst:
             dst.write(src.read())
         log_file(local, artifact_path)
+
+
+class MlflowTracker:
+    """A training run in MLflow (a `gen1.training.Tracker`), through a client: no global MLflow state.
+
+    The client is made in `start`, so an unstarted tracker pickles (Ray Train hands one to every worker;
+    the main worker starts it).
+    """
+
+    def __init__(self, uri: str, experiment: str = "gen1-train", run_name: str | None = None):
+        self.uri = uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.run_id: str | None = None
+        self._client = None
+
+    def start(self, run_id: str | None = None) -> str:
+        """Create a run in the experiment (``run_id`` None), or continue run ``run_id``."""
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+        if run_id is None:
+            exp = self._client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
+            run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
+        self.run_id = run_id
+        return run_id
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+            self._client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._client.log_batch(self.run_id, metrics=items)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._client.set_terminated(self.run_id, status=status)

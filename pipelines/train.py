@@ -7,9 +7,10 @@ Both paths decode shard rows with `pipelines.schema`'s row helpers and collate t
   fixed by the seed, so a resumed run sees exactly the batches an uninterrupted one would have seen;
 - **Ray Train** (`train_with_ray`): a `TorchTrainer` starts ``num_workers`` workers (DDP over gloo on CPU,
   NCCL on GPU; FSDP by config), Ray Data streams the shards (``read_parquet``), splits them over the
-  workers and each worker iterates its split with ``iter_torch_batches``. Checkpoints, resume and MLflow
-  are `gen1.training`'s own, so they behave the same as in a local run; every worker also reports its
-  logged metrics to Ray Train.
+  workers and each worker iterates its split with ``iter_torch_batches``. Checkpoints and resume are
+  `gen1.training`'s own, and MLflow logging goes through the tracker handed in
+  (`pipelines.tracking.MlflowTracker`), so they behave the same as in a local run; every worker also
+  reports its logged metrics to Ray Train.
 
 Prior training reads (caption, CLIP image embedding) pairs: shard rows that carry a caption, or a folder
 of images with same-name ``.txt`` captions.
@@ -29,7 +30,7 @@ import numpy as np
 
 from gen1.config import ModelSpecs
 from gen1.train_data import ClipBatch, PriorBatch, RowSource, collate_clips, collate_prior_rows
-from gen1.training import Runtime, Tracking, TrainConfig, TrainResult, check_output, train
+from gen1.training import Runtime, Tracker, TrainConfig, TrainResult, check_output, train
 from pipelines.schema import (
     SHARDS_DIR,
     TableStore,
@@ -202,7 +203,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     runtime = Runtime.current(device=ray.train.torch.get_device(), report=ray.train.report)
     source = RayShardSource(ray.train.get_dataset_shard("train"), cfg)
     train(cfg, config["specs"], source, config["output"], resume=config["resume"], runtime=runtime,
-          tracking=config["tracking"])
+          tracker=config["tracker"])
 
 
 def train_with_ray(
@@ -213,7 +214,7 @@ def train_with_ray(
     settings: RayTrainSettings = RayTrainSettings(),
     *,
     resume: bool = False,
-    tracking: Tracking | None = None,
+    tracker: Tracker | None = None,
 ):
     """Run ``cfg`` as a Ray Train `TorchTrainer` over the shards under ``data``; returns Ray's Result."""
     import ray
@@ -238,7 +239,7 @@ def train_with_ray(
                 "specs": specs,
                 "output": output,
                 "resume": resume,
-                "tracking": tracking,
+                "tracker": tracker,
             },
             torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
@@ -266,12 +267,12 @@ def train_local(
     output: str,
     *,
     resume: bool = False,
-    tracking: Tracking | None = None,
+    tracker: Tracker | None = None,
     device: str | None = None,
     callbacks: Sequence = (),
 ) -> TrainResult:
     """Run ``cfg`` in this process over the shards (or captioned images) under ``data``."""
     return train(
         cfg, specs, local_source(cfg, data, specs), output, resume=resume,
-        runtime=Runtime.current(device=device), tracking=tracking, callbacks=callbacks,
+        runtime=Runtime.current(device=device), tracker=tracker, callbacks=callbacks,
     )

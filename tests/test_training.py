@@ -26,6 +26,7 @@ from gen1.training import (
     Cursor,
     TrainConfig,
     UNetInputs,
+    draw_image_step,
     drop_content,
     frame_window,
     pick_content_frame,
@@ -209,6 +210,11 @@ def test_sampling_helpers():
     for i in range(2):
         frames = {int((p[i, 0].item() - emb[i, 0, 0].item()) // 3) for p in picks}
         assert frames == set(range(5))  # every frame of its own clip, no other clip's
+
+    kinds = [draw_image_step(0.125, torch.Generator().manual_seed(s)) for s in range(4000)]
+    assert abs(sum(kinds) / 4000 - 0.125) < 0.02
+    worker = [torch.Generator().manual_seed(7) for _ in range(2)]  # two workers, the same seed: the same steps
+    assert [draw_image_step(0.5, worker[0]) for _ in range(50)] == [draw_image_step(0.5, worker[1]) for _ in range(50)]
 
     win = frame_window(num_frames=10, frames=4, stride=2, batch=300, generator=g)
     assert win.shape == (300, 4) and win.min() >= 0 and win.max() <= 9
@@ -551,6 +557,80 @@ def test_kill_and_resume_reaches_the_uninterrupted_weights(real_shards, tmp_path
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), which
     a, b = unet_state(tmp_path / "straight" / "final"), unet_state(tmp_path / "straight" / "checkpoints/step-00000004/model")
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the export is the EMA, not the raw weights
+
+
+class RecordingTracker:
+    """A `gen1.training.Tracker` that keeps what it is told; a new run gets ``new_id``."""
+
+    def __init__(self, new_id: str = "run-1"):
+        self.new_id = new_id
+        self.calls: list[tuple] = []
+
+    def start(self, run_id):
+        self.calls.append(("start", run_id))
+        return run_id or self.new_id
+
+    def log_params(self, params):
+        self.calls.append(("params", dict(params)))
+
+    def log_metrics(self, metrics, step):
+        self.calls.append(("metrics", step, sorted(metrics)))
+
+    def finish(self, status):
+        self.calls.append(("finish", status))
+
+
+def test_a_resumed_run_reports_to_the_run_its_checkpoint_names(real_shards, tmp_path):
+    from pipelines.train import train_local
+
+    cfg = tiny_cfg(max_steps=3, checkpoint_every=2, log_every=1)
+    output = str(tmp_path / "run")
+
+    def kill_at_3(step, metrics):
+        if step == 3:
+            raise Killed()
+
+    first = RecordingTracker()
+    with pytest.raises(Killed):
+        train_local(cfg, TINY, real_shards, output, tracker=first, callbacks=[kill_at_3])
+    keys = ["frames_per_s", "image_step_fraction", "loss", "lr", "samples_per_s"]
+    assert first.calls[0] == ("start", None) and first.calls[-1] == ("finish", "FAILED")
+    params = first.calls[1][1]
+    assert (params["stage"], params["models"], params["world_size"], params["max_steps"]) == ("test", "tiny", "1", "3")
+    assert first.calls[2:-1] == [("metrics", step, keys) for step in (1, 2, 3)]
+
+    again = RecordingTracker(new_id="not-this-one")
+    resumed = train_local(cfg, TINY, real_shards, output, resume=True, tracker=again)
+    assert again.calls == [("start", "run-1"), ("metrics", 3, keys), ("finish", "FINISHED")]  # no params again
+    assert resumed.run_id == "run-1"
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000003" / "state.pt", weights_only=False)
+    assert state["mlflow_run_id"] == "run-1"
+
+
+def test_mlflow_tracker_pickles_unstarted_and_continues_a_run_by_id(tmp_path, monkeypatch):
+    import pickle
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import MlflowTracker
+
+    monkeypatch.chdir(tmp_path)  # a new experiment's default artifact root is relative
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = pickle.loads(pickle.dumps(MlflowTracker(uri, experiment="train-test", run_name="stage")))
+    run_id = tracker.start(None)
+    tracker.log_params({"lr": "0.001"})
+    tracker.log_metrics({"loss": 0.5}, step=1)
+    tracker.finish("FAILED")
+
+    again = MlflowTracker(uri, experiment="train-test")
+    assert again.start(run_id) == run_id
+    again.log_metrics({"loss": 0.25}, step=2)
+    again.finish("FINISHED")
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert (run.info.status, run.info.run_name, run.data.params) == ("FINISHED", "stage", {"lr": "0.001"})
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (2, 0.25)]
+    assert len(client.search_runs([client.get_experiment_by_name("train-test").experiment_id])) == 1
 
 
 def stage_cfg(stage: str, **changes) -> TrainConfig:

@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from gen1.config import load_model_specs
-    from gen1.training import Tracking, TrainConfig
+    from gen1.training import TrainConfig
+    from pipelines.tracking import MlflowTracker
 
     overrides = parse_overrides(args.set)
     overrides.update({k: v for k, v in {"max_steps": args.max_steps, "init_from": args.init_from,
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_yaml(config_path(args.config), **overrides)
     specs = load_model_specs(args.models)
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    tracking = Tracking(uri=uri, experiment=args.experiment, run_name=args.run_name or cfg.stage) if uri else None
+    tracker = MlflowTracker(uri, experiment=args.experiment, run_name=args.run_name or cfg.stage) if uri else None
     sys.stdout.write(f"# gen1 train: {cfg.stage} ({specs.label()})\n{cfg.to_yaml()}")
     sys.stdout.flush()
     if specs.is_tiny:
@@ -116,14 +117,14 @@ def run(args: argparse.Namespace) -> int:
             storage_path=args.ray_storage,
             max_failures=args.max_failures,
         )
-        result = train_with_ray(cfg, specs, args.data, args.output, settings, resume=args.resume, tracking=tracking)
+        result = train_with_ray(cfg, specs, args.data, args.output, settings, resume=args.resume, tracker=tracker)
         if result.error is not None:
             raise result.error
         summary = {"output": args.output, "workers": args.workers, "metrics": _plain(result.metrics)}
     else:
         from pipelines.train import train_local
 
-        res = train_local(cfg, specs, args.data, args.output, resume=args.resume, tracking=tracking,
+        res = train_local(cfg, specs, args.data, args.output, resume=args.resume, tracker=tracker,
                           device=args.device)
         summary = {
             "output": res.output,
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
             "start_step": res.start_step,
             "last_loss": res.losses[-1] if res.losses else None,
             "seconds": round(res.seconds, 2),
-            "mlflow_run_id": res.mlflow_run_id,
+            "mlflow_run_id": res.run_id,
         }
     summary.update(stage=cfg.stage, models=specs.label(), tiny_models=specs.is_tiny)
     json.dump(summary, sys.stdout)

@@ -1,0 +1,271 @@
+"""The training loop: `train` runs a config on a batch source, writing checkpoints and the exported weights.
+
+`train` sets a run up (model from a checkpoint or ``init_from``, a `TrainState`, the DDP / FSDP wrapper,
+the tracker) and runs optimizer steps to ``max_steps``; a step is ``accumulation`` micro-batches, all image
+or all video, then one update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gen1.config import ModelSpecs
+from gen1.train_data import BatchSource
+from gen1.training.checkpoints import (
+    CHECKPOINTS_DIR,
+    MODEL_DIR,
+    CheckpointStore,
+    check_output,
+    export_final,
+    load_checkpoint,
+    save_checkpoint,
+)
+from gen1.training.config import TrainConfig, resolve_init
+from gen1.training.distributed import Runtime, wrap_model
+from gen1.training.objective import draw_image_step
+from gen1.training.state import TrainState, seed_everything
+from gen1.training.tasks import PriorTask, UNetTask, build_task
+from gen1.training.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    output: str
+    steps: int  # optimizer steps completed (global)
+    losses: list[float]  # this worker's loss per optimizer step run in this call
+    start_step: int  # step it started (or resumed) from
+    final: str | None  # exported weights
+    init_from: str  # what the model was loaded from: init spec, or the checkpoint resumed
+    run_id: str | None = None  # the tracker's run (the main worker's), None without a tracker
+    seconds: float = 0.0
+
+
+StepCallback = Callable[[int, dict], None]  # (step, metrics), after every optimizer step
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, as this worker ran it."""
+
+    loss: float  # mean over the micro-batches
+    samples: int
+    frames: int
+    image_step: bool
+    grad_norm: float | None  # before clipping; None without max_grad_norm
+
+    def metrics(self, lr: float) -> dict[str, float]:
+        out = {"loss": self.loss, "lr": lr, "image_step": float(self.image_step)}
+        if self.grad_norm is not None:
+            out["grad_norm"] = self.grad_norm
+        return out
+
+
+class ThroughputWindow:
+    """Loss and throughput over the steps since the last log line, averaged over workers when reported."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.steps, self.samples, self.frames, self.image_steps = 0.0, 0, 0, 0, 0
+        self.t0 = time.perf_counter()
+
+    def add(self, stats: StepStats) -> None:
+        self.loss += stats.loss
+        self.steps += 1
+        self.samples += stats.samples
+        self.frames += stats.frames
+        self.image_steps += int(stats.image_step)
+
+    def report(self, step: int, lr: float, runtime: Runtime, tracker: Tracker | None) -> None:
+        """Log the window (every worker takes part in the mean), send it on, start the next one."""
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        loss, samples, frames = runtime.mean([self.loss / self.steps, self.samples, self.frames])
+        metrics = {
+            "loss": loss,
+            "lr": lr,
+            "samples_per_s": samples * runtime.world_size / elapsed,
+            "frames_per_s": frames * runtime.world_size / elapsed,
+            "image_step_fraction": self.image_steps / self.steps,
+        }
+        log.info("step %d: loss %.5f, lr %.3g, %.1f samples/s, %.1f frames/s", step, metrics["loss"], metrics["lr"],
+                 metrics["samples_per_s"], metrics["frames_per_s"])
+        if tracker is not None:
+            tracker.log_metrics(metrics, step)
+        if runtime.report is not None:
+            runtime.report({**metrics, "step": step})
+        self._reset()
+
+
+def train(
+    cfg: TrainConfig,
+    specs: ModelSpecs,
+    data: BatchSource,
+    output: str,
+    *,
+    resume: bool = False,
+    runtime: Runtime | None = None,
+    tracker: Tracker | None = None,
+    callbacks: Sequence[StepCallback] = (),
+) -> TrainResult:
+    """Train ``cfg`` on ``data`` (clip batches, or prior pairs for ``task: prior``), writing under ``output``.
+
+    With ``resume`` the run continues from ``output``'s latest checkpoint (model, optimizer, LR schedule,
+    EMA, data position, RNG states) when there is one. Every worker of a data-parallel run calls this with
+    its own ``runtime`` and its own shard of the data. The main worker reports params and metrics to
+    ``tracker`` (a resumed run continues the run its checkpoint names).
+    """
+    started = time.perf_counter()
+    runtime = runtime or Runtime.current()
+    store = CheckpointStore(output)
+    check_output(output, resume)
+    ckpt = store.latest() if resume else None
+    if resume and ckpt is None:
+        log.info("--resume: no checkpoint under %s yet, starting fresh", output)
+    log.info("training %s (%s) on %s, worker %d/%d:\n%s", cfg.stage, specs.label(), runtime.device,
+             runtime.rank, runtime.world_size, cfg.to_yaml())
+
+    seed_everything(cfg.seed + runtime.rank)
+    task, init_from = _load_task(cfg, specs, runtime, data, store, ckpt, output)
+    state = TrainState.create(cfg, task, runtime.rank)
+    if ckpt is not None:
+        load_checkpoint(store, ckpt, state, runtime)
+    start_step = state.step
+    state.model = wrap_model(task.model, cfg, runtime, task.find_unused_parameters)
+    if runtime.is_main and ckpt is None:
+        store.write_bytes(cfg.to_yaml().encode(), "config.yaml")
+    tracker = _start_tracker(tracker, state, cfg, specs, runtime)
+
+    status = "FAILED"
+    try:
+        losses = _run_steps(cfg, task, state, store, runtime, tracker, callbacks)
+        final = export_final(store, task, state, runtime)
+        status = "FINISHED"
+    finally:
+        if tracker is not None:
+            tracker.finish(status)
+    seconds = time.perf_counter() - started
+    log.info("trained %s: steps %d -> %d in %.1fs; weights in %s", cfg.stage, start_step, state.step, seconds, final)
+    return TrainResult(
+        output=output, steps=state.step, losses=losses, start_step=start_step, final=final, init_from=init_from,
+        run_id=state.run_id, seconds=seconds,
+    )
+
+
+def _load_task(
+    cfg: TrainConfig,
+    specs: ModelSpecs,
+    runtime: Runtime,
+    data: BatchSource,
+    store: CheckpointStore,
+    ckpt: str | None,
+    output: str,
+) -> tuple[UNetTask | PriorTask, str]:
+    """The task with its model loaded from checkpoint ``ckpt``, or for a fresh run from ``init_from`` (or the
+    preset's); and what it was loaded from."""
+    if ckpt is not None:
+        with store.local_dir(CHECKPOINTS_DIR, ckpt, MODEL_DIR) as model_dir:
+            task = build_task(cfg, specs, runtime, str(model_dir), data)
+        return task, store.uri(CHECKPOINTS_DIR, ckpt, MODEL_DIR)
+    init_from = resolve_init(cfg, specs, output)
+    log.info("initialising from %s", init_from)
+    task = build_task(cfg, specs, runtime, init_from, data)
+    if cfg.task == "prior" and cfg.fit_clip_stats:
+        task.fit_clip_stats()
+    return task, init_from
+
+
+def _start_tracker(
+    tracker: Tracker | None, state: TrainState, cfg: TrainConfig, specs: ModelSpecs, runtime: Runtime
+) -> Tracker | None:
+    """The main worker's tracker, started: the run ``state`` names (resumed) or a new one, its params logged."""
+    if tracker is None or not runtime.is_main:
+        state.run_id = None  # later checkpoints name no run
+        return None
+    resumed = state.run_id is not None
+    state.run_id = tracker.start(state.run_id)
+    if not resumed:
+        tracker.log_params({**cfg.as_params(), "models": specs.name, "world_size": str(runtime.world_size)})
+    return tracker
+
+
+def _run_steps(
+    cfg: TrainConfig,
+    task: UNetTask | PriorTask,
+    state: TrainState,
+    store: CheckpointStore,
+    runtime: Runtime,
+    tracker: Tracker | None,
+    callbacks: Sequence[StepCallback],
+) -> list[float]:
+    """Optimizer steps up to ``cfg.max_steps``, logging, calling back and checkpointing; this worker's losses."""
+    accum = cfg.accumulation(runtime.world_size)
+    log.info("batch: %d per worker x %d accumulation x %d workers = %d clips per step", cfg.batch_size, accum,
+             runtime.world_size, cfg.batch_size * accum * runtime.world_size)
+    losses: list[float] = []
+    window = ThroughputWindow()
+    while state.step < cfg.max_steps:
+        stats = _optimizer_step(cfg, task, state, runtime, accum)
+        step, lr = state.step, state.optimizer.param_groups[0]["lr"]
+        losses.append(stats.loss)
+        if not math.isfinite(stats.loss):
+            raise FloatingPointError(f"loss is {stats.loss} at step {step}")
+        window.add(stats)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            window.report(step, lr, runtime, tracker)
+        for callback in callbacks:
+            callback(step, stats.metrics(lr))
+        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            save_checkpoint(store, state, task, runtime, cfg)
+    return losses
+
+
+def _optimizer_step(
+    cfg: TrainConfig, task: UNetTask | PriorTask, state: TrainState, runtime: Runtime, accum: int
+) -> StepStats:
+    """``accum`` micro-batches (all image or all video) and one update; ``state.step`` advances by one."""
+    task.model.train()
+    image_step = draw_image_step(cfg.image_batch_prob, state.generators["kind"])
+    model, wrapped = state.model, state.model is not task.model
+    loss, samples, frames = 0.0, 0, 0
+    for micro in range(accum):
+        last = micro == accum - 1
+        sync = contextlib.nullcontext() if last or not wrapped else model.no_sync()  # DDP syncs on the last only
+        with sync:
+            micro_loss, info = task.loss(model, image_step, state.generators["sample"])
+            state.scaler.scale(micro_loss / accum).backward()
+        loss += micro_loss.item() / accum
+        samples += info["samples"]
+        frames += info["frames"]
+    if not wrapped:
+        runtime.all_reduce_grads(task.trainable.parameters)
+    grad_norm = _apply_gradients(state, task.trainable.parameters, cfg.max_grad_norm)
+    return StepStats(loss=loss, samples=samples, frames=frames, image_step=image_step, grad_norm=grad_norm)
+
+
+def _apply_gradients(state: TrainState, parameters: Sequence[torch.nn.Parameter], max_norm: float | None) -> float | None:
+    """Unscale, clip to ``max_norm``, step the optimizer, LR schedule and EMA; returns the norm before clipping."""
+    state.scaler.unscale_(state.optimizer)
+    grad_norm = None
+    if max_norm is not None:
+        if hasattr(state.model, "clip_grad_norm_"):  # FSDP: the norm over every shard
+            grad_norm = float(state.model.clip_grad_norm_(max_norm))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.lr_schedule.step()
+    if state.ema is not None:
+        state.ema.update()
+    state.step += 1
+    return grad_norm
