@@ -31,6 +31,7 @@ import numpy as np
 from gen1.config import ModelSpecs
 from gen1.train_data import ClipBatch, PriorBatch, RowSource, collate_clips, collate_prior_rows
 from gen1.training import Runtime, Tracker, TrainConfig, TrainResult, check_output, train
+from pipelines.runtime import forwarded_env, init_ray
 from pipelines.schema import (
     SHARDS_DIR,
     TableStore,
@@ -221,8 +222,6 @@ def train_with_ray(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.preprocess import FORWARDED_ENV, init_ray
-
     if cfg.task == "prior" and not _has_shards(data):
         raise ValueError("Ray Train prior training reads feature shards with captions; for an image folder run locally")
     check_output(output, resume)
@@ -230,7 +229,9 @@ def train_with_ray(
     resume = resume or settings.max_failures > 0
     started = init_ray(settings.ray_address)
     try:
-        env = {k: os.environ[k] for k in (*FORWARDED_ENV, "MLFLOW_TRACKING_URI") if os.environ.get(k)}
+        env = forwarded_env()
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            env["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_TRACKING_URI"]
         resources = {"CPU": settings.cpus_per_worker} if settings.cpus_per_worker is not None else None
         trainer = TorchTrainer(
             _train_loop_per_worker,

@@ -1,0 +1,134 @@
+"""The layout rules of the code base, read from the source (nothing is imported or run):
+
+- modules of `gen1/` and `pipelines/` stay small (at most 600 lines) and functions short (80 lines, unless a
+  ``# long:`` comment in the function says why);
+- no import circle in `gen1/`, `pipelines/` or `jobs/`, counting imports inside functions too (so a
+  function-local import cannot hide one);
+- `gen1/` imports neither Ray nor MLflow; only `pipelines/tracking.py` (and `pipelines/regression.py`, which
+  reads baseline runs through the client it is handed) imports MLflow in `pipelines/`;
+- only the preprocess job's own entry points import `pipelines.preprocess`;
+- Ray Data calls size pools with ``concurrency=``, never ``ActorPoolStrategy`` / ``TaskPoolStrategy``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("gen1", "pipelines", "jobs")
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+def _modules(*packages: str) -> dict[str, Path]:
+    out = {}
+    for package in packages:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name] = path
+    return out
+
+
+MODULES = _modules(*PACKAGES)
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module of ours that ``name`` imports, at top level or inside a function."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def _external_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_modules_are_small_and_functions_short():
+    big = {n: len(p.read_text().splitlines()) for n, p in _modules("gen1", "pipelines").items()}
+    assert {n: lines for n, lines in big.items() if lines > MAX_MODULE_LINES} == {}
+    long = []
+    for name, path in MODULES.items():
+        source = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(source))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                body = source[node.lineno - 1 : node.end_lineno]
+                if lines > MAX_FUNCTION_LINES and not any("# long:" in line for line in body):
+                    long.append(f"{name}.{node.name} ({lines} lines)")
+    assert long == [], "functions over 80 lines without a '# long:' comment saying why"
+
+
+def test_no_import_circles_counting_function_local_imports():
+    graph = {name: _imports(name, path) for name, path in MODULES.items()}
+    cycles = []
+    state: dict[str, int] = {}  # 1 on the stack, 2 done
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            # a package importing its own submodules (its __init__ re-exporting them) is not a circle
+            if dep.startswith(node + "."):
+                continue
+            if state.get(dep) == 1:
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert cycles == []
+
+
+@pytest.mark.parametrize("library", ["ray", "mlflow"])
+def test_gen1_imports_neither_ray_nor_mlflow(library):
+    offenders = [n for n, p in MODULES.items() if n.startswith("gen1") and library in _external_imports(p)]
+    assert offenders == []
+
+
+def test_mlflow_lives_in_tracking():
+    users = sorted(n for n, p in MODULES.items() if n.startswith("pipelines") and "mlflow" in _external_imports(p))
+    assert users == ["pipelines.regression", "pipelines.tracking"]
+
+
+def test_only_the_preprocess_job_imports_the_preprocess_pipeline():
+    importers = sorted(n for n, p in MODULES.items()
+                       if not n.startswith("pipelines.preprocess") and any(
+                           d.startswith("pipelines.preprocess") for d in _imports(n, p)))
+    assert importers == ["jobs.benchmarks.preprocess_bench", "jobs.commands.demo", "jobs.commands.preprocess"]
+
+
+def test_ray_data_pools_are_sized_with_concurrency():
+    offenders = [n for n, p in MODULES.items() if "ActorPoolStrategy" in p.read_text() or "TaskPoolStrategy" in p.read_text()]
+    assert offenders == []
