@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from gen1.config import ConfigError
+from pipelines import tracking
 
 log = logging.getLogger(__name__)
 
@@ -245,9 +246,7 @@ def find_baseline(client, experiment_id: str, exclude_run_id: str | None = None)
 
 def accept_baseline(tracking_uri: str, run_id: str) -> None:
     """Tag ``run_id`` as the accepted baseline of its experiment (the gate of later runs compares with it)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri)
+    client = tracking.client(tracking_uri)
     run = client.get_run(run_id)  # raises if there is no such run: the message names the id
     if run.info.status != "FINISHED":
         raise ValueError(f"run {run_id}: expected a FINISHED run to accept as baseline, found {run.info.status}")

@@ -4,8 +4,7 @@
   ``# long:`` comment in the function says why);
 - no import circle in `gen1/`, `pipelines/` or `jobs/`, counting imports inside functions too (so a
   function-local import cannot hide one);
-- `gen1/` imports neither Ray nor MLflow; only `pipelines/tracking.py` (and `pipelines/regression.py`, which
-  reads baseline runs through the client it is handed) imports MLflow in `pipelines/`;
+- `gen1/` imports neither Ray nor MLflow; only `pipelines/tracking.py` imports MLflow in `pipelines/`;
 - only the preprocess job's own entry points import `pipelines.preprocess`;
 - Ray Data calls size pools with ``concurrency=``, never ``ActorPoolStrategy`` / ``TaskPoolStrategy``.
 """
@@ -119,7 +118,7 @@ def test_gen1_imports_neither_ray_nor_mlflow(library):
 
 def test_mlflow_lives_in_tracking():
     users = sorted(n for n, p in MODULES.items() if n.startswith("pipelines") and "mlflow" in _external_imports(p))
-    assert users == ["pipelines.regression", "pipelines.tracking"]
+    assert users == ["pipelines.tracking"]
 
 
 def test_only_the_preprocess_job_imports_the_preprocess_pipeline():
