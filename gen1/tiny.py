@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from gen1.config import COMPONENTS
+from gen1.schedule import PRIOR_SCHEDULER_SUBFOLDER, karlo_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +146,12 @@ def _build_unet(out: Path) -> torch.nn.Module:
 def _build_prior(out: Path) -> torch.nn.Module:
     from diffusers import PriorTransformer
 
-    from gen1.prior import SCHEDULER_SUBFOLDER, karlo_scheduler
-
     model = PriorTransformer(**TINY_PRIOR_CONFIG)
     with torch.no_grad():  # identity normalisation: a well-formed prior (a fresh one has clip_std == 0)
         model.clip_mean.zero_()
         model.clip_std.fill_(1.0)
     model.save_pretrained(out)
-    karlo_scheduler().save_pretrained(out / SCHEDULER_SUBFOLDER)
+    karlo_scheduler().save_pretrained(out / PRIOR_SCHEDULER_SUBFOLDER)
     return model
 
 

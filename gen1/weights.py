@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gen1.config import COMPONENTS
+from gen1.tiny import ensure_tiny
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, PriorTransformer, UNet2DConditionModel
@@ -283,8 +284,6 @@ def resolve_spec(spec: str, cache_dir: Path | None = None, component: str | None
                 f"weight spec {spec!r}: unknown tiny component {name!r}; expected one of {', '.join(COMPONENTS)}",
                 spec=spec,
             )
-        from gen1.tiny import ensure_tiny
-
         return ensure_tiny(name)
     if spec.startswith(HF_PREFIX) and not spec.startswith("hf://"):
         return resolve_hf(spec, component)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from diffusers import PriorTransformer, UnCLIPScheduler
 
 from gen1.content import ContentEncoder
-from gen1.prior import KARLO_PRIOR_SCHEDULER_CONFIG, Prior, load_scheduler
+from gen1.prior import Prior
+from gen1.schedule import KARLO_PRIOR_SCHEDULER_CONFIG, load_prior_scheduler
 
 DIM = 16  # CLIP embedding width == text token width of the tiny "CLIP"
 SEQ = 7  # tokens per prompt of the tiny "CLIP"
@@ -180,12 +181,12 @@ def test_save_load_round_trip_gives_identical_samples(prior, tmp_path):
 
 def test_scheduler_lookup_follows_karlos_layout(tmp_path):
     (tmp_path / "karlo" / "prior").mkdir(parents=True)
-    assert load_scheduler(tmp_path / "karlo" / "prior").config.clip_sample_range == 5.0  # Karlo's default
+    assert load_prior_scheduler(tmp_path / "karlo" / "prior").config.clip_sample_range == 5.0  # Karlo's default
     sched = tmp_path / "karlo" / "prior_scheduler"
     sched.mkdir()
     cfg = {"_class_name": "UnCLIPScheduler", **KARLO_PRIOR_SCHEDULER_CONFIG, "clip_sample_range": 2.5}
     (sched / "scheduler_config.json").write_text(json.dumps(cfg))
-    assert load_scheduler(tmp_path / "karlo" / "prior").config.clip_sample_range == 2.5
+    assert load_prior_scheduler(tmp_path / "karlo" / "prior").config.clip_sample_range == 2.5
 
 
 # ---- ContentEncoder -----------------------------------------------------------------------------------------
