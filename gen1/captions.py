@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gen1.weights import load_caption_model
+
 log = logging.getLogger(__name__)
 
 
@@ -38,8 +40,6 @@ class Captioner:
         num_beams: int = 3,
         prefix: str | None = None,
     ):
-        from gen1.weights import load_caption_model
-
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
         model, processor = load_caption_model(spec, device=device, dtype=dtype)

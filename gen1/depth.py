@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from gen1.structure import normalise_per_clip
+from gen1.weights import load_depth_model
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,6 @@ class DepthEstimator:
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
     ):
-        from gen1.weights import load_depth_model
-
         device = device or default_device()
         dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
         model, processor = load_depth_model(spec, device=device, dtype=dtype)
