@@ -128,6 +128,20 @@ def latent_mask(mask: np.ndarray | torch.Tensor, latent_hw: tuple[int, int]) -> 
     return pooled.permute(1, 0, 2, 3)[None]  # (1, 1, f, h8, w8)
 
 
+def check_inputs(video: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The checks of every editor's inputs: ``video`` uint8 (f, h, w, 3) with h and w multiples of 8 (the
+    VAE's factor), ``mask`` None or (f, h, w). Returns ``video`` as an array."""
+    video = np.asarray(video)
+    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+        raise ValueError(f"video must be uint8 (f, h, w, 3), got {video.dtype} {video.shape}")
+    f, h, w, _ = video.shape
+    if h % 8 or w % 8:
+        raise ValueError(f"frame size must be a multiple of 8, got {w}x{h}")
+    if mask is not None and np.asarray(mask).shape != (f, h, w):
+        raise ValueError(f"mask must have shape {(f, h, w)}, got {np.asarray(mask).shape}")
+    return video
+
+
 @torch.no_grad()
 def encode_frames(models: Gen1Models, frames: np.ndarray, chunk: int = 8) -> torch.Tensor:
     """uint8 (f, h, w, 3) -> scaled VAE latents (4, f, h/8, w/8), deterministic (posterior mean)."""
@@ -206,14 +220,8 @@ def edit_video(
     mask: optional (f, h, w), 1 = edit, 0 = keep. Returns the edited frames and what produced them.
     """
     start = time.perf_counter()
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
-        raise ValueError(f"video must be uint8 (f, h, w, 3), got {video.dtype} {video.shape}")
+    video = check_inputs(video, mask)
     f, h, w, _ = video.shape
-    if h % 8 or w % 8:
-        raise ValueError(f"frame size must be a multiple of 8, got {w}x{h}")
-    if mask is not None and np.asarray(mask).shape != (f, h, w):
-        raise ValueError(f"mask must have shape {(f, h, w)}, got {np.asarray(mask).shape}")
     device = models.device
 
     depth = models.structure.depth(video)  # (f, h, w), normalised once per clip
