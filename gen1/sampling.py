@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gen1.guidance import GuidanceScales, guide
+from gen1.masks import latent_mask
 from gen1.models import Gen1Models
 from gen1.schedule import SAMPLERS, make_sampler
 from gen1.structure import conditioning_input
@@ -113,19 +113,6 @@ def window_weights(window: int, overlap: int) -> torch.Tensor:
         w[:overlap] = ramp
         w[window - overlap :] = ramp.flip(0)
     return w
-
-
-def latent_mask(mask: np.ndarray | torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Pixel mask (f, h, w) with 1 = edit -> latent mask (1, 1, f, h/8, w/8).
-
-    A latent cell is edited if any pixel of its footprint is (max pooling), so pixels marked keep are
-    never touched by an edited latent cell's own content.
-    """
-    m = torch.as_tensor(np.asarray(mask, dtype=np.float32))
-    if m.ndim != 3:
-        raise ValueError(f"mask must be (f, h, w), got shape {tuple(m.shape)}")
-    pooled = F.adaptive_max_pool2d(m[:, None], latent_hw)  # (f, 1, h8, w8)
-    return pooled.permute(1, 0, 2, 3)[None]  # (1, 1, f, h8, w8)
 
 
 def check_inputs(video: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
