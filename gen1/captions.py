@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gen1.devices import default_device, encoder_dtype
 from gen1.weights import load_caption_model
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,8 @@ class Captioner:
         num_beams: int = 3,
         prefix: str | None = None,
     ):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        model, processor = load_caption_model(spec, device=device, dtype=dtype)
+        device = device or default_device()
+        model, processor = load_caption_model(spec, device=device, dtype=encoder_dtype(device))
         self._init(model, processor, device, max_new_tokens, num_beams, prefix)
         self.spec = spec
 
