@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -52,3 +53,35 @@ def test_edit_one_imports_neither_ray_nor_the_edit_pipeline(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["code"] == 1, proc.stderr[-3000:]
     assert report["loaded"] == [], f"gen1 edit-one loaded {report['loaded'][:5]}"
+
+
+def gen1_import_graph() -> dict[str, set[str]]:
+    """gen1 module -> the gen1 modules it imports anywhere in its file (module level or inside functions)."""
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in (ROOT / "gen1").rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                imported |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[name] = {m for m in imported if m in modules and m not in (name, "gen1")}
+    return graph
+
+
+def test_gen1_has_no_import_cycles_not_even_through_function_level_imports():
+    graph = gen1_import_graph()
+    assert "gen1.weights" in graph["gen1.unet"] and "gen1.video" in graph["gen1.masks"]
+
+    def cycle_from(start: str, node: str, path: list[str]) -> list[str] | None:
+        for nxt in sorted(graph[node]):
+            if nxt == start:
+                return [*path, nxt]
+            if nxt not in path and (found := cycle_from(start, nxt, [*path, nxt])):
+                return found
+        return None
+
+    cycles = [c for m in sorted(graph) if (c := cycle_from(m, m, [m]))]
+    assert cycles == [], f"import cycles in gen1: {cycles[:3]}"
