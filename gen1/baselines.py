@@ -18,12 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gen1.guidance import classifier_free_guidance
 from gen1.models import Gen1Models
 from gen1.sampling import (
     MAX_STRUCTURE_STRENGTH,
     Content,
     EditResult,
     EditSettings,
+    check_inputs,
     decode_latents,
     embed_content,
     encode_frames,
@@ -80,14 +82,8 @@ def sdedit_video(
     mask: optional (f, h, w), 1 = edit: outside it the output keeps the input frames.
     """
     start = time.perf_counter()
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
-        raise ValueError(f"video must be uint8 (f, h, w, 3), got {video.dtype} {video.shape}")
+    video = check_inputs(video, mask)
     f, h, w, _ = video.shape
-    if h % 8 or w % 8:
-        raise ValueError(f"frame size must be a multiple of 8, got {w}x{h}")
-    if mask is not None and np.asarray(mask).shape != (f, h, w):
-        raise ValueError(f"mask must have shape {(f, h, w)}, got {np.asarray(mask).shape}")
     device, dtype = models.device, models.dtype
 
     depth = models.structure.depth(video)
@@ -110,7 +106,7 @@ def sdedit_video(
         out = models.unet(x.expand(2, *x.shape[1:]).to(dtype), t.to(device).expand(2), cond, temporal=False)
         forwards += 1
         v_uncond, v_cond = out.float().chunk(2)
-        v = v_uncond + settings.guidance * (v_cond - v_uncond)
+        v = classifier_free_guidance(v_uncond, v_cond, settings.guidance)
         z = scheduler.step(v, t, z, generator=gen).prev_sample
 
     frames = decode_latents(models, z[0])

@@ -1,8 +1,8 @@
 """Captions of video clips with BLIP (transformers ``BlipForConditionalGeneration``), as in the paper's
 evaluation: caption the input video, then rewrite the caption into edit prompts (`gen1.prompts`).
 
-A clip is captioned from one frame, its middle one (`middle_frame`): the frame most representative of a
-short clip, and one frame keeps captioning a small fraction of an edit's cost.
+A clip is captioned from one frame, its middle one (the edit pipeline decodes only that frame): the frame
+most representative of a short clip, and one frame keeps captioning a small fraction of an edit's cost.
 """
 
 from __future__ import annotations
@@ -13,15 +13,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from gen1.devices import default_device, encoder_dtype
+from gen1.weights import load_caption_model
+
 log = logging.getLogger(__name__)
-
-
-def middle_frame(frames: np.ndarray) -> np.ndarray:
-    """uint8 (f, h, w, 3) -> uint8 (h, w, 3): frame ``f // 2``."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"expected frames (f, h, w, 3) with f >= 1, got shape {frames.shape}")
-    return frames[len(frames) // 2]
 
 
 class Captioner:
@@ -38,11 +33,8 @@ class Captioner:
         num_beams: int = 3,
         prefix: str | None = None,
     ):
-        from gen1.weights import load_caption_model
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        model, processor = load_caption_model(spec, device=device, dtype=dtype)
+        device = device or default_device()
+        model, processor = load_caption_model(spec, device=device, dtype=encoder_dtype(device))
         self._init(model, processor, device, max_new_tokens, num_beams, prefix)
         self.spec = spec
 
@@ -96,7 +88,3 @@ class Captioner:
         )
         captions = self.processor.batch_decode(ids, skip_special_tokens=True)
         return [" ".join(c.split()) for c in captions]
-
-    def caption_clips(self, clips: Sequence[np.ndarray]) -> list[str]:
-        """Caption each clip (uint8 (f, h, w, 3)) from its middle frame, in one batch."""
-        return self([middle_frame(c) for c in clips])

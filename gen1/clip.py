@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
-from gen1.depth import as_frames, default_device
+from gen1.depth import as_frames
+from gen1.devices import default_device, encoder_dtype
+from gen1.weights import load_clip_model
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +37,8 @@ class ClipEmbedder:
     """
 
     def __init__(self, spec: str, device: str | None = None, batch_size: int = 64, dtype: torch.dtype | None = None):
-        from gen1.weights import load_clip_model
-
         device = device or default_device()
-        dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+        dtype = dtype or encoder_dtype(device)
         model, tokenizer = load_clip_model(spec, device=device, dtype=dtype)
         self._init(model, tokenizer, device, batch_size)
         self.spec = spec

@@ -1,4 +1,5 @@
-"""Dataclass configs: model presets ("sd15" full size, "tiny" for tests and the demo), sampler settings.
+"""Dataclass configs: model presets ("sd15" full size, "tiny" for tests and the demo), every component's
+architecture config (`COMPONENT_CONFIGS`), sampler settings.
 
 A *weight spec* names where a component's weights live (see `gen1.weights`):
 
@@ -93,6 +94,204 @@ TINY = ModelSpecs(
 )
 
 PRESETS: dict[str, ModelSpecs] = {"sd15": SD15, "tiny": TINY}
+
+# Every component's constructor config, full size ("sd15") and tiny, in one table: `gen1.architectures`
+# builds the full-size ones on ``meta``, `gen1.tiny` builds and saves the tiny ones. Full-size configs are
+# hard-coded copies of the released ones, so nothing is downloaded. Keys: the `COMPONENTS`; each value is
+# the keyword arguments of the model's class (diffusers) or of its config class (transformers DPTConfig,
+# BlipConfig; open_clip CLIP).
+COMPONENT_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "sd15": {
+        # stable-diffusion-v1-5/stable-diffusion-v1-5, unet/config.json
+        "unet": dict(
+            sample_size=64,
+            in_channels=4,
+            out_channels=4,
+            center_input_sample=False,
+            flip_sin_to_cos=True,
+            freq_shift=0,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+            downsample_padding=1,
+            mid_block_scale_factor=1,
+            act_fn="silu",
+            norm_num_groups=32,
+            norm_eps=1e-5,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        # stable-diffusion-v1-5/stable-diffusion-v1-5, vae/config.json
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            act_fn="silu",
+            latent_channels=4,
+            norm_num_groups=32,
+            sample_size=512,
+            scaling_factor=0.18215,
+        ),
+        # open_clip's ViT-L-14-quickgelu, the architecture of the OpenAI ViT-L/14 weights
+        # (hf:timm/vit_large_patch14_clip_224.openai).
+        "clip": dict(
+            embed_dim=768,
+            quick_gelu=True,
+            vision_cfg=dict(image_size=224, layers=24, width=1024, patch_size=14),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=768, heads=12, layers=12),
+        ),
+        # Intel/dpt-large, config.json (ViT-L/16 backbone at 384 px, MiDaS 3.0 head).
+        "depth": dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            hidden_act="gelu",
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            layer_norm_eps=1e-12,
+            image_size=384,
+            patch_size=16,
+            num_channels=3,
+            is_hybrid=False,
+            qkv_bias=True,
+            backbone_out_indices=[5, 11, 17, 23],
+            readout_type="project",
+            reassemble_factors=[4, 2, 1, 0.5],
+            neck_hidden_sizes=[256, 512, 1024, 1024],
+            fusion_hidden_size=256,
+            head_in_index=-1,
+            use_batch_norm_in_fusion_residual=False,
+        ),
+        # Salesforce/blip-image-captioning-base, config.json (ViT-B/16 at 384 px + BERT-base decoder).
+        "caption": dict(
+            text_config=dict(
+                vocab_size=30524,
+                hidden_size=768,
+                encoder_hidden_size=768,
+                intermediate_size=3072,
+                projection_dim=768,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=512,
+                bos_token_id=30522,
+                eos_token_id=2,
+                pad_token_id=0,
+                sep_token_id=102,
+            ),
+            vision_config=dict(
+                hidden_size=768,
+                intermediate_size=3072,
+                projection_dim=512,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                image_size=384,
+                patch_size=16,
+                layer_norm_eps=1e-5,
+            ),
+            projection_dim=512,
+            image_text_hidden_size=256,
+        ),
+        # kakaobrain/karlo-v1-alpha, prior/config.json (diffusers' conversion uses PriorTransformer's defaults).
+        "prior": dict(
+            num_attention_heads=32,
+            attention_head_dim=64,
+            num_layers=20,
+            embedding_dim=768,
+            num_embeddings=77,
+            additional_embeddings=4,
+            dropout=0.0,
+            time_embed_act_fn="silu",
+            norm_in_type=None,
+            embedding_proj_norm_type=None,
+            encoder_hid_proj_type="linear",
+            added_emb_type="prd",
+            time_embed_dim=None,
+            embedding_proj_dim=None,
+            clip_embed_dim=None,
+        ),
+    },
+    # The same classes, small; TINY.clip_dim is the width CLIP, the UNet's cross-attention and the prior share.
+    "tiny": {
+        "unet": dict(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=TINY.clip_dim,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ),
+        "vae": dict(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks, 3 downsamplings: 8x like SD's VAE
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
+            scaling_factor=0.18215,
+        ),
+        "clip": dict(
+            embed_dim=TINY.clip_dim,
+            quick_gelu=True,
+            vision_cfg=dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8),
+            text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
+        ),
+        "depth": dict(
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=64,
+            patch_size=8,
+            backbone_out_indices=[0, 1, 2, 3],
+            neck_hidden_sizes=[8, 16, 32, 32],
+            fusion_hidden_size=16,
+            is_hybrid=False,
+        ),
+        # vocab_size and the token ids come from the tiny vocabulary `gen1.tiny` writes.
+        "caption": dict(
+            text_config=dict(
+                hidden_size=32,
+                encoder_hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=64,
+            ),
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+                projection_dim=32,
+            ),
+            projection_dim=32,
+            image_text_hidden_size=32,
+        ),
+        "prior": dict(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=2,
+            embedding_dim=TINY.clip_dim,  # == tiny CLIP text width and embedding width
+            num_embeddings=77,  # CLIP's context length
+            additional_embeddings=4,
+        ),
+    },
+}
+assert all(set(configs) == set(COMPONENTS) for configs in COMPONENT_CONFIGS.values())
 
 
 class ConfigError(ValueError):

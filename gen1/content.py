@@ -19,10 +19,6 @@ from gen1.prior import DEFAULT_GUIDANCE, Prior
 log = logging.getLogger(__name__)
 
 
-def middle_index(num_frames: int) -> int:
-    return num_frames // 2
-
-
 class ContentEncoder:
     """CLIP image embedding (dim,) of a frame, a reference image or (via the prior) a text prompt.
 
@@ -37,33 +33,6 @@ class ContentEncoder:
         self.dim = int(clip.dim)
         if prior is not None and prior.dim != self.dim:
             raise ValueError(f"prior produces {prior.dim}-d embeddings but the CLIP model's are {self.dim}-d")
-
-    def frame_index(
-        self, num_frames: int, index: int | None = None, generator: torch.Generator | None = None
-    ) -> int:
-        """The frame whose embedding is the content: ``index``, else random with ``generator`` (training),
-        else the middle frame."""
-        if num_frames < 1:
-            raise ValueError("need at least one frame")
-        if index is not None:
-            if not -num_frames <= index < num_frames:
-                raise IndexError(f"frame index {index} out of range for {num_frames} frames")
-            return index % num_frames
-        if generator is not None:
-            return int(torch.randint(num_frames, (1,), generator=generator).item())
-        return middle_index(num_frames)
-
-    def from_frames(
-        self,
-        frames: np.ndarray | torch.Tensor,
-        index: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """uint8 (f, h, w, 3) -> (dim,) L2-normalised embedding of the chosen frame (see ``frame_index``)."""
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be uint8 (f, h, w, 3), found shape {tuple(frames.shape)}")
-        i = self.frame_index(frames.shape[0], index, generator)
-        return self.clip.embed_images(frames[i : i + 1])[0]
 
     def from_image(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (h, w, 3) -> (dim,) L2-normalised embedding."""

@@ -16,15 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gen1.devices import default_device, encoder_dtype
 from gen1.structure import normalise_per_clip
+from gen1.weights import load_depth_model
 
 log = logging.getLogger(__name__)
 
 MIDAS_MULTIPLE = 32
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def as_frames(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -73,10 +71,8 @@ class DepthEstimator:
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
     ):
-        from gen1.weights import load_depth_model
-
         device = device or default_device()
-        dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+        dtype = dtype or encoder_dtype(device)
         model, processor = load_depth_model(spec, device=device, dtype=dtype)
         self._init(model, processor, device, batch_size)
         self.spec = spec

@@ -16,23 +16,13 @@ from gen1.clip import ClipEmbedder
 from gen1.config import ModelSpecs
 from gen1.content import ContentEncoder
 from gen1.depth import DepthEstimator
+from gen1.devices import default_device, default_dtype
 from gen1.prior import Prior
 from gen1.structure import StructureEncoder
 from gen1.unet import VideoUNet, load_video_unet
 from gen1.weights import WeightsNotFoundError, load_vae, resolve_spec
 
 log = logging.getLogger(__name__)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device: str) -> torch.dtype:
-    """bf16 on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def check_weights(specs: ModelSpecs, components: tuple[str, ...]) -> None:

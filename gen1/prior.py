@@ -1,8 +1,9 @@
 """The prior: CLIP text embedding -> CLIP image embedding (DALL-E 2 style, as Karlo/unCLIP).
 
 A diffusers ``PriorTransformer`` predicts the clean (normalised) image embedding from a noised one, given
-the projected text embedding, the text token states and the text mask; an ``UnCLIPScheduler`` (Karlo's:
-``prediction_type="sample"``, ``fixed_small_log``, clip range 5) runs the reverse process; the model's
+the projected text embedding, the text token states and the text mask; an ``UnCLIPScheduler`` (Karlo's,
+`gen1.schedule.karlo_scheduler`: ``prediction_type="sample"``, ``fixed_small_log``, clip range 5) runs the
+reverse process; the model's
 own ``clip_mean`` / ``clip_std`` map the result back to CLIP space. Gen-1 uses it to turn a text prompt
 into the image embedding its UNet is conditioned on.
 
@@ -20,23 +21,12 @@ import torch.nn.functional as F
 from diffusers import PriorTransformer, UnCLIPScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from gen1.schedule import PRIOR_SCHEDULER_SUBFOLDER, karlo_scheduler, load_prior_scheduler
+from gen1.weights import load_prior, resolve_spec
+
 log = logging.getLogger(__name__)
 
-# As diffusers' conversion of kakaobrain/karlo-v1-alpha (scripts/convert_kakao_brain_unclip_to_diffusers.py).
-KARLO_PRIOR_SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    variance_type="fixed_small_log",
-    clip_sample=True,
-    clip_sample_range=5.0,
-    prediction_type="sample",
-    beta_schedule="squaredcos_cap_v2",
-)
 DEFAULT_GUIDANCE = 4.0  # Karlo's prior classifier-free guidance scale
-SCHEDULER_SUBFOLDER = "scheduler"
-
-
-def karlo_scheduler() -> UnCLIPScheduler:
-    return UnCLIPScheduler(**KARLO_PRIOR_SCHEDULER_CONFIG)
 
 
 class Prior:
@@ -219,7 +209,7 @@ class Prior:
         """The PriorTransformer's own save in ``path``, the scheduler config in ``path/scheduler``."""
         path = Path(path)
         self.prior.save_pretrained(path)
-        self.scheduler.save_pretrained(path / SCHEDULER_SUBFOLDER)
+        self.scheduler.save_pretrained(path / PRIOR_SCHEDULER_SUBFOLDER)
 
     @classmethod
     def from_pretrained(
@@ -227,22 +217,12 @@ class Prior:
     ) -> Prior:
         path = Path(path)
         prior = PriorTransformer.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-        return cls(prior.to(device).eval(), load_scheduler(path))
+        return cls(prior.to(device).eval(), load_prior_scheduler(path))
 
     @classmethod
     def load(cls, spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Prior:
         """A prior from a weight spec (``hf:kakaobrain/karlo-v1-alpha/prior``, a directory, ``tiny:prior``)."""
-        from gen1.weights import load_prior, resolve_spec
-
         path = resolve_spec(spec, component="prior")
         prior = load_prior(spec, device=device, dtype=dtype).eval()
-        return cls(prior, load_scheduler(path))
+        return cls(prior, load_prior_scheduler(path))
 
-
-def load_scheduler(path: Path) -> UnCLIPScheduler:
-    """``path/scheduler`` (ours), else Karlo's sibling ``../prior_scheduler``, else Karlo's config."""
-    for candidate in (path / SCHEDULER_SUBFOLDER, path.parent / "prior_scheduler"):
-        if (candidate / "scheduler_config.json").is_file():
-            return UnCLIPScheduler.from_pretrained(candidate)
-    log.info("no scheduler config next to prior %s: using Karlo's prior scheduler", path)
-    return karlo_scheduler()

@@ -22,7 +22,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -441,7 +441,3 @@ def make_prompt_writer(config: ChatConfig | None = None, seed: int = 0) -> Promp
     log.info("prompt writer: chat endpoint %s", config.describe())
     return ChatWriter(config)
 
-
-def unique_prompts(prompts: Sequence[PromptSpec]) -> list[PromptSpec]:
-    """Drop repeated prompts, keeping the first of each (repeats would make duplicate edit keys)."""
-    return list(dict.fromkeys(prompts))

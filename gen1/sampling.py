@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gen1.guidance import GuidanceScales, guide
+from gen1.masks import latent_mask
 from gen1.models import Gen1Models
 from gen1.schedule import SAMPLERS, make_sampler
 from gen1.structure import conditioning_input
@@ -115,17 +115,18 @@ def window_weights(window: int, overlap: int) -> torch.Tensor:
     return w
 
 
-def latent_mask(mask: np.ndarray | torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
-    """Pixel mask (f, h, w) with 1 = edit -> latent mask (1, 1, f, h/8, w/8).
-
-    A latent cell is edited if any pixel of its footprint is (max pooling), so pixels marked keep are
-    never touched by an edited latent cell's own content.
-    """
-    m = torch.as_tensor(np.asarray(mask, dtype=np.float32))
-    if m.ndim != 3:
-        raise ValueError(f"mask must be (f, h, w), got shape {tuple(m.shape)}")
-    pooled = F.adaptive_max_pool2d(m[:, None], latent_hw)  # (f, 1, h8, w8)
-    return pooled.permute(1, 0, 2, 3)[None]  # (1, 1, f, h8, w8)
+def check_inputs(video: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """The checks of every editor's inputs: ``video`` uint8 (f, h, w, 3) with h and w multiples of 8 (the
+    VAE's factor), ``mask`` None or (f, h, w). Returns ``video`` as an array."""
+    video = np.asarray(video)
+    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+        raise ValueError(f"video must be uint8 (f, h, w, 3), got {video.dtype} {video.shape}")
+    f, h, w, _ = video.shape
+    if h % 8 or w % 8:
+        raise ValueError(f"frame size must be a multiple of 8, got {w}x{h}")
+    if mask is not None and np.asarray(mask).shape != (f, h, w):
+        raise ValueError(f"mask must have shape {(f, h, w)}, got {np.asarray(mask).shape}")
+    return video
 
 
 @torch.no_grad()
@@ -206,14 +207,8 @@ def edit_video(
     mask: optional (f, h, w), 1 = edit, 0 = keep. Returns the edited frames and what produced them.
     """
     start = time.perf_counter()
-    video = np.asarray(video)
-    if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
-        raise ValueError(f"video must be uint8 (f, h, w, 3), got {video.dtype} {video.shape}")
+    video = check_inputs(video, mask)
     f, h, w, _ = video.shape
-    if h % 8 or w % 8:
-        raise ValueError(f"frame size must be a multiple of 8, got {w}x{h}")
-    if mask is not None and np.asarray(mask).shape != (f, h, w):
-        raise ValueError(f"mask must have shape {(f, h, w)}, got {np.asarray(mask).shape}")
     device = models.device
 
     depth = models.structure.depth(video)  # (f, h, w), normalised once per clip

@@ -2,7 +2,8 @@
 
 Each builder makes the same class the full-size preset uses (diffusers ``AutoencoderKL``,
 ``UNet2DConditionModel``, ``PriorTransformer``; transformers ``DPTForDepthEstimation``,
-``BlipForConditionalGeneration``; open_clip ``CLIP``) with a fixed seed, and saves it with that library's own
+``BlipForConditionalGeneration``; open_clip ``CLIP``) from its config in ``gen1.config.COMPONENT_CONFIGS["tiny"]``
+with a fixed seed, and saves it with that library's own
 save function, so a tiny model is loaded back through exactly the loaders of `gen1.weights`. Nothing here
 is downloaded: the BLIP tokenizer is built from a small vocabulary written here, CLIP uses open_clip's
 bundled BPE tokenizer.
@@ -23,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from gen1.config import COMPONENTS
+from gen1.config import COMPONENT_CONFIGS, COMPONENTS
+from gen1.schedule import PRIOR_SCHEDULER_SUBFOLDER, karlo_scheduler
 
 log = logging.getLogger(__name__)
 
-TINY_CLIP_DIM = 32  # == TINY.clip_dim == tiny UNet cross_attention_dim == tiny prior embedding_dim
 TINY_SEED = 0
 # Bump when a builder changes: directories built by an older version are rebuilt.
 TINY_VERSION = 1
@@ -38,56 +39,6 @@ LOCK_TIMEOUT_S = 600.0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-TINY_UNET_CONFIG = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=1,
-    block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=TINY_CLIP_DIM,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
-TINY_VAE_CONFIG = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,  # 4 blocks, 3 downsamplings: 8x like SD's VAE
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(8, 16, 16, 16),
-    layers_per_block=1,
-    latent_channels=4,
-    norm_num_groups=8,
-    sample_size=64,
-    scaling_factor=0.18215,
-)
-TINY_PRIOR_CONFIG = dict(
-    num_attention_heads=2,
-    attention_head_dim=16,
-    num_layers=2,
-    embedding_dim=TINY_CLIP_DIM,  # == tiny CLIP text width and embedding width
-    num_embeddings=77,  # CLIP's context length
-    additional_embeddings=4,
-)
-TINY_CLIP_CONFIG = dict(
-    embed_dim=TINY_CLIP_DIM,
-    quick_gelu=True,
-    vision_cfg=dict(image_size=32, layers=2, width=32, head_width=16, patch_size=8),
-    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2),
-)
-TINY_DPT_CONFIG = dict(
-    hidden_size=32,
-    num_hidden_layers=4,
-    num_attention_heads=2,
-    intermediate_size=64,
-    image_size=64,
-    patch_size=8,
-    backbone_out_indices=[0, 1, 2, 3],
-    neck_hidden_sizes=[8, 16, 32, 32],
-    fusion_hidden_size=16,
-    is_hybrid=False,
-)
 TINY_DPT_PROCESSOR = dict(
     size={"height": 64, "width": 64},
     keep_aspect_ratio=True,  # MiDaS-style: keep the aspect ratio, sides a multiple of 32
@@ -95,7 +46,6 @@ TINY_DPT_PROCESSOR = dict(
     image_mean=[0.5, 0.5, 0.5],
     image_std=[0.5, 0.5, 0.5],
 )
-TINY_BLIP_IMAGE_SIZE = 32
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BOS_TOKEN = "[DEC]"  # BLIP's decoder start token, as in Salesforce/blip-image-captioning-*
@@ -129,7 +79,7 @@ def tiny_root() -> Path:
 def _build_vae(out: Path) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
-    model = AutoencoderKL(**TINY_VAE_CONFIG)
+    model = AutoencoderKL(**COMPONENT_CONFIGS["tiny"]["vae"])
     model.save_pretrained(out)
     return model
 
@@ -137,7 +87,7 @@ def _build_vae(out: Path) -> torch.nn.Module:
 def _build_unet(out: Path) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    model = UNet2DConditionModel(**TINY_UNET_CONFIG)
+    model = UNet2DConditionModel(**COMPONENT_CONFIGS["tiny"]["unet"])
     model.save_pretrained(out)
     return model
 
@@ -145,14 +95,12 @@ def _build_unet(out: Path) -> torch.nn.Module:
 def _build_prior(out: Path) -> torch.nn.Module:
     from diffusers import PriorTransformer
 
-    from gen1.prior import SCHEDULER_SUBFOLDER, karlo_scheduler
-
-    model = PriorTransformer(**TINY_PRIOR_CONFIG)
+    model = PriorTransformer(**COMPONENT_CONFIGS["tiny"]["prior"])
     with torch.no_grad():  # identity normalisation: a well-formed prior (a fresh one has clip_std == 0)
         model.clip_mean.zero_()
         model.clip_std.fill_(1.0)
     model.save_pretrained(out)
-    karlo_scheduler().save_pretrained(out / SCHEDULER_SUBFOLDER)
+    karlo_scheduler().save_pretrained(out / PRIOR_SCHEDULER_SUBFOLDER)
     return model
 
 
@@ -163,20 +111,21 @@ def _build_clip(out: Path) -> torch.nn.Module:
     from open_clip.push_to_hf_hub import save_config_for_hf
     from open_clip.transform import PreprocessCfg
 
-    model = CLIP(**TINY_CLIP_CONFIG)
-    set_model_preprocess_cfg(model, vars(PreprocessCfg(size=TINY_CLIP_CONFIG["vision_cfg"]["image_size"])))
+    config = COMPONENT_CONFIGS["tiny"]["clip"]
+    model = CLIP(**config)
+    set_model_preprocess_cfg(model, vars(PreprocessCfg(size=config["vision_cfg"]["image_size"])))
     # open_clip's save_for_hf minus the tokenizer (the bundled SimpleTokenizer has nothing to save).
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(state, str(out / HF_SAFE_WEIGHTS_NAME))
-    save_config_for_hf(model, out / HF_CONFIG_NAME, model_config=TINY_CLIP_CONFIG)
+    save_config_for_hf(model, out / HF_CONFIG_NAME, model_config=config)
     return model
 
 
 def _build_depth(out: Path) -> torch.nn.Module:
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
-    model = DPTForDepthEstimation(DPTConfig(**TINY_DPT_CONFIG))
+    model = DPTForDepthEstimation(DPTConfig(**COMPONENT_CONFIGS["tiny"]["depth"]))
     # transformers' init (normal, std 0.02) shrinks the signal ~1e4-fold through the neck and head, so a
     # random tiny DPT predicts a constant. PyTorch's default conv init keeps it alive; the head ends in a
     # ReLU, so its last conv gets a positive bias (no pixel stuck at 0) and a larger gain (the output varies
@@ -219,33 +168,20 @@ def _build_caption(out: Path) -> torch.nn.Module:
         vocab_file.write_text("\n".join(vocab) + "\n")
         tokenizer = BertTokenizer(str(vocab_file), do_lower_case=True, bos_token=BOS_TOKEN, model_max_length=64)
     ids = {t: i for i, t in enumerate(vocab)}
+    arch = COMPONENT_CONFIGS["tiny"]["caption"]
     text_cfg = dict(
+        arch["text_config"],
         vocab_size=len(vocab),
-        hidden_size=32,
-        encoder_hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=64,
         bos_token_id=ids[BOS_TOKEN],
         eos_token_id=ids["[SEP]"],
         sep_token_id=ids["[SEP]"],
         pad_token_id=ids["[PAD]"],
     )
-    vision_cfg = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=TINY_BLIP_IMAGE_SIZE,
-        patch_size=8,
-        projection_dim=32,
-    )
-    config = BlipConfig(text_config=text_cfg, vision_config=vision_cfg, projection_dim=32, image_text_hidden_size=32)
-    model = BlipForConditionalGeneration(config)
+    model = BlipForConditionalGeneration(BlipConfig(**{**arch, "text_config": text_cfg}))
     model.save_pretrained(out)
+    size = arch["vision_config"]["image_size"]
     image_processor = BlipImageProcessor(
-        size={"height": TINY_BLIP_IMAGE_SIZE, "width": TINY_BLIP_IMAGE_SIZE},
+        size={"height": size, "width": size},
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     )

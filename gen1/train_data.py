@@ -29,7 +29,7 @@ import fsspec
 import numpy as np
 import torch
 
-from gen1.video import read_image
+from gen1.video import read_image, resize_center_crop
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,6 @@ class ImageFeaturizer:
 
     @torch.no_grad()
     def __call__(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> ClipBatch:
-        from gen1.video import resize_center_crop
-
         frames = np.stack([resize_center_crop(np.asarray(im)[None], self.width, self.height)[0] for im in images])
         emb = self.clip.embed_images(frames).float().cpu()  # (n, d)
         depth = None

@@ -29,6 +29,7 @@ from torch import nn
 
 from gen1.config import TemporalConfig
 from gen1.temporal import FrameContext, FrameState, TemporalConv, TemporalTransformer
+from gen1.weights import load_image_unet, resolve_spec
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,6 @@ class VideoUNet(nn.Module):
         extra_in_channels: int = DEFAULT_EXTRA_IN_CHANNELS,
     ) -> VideoUNet:
         """Load image UNet weights (e.g. SD 1.5) by weight spec and inflate them."""
-        from gen1.weights import load_image_unet  # lazy: gen1.weights pulls in every model family
-
         return cls.from_image_unet(load_image_unet(spec), temporal, extra_in_channels)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
@@ -338,8 +337,6 @@ def load_video_unet(spec: str, temporal: TemporalConfig = DEFAULT_TEMPORAL) -> V
     A saved model keeps its own temporal config (its weights depend on it); a different ``temporal`` is
     reported and ignored.
     """
-    from gen1.weights import resolve_spec  # lazy, as in from_pretrained_image_unet
-
     directory = resolve_spec(spec)
     if (directory / CONFIG_NAME).is_file():
         model = VideoUNet.from_pretrained(directory)

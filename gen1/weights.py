@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gen1.config import COMPONENTS
+from gen1.tiny import ensure_tiny
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, PriorTransformer, UNet2DConditionModel
@@ -283,8 +284,6 @@ def resolve_spec(spec: str, cache_dir: Path | None = None, component: str | None
                 f"weight spec {spec!r}: unknown tiny component {name!r}; expected one of {', '.join(COMPONENTS)}",
                 spec=spec,
             )
-        from gen1.tiny import ensure_tiny
-
         return ensure_tiny(name)
     if spec.startswith(HF_PREFIX) and not spec.startswith("hf://"):
         return resolve_hf(spec, component)
@@ -331,16 +330,21 @@ def load_prior(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype
     return _diffusers_load(PriorTransformer, spec, "prior", device, dtype)
 
 
+def _transformers_load(model_cls, processor_cls, spec: str, component: str, layout: str, device, dtype):
+    """(model, processor) of a transformers directory: ``model_cls`` and ``processor_cls`` from one path."""
+    path = resolve_spec(spec, component=component)
+    _expect_files(spec, path, ["config.json"], component, f"transformers {layout}")
+    model = model_cls.from_pretrained(path, dtype=dtype, local_files_only=True)
+    processor = processor_cls.from_pretrained(path, local_files_only=True)
+    return model.to(device).eval(), processor
+
+
 def load_depth_model(
     spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[DPTForDepthEstimation, DPTImageProcessor]:
     from transformers import DPTForDepthEstimation, DPTImageProcessor
 
-    path = resolve_spec(spec, component="depth")
-    _expect_files(spec, path, ["config.json"], "depth", "transformers DPT")
-    model = DPTForDepthEstimation.from_pretrained(path, dtype=dtype, local_files_only=True)
-    processor = DPTImageProcessor.from_pretrained(path, local_files_only=True)
-    return model.to(device).eval(), processor
+    return _transformers_load(DPTForDepthEstimation, DPTImageProcessor, spec, "depth", "DPT", device, dtype)
 
 
 def load_caption_model(
@@ -348,11 +352,7 @@ def load_caption_model(
 ) -> tuple[BlipForConditionalGeneration, BlipProcessor]:
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    path = resolve_spec(spec, component="caption")
-    _expect_files(spec, path, ["config.json"], "caption", "transformers BLIP")
-    model = BlipForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
-    processor = BlipProcessor.from_pretrained(path, local_files_only=True)
-    return model.to(device).eval(), processor
+    return _transformers_load(BlipForConditionalGeneration, BlipProcessor, spec, "caption", "BLIP", device, dtype)
 
 
 _OPEN_CLIP_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 
+from gen1.masks import mask_from_frames
 from gen1.video import Clip, open_uri, read_image, resize_center_crop, sample_indices
 
 log = logging.getLogger(__name__)
@@ -314,6 +315,5 @@ def load_sequence_mask(
     if invert:
         m = ~m
     if size is not None:
-        rgb = np.repeat((m.astype(np.uint8) * 255)[..., None], 3, axis=-1)
-        m = resize_center_crop(rgb, *size)[..., 0] >= 128
+        return mask_from_frames(np.repeat((m.astype(np.uint8) * 255)[..., None], 3, axis=-1), *size)
     return m.astype(np.float32)

@@ -57,6 +57,7 @@ import pandas as pd
 import pyarrow as pa
 
 from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
+from gen1.masks import read_mask
 from gen1.prompts import ChatConfig, PromptSpec, PromptWriterError, make_prompt_writer, read_prompt_file
 from pipelines.failures import (
     ERROR_COLUMNS,
@@ -301,25 +302,6 @@ class SequenceClip(EditClip):
             mask_objects=None if mask_objects is None else tuple(mask_objects),
             invert_mask=invert_mask,
         )
-
-
-def read_mask(uri: str, indices: Sequence[int], width: int, height: int) -> np.ndarray:
-    """A mask video (frames ``indices``) or image (every frame) -> float32 (f, height, width) in {0, 1},
-    resized like the frames; white (>= 50% grey) = edit."""
-    from gen1.video import ImageDecodeError, VideoDecodeError, read_frames, read_image, resize_center_crop
-
-    try:
-        frames = read_frames(uri, indices)
-    except VideoDecodeError as video_error:
-        try:
-            image = read_image(uri)
-        except ImageDecodeError as image_error:
-            raise ImageDecodeError(
-                uri, f"mask: expected a video or an image, could read neither ({video_error.reason}; "
-                f"{image_error.reason})"
-            ) from image_error
-        frames = np.repeat(image[None], len(indices), axis=0)
-    return (resize_center_crop(frames, width, height).mean(axis=-1) >= 127.5).astype(np.float32)
 
 
 def read_source_table(

@@ -6,14 +6,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from gen1.architectures import (
-    BLIP_BASE_CONFIG,
-    COMPONENTS,
-    SD15_UNET_CONFIG,
-    build_component,
-    parameter_count,
-)
-from gen1.config import SD15, TINY
+from gen1.architectures import COMPONENTS, build_component, parameter_count
+from gen1.config import COMPONENT_CONFIGS, SD15, TINY
 from jobs.cli import main
 
 # Published counts. SD 1.5 UNet: diffusers' ModelMixin.num_parameters docstring (859520964 for
@@ -45,7 +39,7 @@ def test_sd15_unet_has_sd15s_parameter_count(sd15):
     assert type(unet).__name__ == "UNet2DConditionModel"
     assert parameter_count(unet) == SD15_UNET_PARAMS
     assert unet.config.cross_attention_dim == SD15.clip_dim == 768
-    assert tuple(unet.config.block_out_channels) == SD15_UNET_CONFIG["block_out_channels"]
+    assert tuple(unet.config.block_out_channels) == COMPONENT_CONFIGS["sd15"]["unet"]["block_out_channels"]
 
 
 def test_published_counts_of_the_other_components(sd15):
@@ -60,7 +54,8 @@ def test_published_counts_of_the_other_components(sd15):
     # DPT-Large: 343M (hub model card of Intel/dpt-large).
     assert round(parameter_count(sd15["depth"]) / 1e6) == 343
     # BLIP base captioning: 247M on the hub, which counts the LM head tied to the word embeddings twice.
-    tied = BLIP_BASE_CONFIG["text_config"]["vocab_size"] * BLIP_BASE_CONFIG["text_config"]["hidden_size"]
+    text_config = COMPONENT_CONFIGS["sd15"]["caption"]["text_config"]
+    tied = text_config["vocab_size"] * text_config["hidden_size"]
     assert round((parameter_count(sd15["caption"]) + tied) / 1e6) == 247
 
 
@@ -72,6 +67,12 @@ def test_video_unet_image_part_is_sd15_plus_the_wider_conv_in():
     temporal = sum(p.numel() for p in video.temporal_parameters())
     assert spatial == SD15_UNET_PARAMS + CONV_IN_EXTRA
     assert temporal > 0 and spatial + temporal == parameter_count(video)
+
+
+def test_sd15_clip_config_is_open_clips_vit_l_14_quickgelu():
+    import open_clip
+
+    assert COMPONENT_CONFIGS["sd15"]["clip"] == open_clip.get_model_config("ViT-L-14-quickgelu")
 
 
 def test_parameter_count_counts_shared_parameters_once():

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from diffusers import PriorTransformer, UnCLIPScheduler
 
 from gen1.content import ContentEncoder
-from gen1.prior import KARLO_PRIOR_SCHEDULER_CONFIG, Prior, load_scheduler
+from gen1.prior import Prior
+from gen1.schedule import KARLO_PRIOR_SCHEDULER_CONFIG, load_prior_scheduler
 
 DIM = 16  # CLIP embedding width == text token width of the tiny "CLIP"
 SEQ = 7  # tokens per prompt of the tiny "CLIP"
@@ -180,12 +181,12 @@ def test_save_load_round_trip_gives_identical_samples(prior, tmp_path):
 
 def test_scheduler_lookup_follows_karlos_layout(tmp_path):
     (tmp_path / "karlo" / "prior").mkdir(parents=True)
-    assert load_scheduler(tmp_path / "karlo" / "prior").config.clip_sample_range == 5.0  # Karlo's default
+    assert load_prior_scheduler(tmp_path / "karlo" / "prior").config.clip_sample_range == 5.0  # Karlo's default
     sched = tmp_path / "karlo" / "prior_scheduler"
     sched.mkdir()
     cfg = {"_class_name": "UnCLIPScheduler", **KARLO_PRIOR_SCHEDULER_CONFIG, "clip_sample_range": 2.5}
     (sched / "scheduler_config.json").write_text(json.dumps(cfg))
-    assert load_scheduler(tmp_path / "karlo" / "prior").config.clip_sample_range == 2.5
+    assert load_prior_scheduler(tmp_path / "karlo" / "prior").config.clip_sample_range == 2.5
 
 
 # ---- ContentEncoder -----------------------------------------------------------------------------------------
@@ -221,48 +222,15 @@ class StubClip:
         return tokens, pooled
 
 
-def frames_with_ids(f: int) -> np.ndarray:
-    """(f, 8, 8, 3) uint8 where frame i is filled with the value 10 * i."""
-    return np.stack([np.full((8, 8, 3), 10 * i, dtype=np.uint8) for i in range(f)])
-
-
-def embedded_frame(clip: StubClip) -> int:
-    last = clip.embedded[-1]
-    assert last.shape[0] == 1, "one frame per content embedding"
-    return int(last[0, 0, 0, 0]) // 10
-
-
-def test_from_frames_index_choice():
+def test_from_image_embeds_that_one_image():
     clip = StubClip()
     enc = ContentEncoder(clip, None)
-    frames = frames_with_ids(8)
-    out = enc.from_frames(frames)
-    assert out.shape == (DIM,)
-    assert embedded_frame(clip) == 4  # middle frame
-    enc.from_frames(frames_with_ids(5))
-    assert embedded_frame(clip) == 2
-    enc.from_frames(frames, index=6)
-    assert embedded_frame(clip) == 6
-    enc.from_frames(frames, index=-1)
-    assert embedded_frame(clip) == 7
-    with pytest.raises(IndexError, match="out of range"):
-        enc.from_frames(frames, index=8)
-
-
-def test_from_frames_random_frame_in_training():
-    clip = StubClip()
-    enc = ContentEncoder(clip, None)
-    frames = frames_with_ids(8)
-    picks = []
-    for seed in range(40):
-        enc.from_frames(frames, generator=gen(seed))
-        picks.append(embedded_frame(clip))
-    assert set(picks) <= set(range(8)) and len(set(picks)) >= 6  # spread over the clip, not the middle only
-    enc.from_frames(frames, generator=gen(3))
-    first = embedded_frame(clip)
-    enc.from_frames(frames, generator=gen(3))
-    assert embedded_frame(clip) == first  # a seeded choice is reproducible
-    assert torch.equal(enc.from_frames(frames, index=2), enc.from_image(frames[2]))
+    image = np.full((8, 8, 3), 40, dtype=np.uint8)
+    out = enc.from_image(image)
+    assert out.shape == (DIM,) and len(clip.embedded) == 1 and clip.embedded[0].shape == (1, 8, 8, 3)
+    assert torch.equal(out, clip.embed_images(image[None])[0])
+    with pytest.raises(ValueError, match=r"image must be uint8 \(h, w, 3\)"):
+        enc.from_image(np.zeros((2, 8, 8, 3), dtype=np.uint8))
 
 
 def test_from_text_through_the_prior_is_unit_norm_and_seeded():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,17 +28,21 @@ def test_importing_gen1_and_pipelines_loads_no_ray():
     assert report["ray"] == [], f"importing gen1 (every module) and pipelines loaded Ray: {report['ray'][:5]}"
 
 
-def gen1_modules_importing(package: str) -> list[str]:
-    """The gen1 source files with an import of ``package`` on any line (function-local ones too)."""
-    starts = (f"import {package}", f"from {package}")
-    return [str(p.relative_to(ROOT)) for p in (ROOT / "gen1").rglob("*.py")
-            if any(line.strip().startswith(starts) for line in p.read_text().splitlines())]
+_EDIT_ONE = r"""
+import json, sys
+from jobs.cli import main
+code = main(["edit-one", "no-such-video.mp4", "--prompt", "x", "--out", "out.mp4", "--models", "tiny"])
+loaded = [m for m in sys.modules if m.split(".")[0] == "ray" or m.startswith("pipelines.edit")]
+print(json.dumps({"code": code, "loaded": sorted(loaded)}))
+"""
 
 
-def test_no_gen1_module_mentions_ray_imports():
-    assert gen1_modules_importing("ray") == []
-
-
-def test_no_gen1_module_imports_mlflow():
-    """Training reports through the tracker its caller hands in (`pipelines.tracking.MlflowTracker`)."""
-    assert gen1_modules_importing("mlflow") == []
+def test_edit_one_imports_neither_ray_nor_the_edit_pipeline(tmp_path):
+    """`gen1 edit-one` is the single-machine path: it reads masks with gen1.masks, not with the Ray edit
+    pipeline. A missing input fails after every import of the command has run."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _EDIT_ONE], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["code"] == 1, proc.stderr[-3000:]
+    assert report["loaded"] == [], f"gen1 edit-one loaded {report['loaded'][:5]}"

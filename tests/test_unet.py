@@ -2,8 +2,6 @@
 
 import copy
 import dataclasses
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+import gen1.unet
 from gen1.config import TemporalConfig
 from gen1.temporal import FrameState, TemporalConv, TemporalTransformer
 from gen1.unet import CONFIG_NAME, WEIGHTS_NAME, VideoUNet, load_video_unet
@@ -227,12 +226,10 @@ def test_save_pretrained_round_trip(video, tmp_path):
 def test_load_video_unet_saved_dir_or_inflated_image_unet(video, reference, tmp_path, monkeypatch):
     """A dir with gen1_unet_config.json loads as saved; any other spec inflates ``load_image_unet(spec)``.
 
-    ``gen1.weights`` is stubbed so this checks the dispatch alone (its resolving is tested with it).
+    The weight loaders are stubbed so this checks the dispatch alone (`gen1.weights` is tested with them).
     """
-    weights = types.ModuleType("gen1.weights")
-    weights.resolve_spec = lambda spec: Path(spec.removeprefix("image:"))
-    weights.load_image_unet = lambda spec: copy.deepcopy(reference)
-    monkeypatch.setitem(sys.modules, "gen1.weights", weights)
+    monkeypatch.setattr(gen1.unet, "resolve_spec", lambda spec: Path(spec.removeprefix("image:")))
+    monkeypatch.setattr(gen1.unet, "load_image_unet", lambda spec: copy.deepcopy(reference))
     perturb(video)
     video.save_pretrained(tmp_path / "video")
     z, t, content = inputs(2)

@@ -40,7 +40,7 @@ def fixed_outputs(component: str, model: torch.nn.Module) -> list[torch.Tensor]:
             return [z, model.decode(z).sample]
         if component == "unet":
             x = torch.randn(2, 4, 8, 8, generator=g)
-            ctx = torch.randn(2, 3, tiny.TINY_CLIP_DIM, generator=g)
+            ctx = torch.randn(2, 3, TINY.clip_dim, generator=g)
             return [model(x, torch.tensor([10, 500]), encoder_hidden_states=ctx).sample]
         if component == "clip":
             import open_clip
@@ -55,7 +55,7 @@ def fixed_outputs(component: str, model: torch.nn.Module) -> list[torch.Tensor]:
             ids = model.generate(pixel_values=pixels, max_new_tokens=6, do_sample=False)
             return [ids, model(pixel_values=pixels, input_ids=ids).logits]
         if component == "prior":
-            d = tiny.TINY_CLIP_DIM
+            d = TINY.clip_dim
             out = model(
                 torch.randn(2, d, generator=g),
                 timestep=torch.tensor([3, 700]),
@@ -110,7 +110,6 @@ def test_tiny_builds_are_deterministic_and_leave_the_global_rng_alone(tmp_path):
 def test_tiny_models_match_the_tiny_preset(tiny_models):
     assert set(tiny_models) == set(COMPONENTS)
     assert all(p.parent == tiny.tiny_root() for p in tiny_models.values())
-    assert tiny.TINY_CLIP_DIM == TINY.clip_dim
     unet = weights.load_image_unet(TINY.unet)
     assert unet.config.cross_attention_dim == TINY.clip_dim
     vae = weights.load_vae(TINY.vae)

@@ -97,7 +97,8 @@ def time_edit(models, video, content, settings, sync) -> tuple[float, np.ndarray
 
 def run(args: argparse.Namespace) -> dict:
     from gen1.config import load_model_specs
-    from gen1.models import Gen1Models, default_device, default_dtype
+    from gen1.devices import default_device, default_dtype
+    from gen1.models import Gen1Models
     from gen1.sampling import EditSettings
 
     device = args.device or default_device()
