@@ -194,6 +194,27 @@ def embed_content(models: Gen1Models, content: Content | torch.Tensor, seed: int
 
 
 @torch.no_grad()
+def predict_windows(
+    predictor: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    starts: list[int],
+    window: int,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """The guided prediction for every frame of ``x`` (1, 12, f, h/8, w/8): one call when one window covers
+    the clip, else ``predictor`` on each window from ``starts`` blended with ``weights`` (window,)."""
+    if len(starts) == 1:
+        return predictor(x, t)
+    f = x.shape[2]
+    v = torch.zeros((x.shape[0], 4, *x.shape[2:]), device=x.device, dtype=x.dtype)
+    total = torch.zeros(f, device=x.device)
+    for s in starts:
+        v[:, :, s : s + window] += predictor(x[:, :, s : s + window], t) * weights.view(1, 1, -1, 1, 1)
+        total[s : s + window] += weights
+    return v / total.view(1, 1, -1, 1, 1)
+
+
 def edit_video(
     models: Gen1Models,
     video: np.ndarray,
@@ -239,21 +260,11 @@ def edit_video(
         t_dev = t.to(device)
         z_in = scheduler.scale_model_input(z, t)
         x = conditioning_input(z_in, structure, ts)  # (1, 12, f, h/8, w/8)
-        if len(starts) == 1:
-            v = predictor(x, t_dev)
-        else:
-            v = torch.zeros_like(z)
-            total = torch.zeros(f, device=device)
-            for s in starts:
-                v[:, :, s : s + window] += predictor(x[:, :, s : s + window], t_dev) * weights.view(1, 1, -1, 1, 1)
-                total[s : s + window] += weights
-            v = v / total.view(1, 1, -1, 1, 1)
+        v = predict_windows(predictor, x, t_dev, starts, window, weights)
         z = scheduler.step(v, t, z, generator=gen).prev_sample
         if keep is not None:
-            if i + 1 < len(timesteps):
-                known_t = scheduler.add_noise(known, noise, timesteps[i + 1 : i + 2])
-            else:
-                known_t = known
+            # the input's latent, noised to the next step (clean after the last): inpainting-style masks
+            known_t = scheduler.add_noise(known, noise, timesteps[i + 1 : i + 2]) if i + 1 < len(timesteps) else known
             z = keep * known_t + (1.0 - keep) * z
         if progress is not None:
             progress(i + 1, len(timesteps))
