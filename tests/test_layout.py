@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,16 @@ def test_only_the_preprocess_job_imports_the_preprocess_pipeline():
 def test_ray_data_pools_are_sized_with_concurrency():
     offenders = [n for n, p in MODULES.items() if "ActorPoolStrategy" in p.read_text() or "TaskPoolStrategy" in p.read_text()]
     assert offenders == []
+
+
+def test_every_path_in_the_readme_layout_exists():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Layout\n"): readme.index("\n## ", readme.index("## Layout\n") + 1)]
+    named = set(re.findall(r"`((?:gen1|pipelines|jobs)/[\w/.*]+)`", section))
+    # "`gen1/training/loop.py`, `state.py`": bare names in a row are siblings of the row's first path
+    for row in section.splitlines():
+        paths = re.findall(r"`((?:gen1|pipelines|jobs)/[\w/.*]+)`", row)
+        named.update(f"{paths[0].rpartition('/')[0]}/{bare}" for bare in re.findall(r"`([\w]+\.py)`", row) if paths)
+    assert len(named) > 30
+    missing = sorted(p for p in named if not list(ROOT.glob(p)))
+    assert missing == []
