@@ -120,10 +120,22 @@ def standalone_main(
     return run_command(prog, args, run)
 
 
+CODE_MAP = """\
+where the code is:
+  gen1/                 the model library: unet.py + temporal.py (the video UNet), structure.py (t_s),
+                        guidance.py (eq. 8), sampling.py, masks.py, baselines.py, training/ (the stages)
+  pipelines/preprocess/ gen1 preprocess      pipelines/edit/     gen1 edit (edit-one: gen1/sampling.py)
+  pipelines/evaluate/   gen1 eval            pipelines/train.py  gen1 train
+  pipelines/            runtime.py (Ray, resources), commits.py, failures.py, quarantine.py, tracking.py (MLflow)
+  jobs/commands/        one module per command; README.md's Layout section maps the rest"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gen1",
         description="Structure- and content-guided video diffusion (Gen-1) and its batch pipelines.",
+        epilog=CODE_MAP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for input errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
