@@ -1,4 +1,4 @@
-"""Temporal layers that inflate Stable Diffusion's image UNet to video (Gen-1, sec. 3.3).
+"""Temporal layers that inflate Stable Diffusion's image UNet to video (Gen-1, §3.2).
 
 Two wrappers, each around an unchanged spatial module of the image UNet:
 

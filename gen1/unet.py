@@ -1,4 +1,4 @@
-"""The spatio-temporal UNet: Stable Diffusion's image UNet inflated to video (Gen-1, sec. 3.3).
+"""The spatio-temporal UNet: Stable Diffusion's image UNet inflated to video (Gen-1, §3.2).
 
 `VideoUNet` wraps a diffusers ``UNet2DConditionModel`` *in place*: every ResNet block's conv1/conv2 becomes
 a `gen1.temporal.TemporalConv`, every ``Transformer2DModel`` in an ``attentions`` list a
