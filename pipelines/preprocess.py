@@ -26,7 +26,6 @@ dies and its actors restart on the head.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import json
 import logging
 import math
@@ -55,9 +54,16 @@ from pipelines.failures import (
     with_error_columns,
 )
 from pipelines.quarantine import load_quarantine, write_quarantine
+from pipelines.runtime import (
+    ActorPool,
+    init_ray,
+    new_run_id,
+    plan_resources,
+    task_concurrency,
+    write_run_record,
+)
 from pipelines.schema import (
     ERRORS_DIR,
-    RUNS_DIR,
     SCHEMA_VERSION,
     SHARD_SCHEMA,
     SHARDS_DIR,
@@ -69,19 +75,6 @@ from pipelines.sources import PLAN_COLUMNS, VIDEO_EXTENSIONS, PlanStage, list_vi
 from pipelines.timeouts import call_with_timeout, check_time_limits
 
 logger = logging.getLogger(__name__)
-
-# Non-secret settings a job submitted to a remote cluster takes along (a local cluster inherits them).
-FORWARDED_ENV = (
-    "GEN1_TINY_DIR",
-    "GEN1_CACHE_DIR",
-    "HF_HOME",
-    "HF_HUB_CACHE",
-    "HF_HUB_OFFLINE",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_DEFAULT_REGION",
-)
-
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -665,92 +658,6 @@ class PreprocessSummary:
                 "failure_fraction": self.failure_fraction}
 
 
-def new_run_id() -> str:
-    return f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
-    """Connect to ``address`` (or $RAY_ADDRESS), else start a local Ray; no-op if already connected.
-
-    Returns True when this call connected (the caller shuts down what it started).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # never re-run workers through `uv run`
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-        logger.info("connecting to Ray at %s (forwarding %s)", address, ", ".join(env) or "no env vars")
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False)
-    return True
-
-
-@dataclass(frozen=True)
-class _Pool:
-    stage: type
-    name: str
-    spec: str
-    batch_size: int
-    concurrency: int
-    num_gpus: float
-
-
-def _plan_resources(cfg: PreprocessConfig, pools: list[_Pool]) -> dict[str, dict[str, float]]:
-    """Per pool ``num_cpus``/``num_gpus``: GPUs when the cluster has them, else a CPU fraction; checks
-    that the pools leave room for the CPU tasks (an actor pool that takes every CPU hangs Ray Data)."""
-    import ray
-
-    resources = ray.cluster_resources()
-    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
-    out: dict[str, dict[str, float]] = {}
-    if gpus > 0:
-        need = sum(p.num_gpus * p.concurrency for p in pools)
-        if need > gpus:
-            raise ConfigError(
-                f"model pools need {need:g} GPUs ({', '.join(f'{p.name}: {p.concurrency} x {p.num_gpus:g}' for p in pools)}) "
-                f"but the cluster has {gpus:g}; lower *_concurrency or *_num_gpus"
-            )
-        for p in pools:
-            out[p.name] = {"num_gpus": p.num_gpus, "num_cpus": min(1.0, cfg.actor_num_cpus)}
-    else:
-        for p in pools:
-            out[p.name] = {"num_gpus": 0.0, "num_cpus": cfg.actor_num_cpus}
-    actor_cpus = sum(out[p.name]["num_cpus"] * p.concurrency for p in pools)
-    if actor_cpus + cfg.task_num_cpus > cpus:
-        raise ConfigError(
-            f"model actors claim {actor_cpus:g} of the cluster's {cpus:g} CPUs, leaving less than task_num_cpus="
-            f"{cfg.task_num_cpus:g} for decode and write tasks (the job would hang); lower actor_num_cpus or "
-            f"*_concurrency"
-        )
-    if cfg.task_num_cpus > 0 and actor_cpus + cfg.task_num_cpus > min(_node_cpus()):
-        logger.warning(
-            "model actors claim %g CPUs and task_num_cpus=%g: if nodes are lost and the actors restart on a "
-            "node of %g CPUs, decode and write tasks can starve; task_num_cpus=0 avoids that",
-            actor_cpus, cfg.task_num_cpus, min(_node_cpus()),
-        )
-    return out
-
-
-def _node_cpus() -> list[float]:
-    import ray
-
-    return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [0.0]
-
-
-def _task_compute(cfg: PreprocessConfig, cap: int | None = None):
-    """The compute strategy of CPU tasks: a pool of task_concurrency (default: the cluster's CPUs), at most
-    ``cap`` tasks (e.g. max_concurrent_decodes) when given."""
-    import ray
-
-    size = cfg.task_concurrency or max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return ray.data.TaskPoolStrategy(size=min(size, cap) if cap else size)
-
-
 def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> PreprocessSummary:
     """Build feature shards under ``dst`` for the videos under ``src`` (see the module docstring)."""
     import ray
@@ -821,7 +728,8 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
         if started:
             ray.shutdown()
     _update_quarantine(store, committer, summary)
-    _write_run_record(store, run_id, src, cfg, summary)
+    write_run_record(store, run_id, {"run_id": run_id, "src": src, "config": cfg.as_dict(),
+                                     "summary": summary.as_dict()})
     logger.info("%s", summary.line())
     return summary
 
@@ -844,7 +752,7 @@ def _plan(uris: list[str], cfg: PreprocessConfig, res: ResolvedConfig) -> list[d
         return stage({"uri": uris}).to_pylist()
     ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / cfg.plan_batch_size))
     ds = ds.map_batches(stage, batch_size=cfg.plan_batch_size, batch_format="pandas", num_cpus=cfg.task_num_cpus,
-                        compute=_task_compute(cfg))
+                        concurrency=task_concurrency(cfg.task_concurrency))
     return ds.take_all()
 
 
@@ -858,39 +766,56 @@ def _unique_clips(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class _ModelPass:
+    """One model stage of the dataset: its class, weight spec, clips per call and actor pool."""
+
+    stage: type
+    spec: str
+    batch_size: int
+    pool: ActorPool
+
+
+def _model_passes(cfg: PreprocessConfig, res: ResolvedConfig) -> list[_ModelPass]:
+    passes = [
+        _ModelPass(DepthStage, res.depth_model, cfg.depth_batch_size,
+                   ActorPool("depth", cfg.depth_concurrency, cfg.depth_num_gpus)),
+        _ModelPass(ClipStage, res.clip_model, cfg.clip_batch_size,
+                   ActorPool("clip", cfg.clip_concurrency, cfg.clip_num_gpus)),
+    ]
+    if res.vae_model:
+        passes.append(_ModelPass(LatentsStage, res.vae_model, cfg.latents_batch_size,
+                                 ActorPool("latents", cfg.latents_concurrency, cfg.latents_num_gpus)))
+    return passes
+
+
 def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: PreprocessConfig,
                    res: ResolvedConfig):
     import ray
 
-    pools = [
-        _Pool(DepthStage, "depth", res.depth_model, cfg.depth_batch_size, cfg.depth_concurrency, cfg.depth_num_gpus),
-        _Pool(ClipStage, "clip", res.clip_model, cfg.clip_batch_size, cfg.clip_concurrency, cfg.clip_num_gpus),
-    ]
-    if res.vae_model:
-        pools.append(_Pool(LatentsStage, "latents", res.vae_model, cfg.latents_batch_size,
-                           cfg.latents_concurrency, cfg.latents_num_gpus))
-    resources = _plan_resources(cfg, pools)
+    passes = _model_passes(cfg, res)
+    resources = plan_resources([p.pool for p in passes], cfg.actor_num_cpus, cfg.task_num_cpus)
     blocks = max(1, math.ceil(len(todo) / cfg.decode_batch_size))
     ds = ray.data.from_items(todo, override_num_blocks=blocks)
     ds = ds.map_batches(DecodeStage(cfg.decode_timeout_s), batch_size=cfg.decode_batch_size,
                         batch_format="pandas", num_cpus=cfg.task_num_cpus,
-                        compute=_task_compute(cfg, cfg.max_concurrent_decodes))
-    for i, p in enumerate(pools):
-        last = i == len(pools) - 1  # the last reader of the frames: it drops them unless they are stored
-        ds = ds.map_batches(
+                        concurrency=task_concurrency(cfg.task_concurrency, cfg.max_concurrent_decodes))
+    for i, p in enumerate(passes):
+        last = i == len(passes) - 1  # the last reader of the frames: it drops them unless they are stored
+        ds = ds.map_batches(  # a class: Ray Data runs it in a pool of `concurrency` actors
             p.stage,
             fn_constructor_kwargs={"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s,
                                    "drop_frames": last and not cfg.store_frames},
             batch_size=p.batch_size,
             batch_format="pandas",
-            compute=ray.data.ActorPoolStrategy(size=p.concurrency),
-            **resources[p.name],
+            concurrency=p.pool.concurrency,
+            **resources[p.pool.name],
         )
     writer = ShardWriter(dst, run_id, {"depth": res.depth_model, "clip": res.clip_model, "vae": res.vae_model},
                          cfg.store_frames, cfg.frames_format, cfg.jpeg_quality, cfg.storage_options,
                          target_bytes=cfg.target_shard_bytes)
     return ds.map_batches(writer, batch_size=writer_batch_rows(cfg, res), batch_format="pandas",
-                          num_cpus=cfg.task_num_cpus, compute=_task_compute(cfg))
+                          num_cpus=cfg.task_num_cpus, concurrency=task_concurrency(cfg.task_concurrency))
 
 
 def _record_missing(todo: list[dict[str, Any]], committer: Committer, error: str | None) -> None:
@@ -917,14 +842,3 @@ def _update_quarantine(store: TableStore, committer: Committer, summary: Preproc
     except Exception:
         logger.exception("could not update the quarantine list under %s", store.dst)
 
-
-def _write_run_record(store: TableStore, run_id: str, src: str, cfg: PreprocessConfig,
-                      summary: PreprocessSummary) -> None:
-    path = store.path(RUNS_DIR, f"{run_id}.json")
-    record = {"run_id": run_id, "src": src, "config": cfg.as_dict(), "summary": summary.as_dict()}
-    try:
-        if not store.fs.exists(store.path(RUNS_DIR)):
-            store.fs.makedirs(store.path(RUNS_DIR), exist_ok=True)
-        store.fs.pipe_file(path, json.dumps(record, indent=2, default=str).encode())
-    except Exception:
-        logger.exception("could not write the run record %s", store.uri(path))

@@ -27,9 +27,9 @@ from pipelines.preprocess import (
     PreprocessConfig,
     ShardWriter,
     clip_frames,
-    init_ray,
     run_preprocess,
 )
+from pipelines.runtime import init_ray
 from pipelines.schema import (
     ERRORS_DIR,
     SHARD_SCHEMA,
