@@ -32,7 +32,6 @@ import math
 import os
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ import pandas as pd
 import pyarrow as pa
 
 from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
+from pipelines.commits import Committer
 from pipelines.failures import (
     STATUS_ERROR,
     STATUS_OK,
@@ -53,7 +53,7 @@ from pipelines.failures import (
     mark_failed,
     with_error_columns,
 )
-from pipelines.quarantine import load_quarantine, write_quarantine
+from pipelines.quarantine import Quarantine, load_quarantine, write_quarantine
 from pipelines.runtime import (
     ActorPool,
     init_ray,
@@ -552,74 +552,6 @@ def writer_batch_rows(cfg: PreprocessConfig, res: ResolvedConfig) -> int:
     return max(1, cfg.target_shard_bytes // estimated_row_bytes(cfg, res))
 
 
-# ------------------------------------------------------------------------------------------- commits
-
-
-class Committer:
-    """The single committer of a run: moves tmp parts to their final names, never twice for a clip id.
-
-    Before each shard commit it re-lists ``DST/shards`` (reading only the clip ids of parts it has not
-    seen), so rows already committed, by this run or another, are dropped, not duplicated.
-    """
-
-    def __init__(self, store: TableStore, run_id: str):
-        self.store, self.run_id = store, run_id
-        self.seen: dict[str, int] = {}  # committed shard path -> rows
-        self.committed_ids: set[str] = set()  # in DST (any run)
-        self.committed_uris: set[str] = set()  # source URIs with a clip in DST
-        self.written_ids: set[str] = set()  # committed by this run
-        self.failed_ids: set[str] = set()  # error rows committed by this run
-        self.dropped_duplicates = 0
-        self._seq = 0
-
-    def refresh(self) -> set[str]:
-        """Re-list committed shards; returns every committed clip id."""
-        for path in self.store.committed(SHARDS_DIR):
-            if path not in self.seen:
-                part = self.store.read(path, ["clip_id", "source_uri"])
-                ids = part.column("clip_id").to_pylist()
-                self.seen[path] = len(ids)
-                self.committed_ids.update(ids)
-                self.committed_uris.update(part.column("source_uri").to_pylist())
-        return self.committed_ids
-
-    def _name(self) -> str:
-        self._seq += 1
-        return f"{self.run_id}-{self._seq:05d}-{uuid.uuid4().hex[:8]}"
-
-    def commit(self, table: str, tmp_path: str, clip_ids: Sequence[str]) -> int:
-        """Commit one tmp part; returns the number of rows committed."""
-        if table == ERRORS_DIR:
-            self.store.commit(ERRORS_DIR, tmp_path, self._name())
-            self.failed_ids.update(clip_ids)
-            return len(clip_ids)
-        self.refresh()
-        dup = set(clip_ids) & self.committed_ids
-        if dup:
-            self.dropped_duplicates += len(dup)
-            logger.warning("%d clips of %s are already committed; dropping them", len(dup), tmp_path)
-            if len(dup) == len(set(clip_ids)):
-                self.store.fs.rm(tmp_path)
-                return 0
-            data = self.store.read(tmp_path)
-            keep = [i not in dup for i in data.column("clip_id").to_pylist()]
-            self.store.fs.rm(tmp_path)
-            tmp_path = self.store.write_tmp(SHARDS_DIR, data.filter(pa.array(keep)), self.run_id)
-            clip_ids = [i for i in clip_ids if i not in dup]
-        final = self.store.commit(SHARDS_DIR, tmp_path, self._name())
-        self.seen[final] = len(clip_ids)
-        self.committed_ids.update(clip_ids)
-        self.written_ids.update(clip_ids)
-        logger.info("committed %s (%d clips)", self.store.uri(final), len(clip_ids))
-        return len(clip_ids)
-
-    def commit_errors(self, records: Sequence[Mapping[str, Any]]) -> None:
-        """Write and commit error records the driver itself produced (plan and pipeline errors)."""
-        if records:
-            tmp = self.store.write_tmp(ERRORS_DIR, error_table(list(records), self.run_id), self.run_id)
-            self.commit(ERRORS_DIR, tmp, [r["clip_id"] for r in records])
-
-
 # --------------------------------------------------------------------------------------------- driver
 
 
@@ -670,13 +602,13 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
     _check_weights(res)
     t0 = time.monotonic()
     store = TableStore(dst, cfg.storage_options)
-    committer = Committer(store, run_id)
+    commits = run_committers(store, run_id)
+    shards, errors = commits[SHARDS_DIR], commits[ERRORS_DIR]
     summary = PreprocessSummary(run_id=run_id, dst=dst)
 
     uris = list_videos(src, cfg.extensions, cfg.manifest_column, cfg.storage_options)
     summary.videos = len(uris)
-    committer.refresh()
-    quarantine = load_quarantine(store, committer.committed_ids, committer.committed_uris)
+    quarantine = _current_quarantine(store, shards)
     if cfg.retry_quarantined:
         logger.info("retrying %d quarantined inputs (retry_quarantined)", len(quarantine))
     else:
@@ -691,7 +623,7 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = cfg.progress
         plans = _plan(uris, cfg, res)
-        done = committer.refresh()
+        done = shards.refresh()
         ok_plans = _unique_clips([p for p in plans if p["status"] == STATUS_OK])
         todo = [p for p in ok_plans if p["clip_id"] not in done]
         summary.skipped = len(ok_plans) - len(todo)
@@ -704,7 +636,7 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
             summary.quarantined += len(held_clips)
         plan_errors = [p for p in plans if p["status"] != STATUS_OK]
         summary.planned = len(ok_plans) + len(plan_errors)
-        committer.commit_errors([error_record(p) for p in plan_errors])
+        errors.commit_errors([error_record(p) for p in plan_errors])
         logger.info("%d videos -> %d clips: %d to do, %d already in %s, %d quarantined, %d videos failed "
                     "planning", len(uris), len(ok_plans), len(todo), summary.skipped, dst, summary.quarantined,
                     len(plan_errors))
@@ -714,24 +646,39 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
                     batch_size=None, batch_format="pandas"
                 ):
                     for w in batch.to_dict("records"):
-                        committer.commit(w["table"], w["tmp_path"], [str(i) for i in w["clip_ids"]])
+                        commits[w["table"]].commit_file(w["tmp_path"], [str(i) for i in w["clip_ids"]])
             except Exception as e:  # the stream broke: what is not committed yet becomes a pipeline error
                 logger.exception("the pipeline stopped early: %s", e)
                 summary.error = f"{type(e).__name__}: {e}"
-            _record_missing(todo, committer, summary.error)
-        summary.ok = len(committer.written_ids)
-        summary.failed = len(committer.failed_ids - committer.written_ids)
+            _record_missing(todo, shards, errors, summary.error)
+        summary.ok = len(shards.written)
+        summary.failed = len(errors.written - shards.written)
     finally:
         summary.seconds = time.monotonic() - t0
-        for table in (SHARDS_DIR, ERRORS_DIR):
-            store.remove_tmp(table, run_id)
+        for committer in commits.values():
+            committer.remove_tmp()
         if started:
             ray.shutdown()
-    _update_quarantine(store, committer, summary)
+    _update_quarantine(store, shards, summary)
     write_run_record(store, run_id, {"run_id": run_id, "src": src, "config": cfg.as_dict(),
                                      "summary": summary.as_dict()})
     logger.info("%s", summary.line())
     return summary
+
+
+def run_committers(store: TableStore, run_id: str) -> dict[str, Committer]:
+    """The driver's committers of a run, by table: ``shards`` (a clip id once, tracking the source URIs
+    that have a clip) and ``errors`` (every row)."""
+    return {
+        SHARDS_DIR: Committer(store, SHARDS_DIR, run_id, key="clip_id", track=("source_uri",)),
+        ERRORS_DIR: Committer(store, ERRORS_DIR, run_id, key=None),
+    }
+
+
+def _current_quarantine(store: TableStore, shards: Committer) -> Quarantine:
+    """The quarantine list from DST/errors, minus the inputs DST/shards has committed by now."""
+    shards.refresh()
+    return load_quarantine(store, shards.committed, shards.values["source_uri"])
 
 
 def _check_weights(res: ResolvedConfig) -> None:
@@ -818,25 +765,24 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
                           num_cpus=cfg.task_num_cpus, concurrency=task_concurrency(cfg.task_concurrency))
 
 
-def _record_missing(todo: list[dict[str, Any]], committer: Committer, error: str | None) -> None:
+def _record_missing(todo: list[dict[str, Any]], shards: Committer, errors: Committer, error: str | None) -> None:
     """Planned clips neither written nor in errors (the stream broke, or lost them) -> `pipeline` errors."""
-    missing = [p for p in todo if p["clip_id"] not in committer.written_ids | committer.failed_ids]
+    missing = [p for p in todo if p["clip_id"] not in shards.written | errors.written]
     if not missing:
         return
     message = f"the pipeline ended without this clip: {error}" if error else "the pipeline ended without this clip"
     logger.error("%d planned clips were neither written nor failed; recording them as errors", len(missing))
-    committer.commit_errors([
+    errors.commit_errors([
         {"clip_id": p["clip_id"], "uri": p["source_uri"], "start": int(p["start"]), "stage": "pipeline",
          "error_type": error.split(":", 1)[0] if error else "MissingOutput", "message": message, "traceback": None}
         for p in missing
     ])
 
 
-def _update_quarantine(store: TableStore, committer: Committer, summary: PreprocessSummary) -> None:
+def _update_quarantine(store: TableStore, shards: Committer, summary: PreprocessSummary) -> None:
     """Recompute the quarantine list with this run's errors and write it to DST/quarantine."""
     try:
-        committer.refresh()
-        quarantine = load_quarantine(store, committer.committed_ids, committer.committed_uris)
+        quarantine = _current_quarantine(store, shards)
         write_quarantine(store, quarantine)
         summary.in_quarantine = len(quarantine)
     except Exception:
