@@ -47,6 +47,7 @@ from pipelines.failures import (
     STATUS_ERROR,
     STATUS_OK,
     apply_per_clip,
+    batch_rows,
     error_record,
     error_table,
     healthy,
@@ -209,8 +210,8 @@ WRITTEN_COLUMNS = ("table", "tmp_path", "clip_ids", "num_rows")
 
 
 def _rows(batch: pd.DataFrame | Mapping[str, Any]) -> list[dict[str, Any]]:
-    df = batch if isinstance(batch, pd.DataFrame) else pd.DataFrame(dict(batch))
-    rows = df.to_dict("records")
+    """A stage batch as row dicts, with the error columns and every feature column set (`FEATURE_COLUMNS`)."""
+    rows = batch_rows(batch)
     for row in rows:
         with_error_columns(row)
         for col in FEATURE_COLUMNS:
@@ -345,16 +346,48 @@ def _rename_decode_errors(uri: str, local: str, fn: Callable[..., Any], *args: A
         raise VideoDecodeError(uri, e.reason) from e
 
 
-class DepthStage:
-    """Per-clip depth (`gen1.depth.DepthEstimator`, normalised per clip) -> ``depth`` (float16 bytes)."""
+class ModelStage:
+    """A model over the healthy clips of a batch: the model is loaded once (`load`, from ``__init__``);
+    `predict` runs on every clip of a call at once, and on each clip alone when that raises
+    (`pipelines.failures.apply_per_clip`); `store` writes one clip's output into its row. A clip that
+    fails alone becomes an error row of stage `name`.
+    """
+
+    name: str  # the stage of its error rows
 
     def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None,
                  drop_frames: bool = False):
-        from gen1.depth import DepthEstimator
-
         self.spec, self.timeout_s = spec, timeout_s  # timeout_s: per model call (`apply_per_clip`)
         self.drop_frames = drop_frames  # the last stage that needs the frames, and they are not stored
-        self.estimator = DepthEstimator(spec, device=device)
+        self.load(device)
+
+    def load(self, device: str | None) -> None:
+        """Load the model of ``self.spec`` onto ``device`` (None: the stage's default)."""
+        raise NotImplementedError
+
+    def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        """clips: uint8 (f, h, w, 3) each -> one output array each."""
+        raise NotImplementedError
+
+    def store(self, row: dict[str, Any], out: np.ndarray) -> None:
+        """Check one clip's output and write it into its row."""
+        raise NotImplementedError
+
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        rows = _rows(batch)
+        apply_per_clip(rows, self.name, self.predict, clip_frames, self.store, self.timeout_s)
+        return _frame(_without_frames(rows) if self.drop_frames else rows)
+
+
+class DepthStage(ModelStage):
+    """Per-clip depth (`gen1.depth.DepthEstimator`, normalised per clip) -> ``depth`` (float16 bytes)."""
+
+    name = "depth"
+
+    def load(self, device: str | None) -> None:
+        from gen1.depth import DepthEstimator
+
+        self.estimator = DepthEstimator(self.spec, device=device)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
         """clips: uint8 (f, h, w, 3) each -> float32 (f, h, w) each, as `DepthEstimator.__call__` computes
@@ -366,59 +399,47 @@ class DepthStage:
         raw = _by_shape(clips, lambda x: self.estimator.predict_raw(x).float().cpu().numpy())
         return [normalise_per_clip(torch.from_numpy(d)).numpy() for d in raw]
 
-    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
-        rows = _rows(batch)
-
-        def store(row: dict[str, Any], depth: np.ndarray) -> None:
-            expected = (int(row["num_frames"]), int(row["height"]), int(row["width"]))
-            if depth.shape != expected:
-                raise ValueError(f"depth of clip {row['clip_id']}: expected shape {expected}; got {depth.shape}")
-            row["depth"] = encode_array(depth, "float16")[0]
-
-        apply_per_clip(rows, "depth", self.predict, clip_frames, store, self.timeout_s)
-        return _frame(_without_frames(rows) if self.drop_frames else rows)
+    def store(self, row: dict[str, Any], depth: np.ndarray) -> None:
+        expected = (int(row["num_frames"]), int(row["height"]), int(row["width"]))
+        if depth.shape != expected:
+            raise ValueError(f"depth of clip {row['clip_id']}: expected shape {expected}; got {depth.shape}")
+        row["depth"] = encode_array(depth, "float16")[0]
 
 
-class ClipStage:
+class ClipStage(ModelStage):
     """Per-frame CLIP image embeddings (`gen1.clip.ClipEmbedder`) -> ``clip_embedding`` (float16 bytes)."""
 
-    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None,
-                 drop_frames: bool = False):
+    name = "clip"
+
+    def load(self, device: str | None) -> None:
         from gen1.clip import ClipEmbedder
 
-        self.spec, self.timeout_s, self.drop_frames = spec, timeout_s, drop_frames
-        self.embedder = ClipEmbedder(spec, device=device)
+        self.embedder = ClipEmbedder(self.spec, device=device)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
         """clips: uint8 (f, h, w, 3) each -> float32 (f, dim) each; one forward per frame shape."""
         return _by_shape(clips, lambda x: self.embedder.embed_images(x).float().cpu().numpy())
 
-    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
-        rows = _rows(batch)
-
-        def store(row: dict[str, Any], emb: np.ndarray) -> None:
-            if emb.ndim != 2 or emb.shape[0] != int(row["num_frames"]):
-                raise ValueError(f"CLIP embeddings of clip {row['clip_id']}: expected ({row['num_frames']}, d); "
-                                 f"got {emb.shape}")
-            row["clip_embedding"] = encode_array(emb, "float16")[0]
-            row["clip_dim"] = int(emb.shape[1])
-
-        apply_per_clip(rows, "clip", self.predict, clip_frames, store, self.timeout_s)
-        return _frame(_without_frames(rows) if self.drop_frames else rows)
+    def store(self, row: dict[str, Any], emb: np.ndarray) -> None:
+        if emb.ndim != 2 or emb.shape[0] != int(row["num_frames"]):
+            raise ValueError(f"CLIP embeddings of clip {row['clip_id']}: expected ({row['num_frames']}, d); "
+                             f"got {emb.shape}")
+        row["clip_embedding"] = encode_array(emb, "float16")[0]
+        row["clip_dim"] = int(emb.shape[1])
 
 
-class LatentsStage:
+class LatentsStage(ModelStage):
     """VAE latents of every frame: posterior mean times ``scaling_factor``, (c, f, h/8, w/8) float16."""
 
-    def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None,
-                 drop_frames: bool = False):
+    name = "latents"
+
+    def load(self, device: str | None) -> None:
         import torch
 
         from gen1.weights import load_vae
 
-        self.spec, self.timeout_s, self.drop_frames = spec, timeout_s, drop_frames
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.vae = load_vae(spec, device=self.device).eval()
+        self.vae = load_vae(self.spec, device=self.device).eval()
         self.scale = float(getattr(self.vae.config, "scaling_factor", 1.0))
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
@@ -433,17 +454,12 @@ class LatentsStage:
         return z.float().cpu().numpy()
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        """clips: uint8 (f, h, w, 3) each -> float32 (c, f, h/8, w/8) each."""
         return [z.transpose(1, 0, 2, 3) for z in _by_shape(clips, self.encode)]  # (f, c, ..) -> (c, f, ..)
 
-    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
-        rows = _rows(batch)
-
-        def store(row: dict[str, Any], z: np.ndarray) -> None:
-            row["latents"] = encode_array(z, "float16")[0]
-            row["lat_c"], _, row["lat_h"], row["lat_w"] = (int(s) for s in z.shape)
-
-        apply_per_clip(rows, "latents", self.predict, clip_frames, store, self.timeout_s)
-        return _frame(_without_frames(rows) if self.drop_frames else rows)
+    def store(self, row: dict[str, Any], z: np.ndarray) -> None:
+        row["latents"] = encode_array(z, "float16")[0]
+        row["lat_c"], _, row["lat_h"], row["lat_w"] = (int(s) for s in z.shape)
 
 
 class ShardWriter:
