@@ -26,9 +26,9 @@ from pipelines.preprocess import (
     PreprocessConfig,
     ShardWriter,
     clip_frames,
-    run_committers,
     run_preprocess,
 )
+from pipelines.preprocess.run import run_committers
 from pipelines.runtime import init_ray
 from pipelines.schema import (
     ERRORS_DIR,
@@ -463,7 +463,7 @@ def test_two_node_cluster_survives_losing_the_worker(ray_cluster, big_corpus, tm
 
 def test_failed_decode_message_names_the_uri(tmp_path):
     """A VideoDecodeError from a temp copy of a remote file names the original URI (not the temp path)."""
-    from pipelines.preprocess import _rename_decode_errors
+    from pipelines.preprocess.stages import _rename_decode_errors
 
     def boom(path, *args):
         raise VideoDecodeError(path, "no video stream")
