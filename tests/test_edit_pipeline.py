@@ -596,7 +596,7 @@ def test_edit_time_limits_are_validated_and_reach_the_cli(tmp_path):
 def local_ray(tiny_models):
     import ray
 
-    from pipelines.preprocess import init_ray
+    from pipelines.runtime import init_ray
 
     started = init_ray(num_cpus=2)
     yield

@@ -87,7 +87,7 @@ def corpus(tiny_models) -> Iterator[Path]:
 def ray_local(corpus):
     import ray
 
-    from pipelines.preprocess import init_ray
+    from pipelines.runtime import init_ray
 
     started = init_ray(num_cpus=2)
     yield

@@ -21,15 +21,15 @@ from gen1.video import VideoDecodeError, load_clip
 from pipelines.failures import STATUS_ERROR, STATUS_OK
 from pipelines.preprocess import (
     ClipStage,
-    Committer,
     DecodeStage,
     DepthStage,
     PreprocessConfig,
     ShardWriter,
     clip_frames,
-    init_ray,
     run_preprocess,
 )
+from pipelines.preprocess.run import run_committers
+from pipelines.runtime import init_ray
 from pipelines.schema import (
     ERRORS_DIR,
     SHARD_SCHEMA,
@@ -222,9 +222,9 @@ def test_a_stage_exception_for_one_clip_fails_only_that_clip(corpus, tmp_path):
     dst = str(tmp_path / "dst")
     written = ShardWriter(dst, "run1", MODELS, frames_format="raw")(out)
     assert sorted(written.table) == [ERRORS_DIR, SHARDS_DIR]
-    committer = Committer(TableStore(dst), "run1")
+    commits = run_committers(TableStore(dst), "run1")
     for w in written.to_dict("records"):
-        committer.commit(w["table"], w["tmp_path"], list(w["clip_ids"]))
+        commits[w["table"]].commit_file(w["tmp_path"], list(w["clip_ids"]))
     shards, errors = read_shards(dst), read_errors(dst)
     assert sorted(shards.column("clip_id").to_pylist()) == sorted(set(rows.clip_id) - {victim})
     assert shards.schema.names == SHARD_SCHEMA.names
@@ -238,13 +238,13 @@ def test_committer_never_commits_a_clip_id_twice(corpus, tmp_path):
     dst = str(tmp_path / "dst")
     writer = ShardWriter(dst, "run1", MODELS, store_frames=False)
     first, overlapping, same = writer(rows.iloc[:2]), writer(rows.iloc[1:]), writer(rows.iloc[:2])
-    committer = Committer(TableStore(dst), "run1")
+    commits = run_committers(TableStore(dst), "run1")
     for w in pd.concat([first, overlapping]).to_dict("records"):
-        committer.commit(w["table"], w["tmp_path"], list(w["clip_ids"]))
-    other_run = Committer(TableStore(dst), "run2")  # a second run that planned before the first committed
-    assert other_run.commit(SHARDS_DIR, same.tmp_path.iloc[0], list(same.clip_ids.iloc[0])) == 0
+        commits[w["table"]].commit_file(w["tmp_path"], list(w["clip_ids"]))
+    other_run = run_committers(TableStore(dst), "run2")[SHARDS_DIR]  # planned before the first committed
+    assert other_run.commit_file(same.tmp_path.iloc[0], list(same.clip_ids.iloc[0])) == 0
     ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
-    assert sorted(ids) == sorted(rows.clip_id) and committer.dropped_duplicates == 1
+    assert sorted(ids) == sorted(rows.clip_id) and commits[SHARDS_DIR].dropped_duplicates == 1
     assert read_shards(dst).column("frames").null_count == 3
     assert not list((tmp_path / "dst" / SHARDS_DIR / "_tmp" / "run2").glob("*"))
 
@@ -463,7 +463,7 @@ def test_two_node_cluster_survives_losing_the_worker(ray_cluster, big_corpus, tm
 
 def test_failed_decode_message_names_the_uri(tmp_path):
     """A VideoDecodeError from a temp copy of a remote file names the original URI (not the temp path)."""
-    from pipelines.preprocess import _rename_decode_errors
+    from pipelines.preprocess.stages import _rename_decode_errors
 
     def boom(path, *args):
         raise VideoDecodeError(path, "no video stream")

@@ -119,7 +119,8 @@ def test_preprocess_on_a_faulty_s3_writes_every_clip_exactly_once(faulty_s3, s3_
                                                                    tiny_models):
     import ray
 
-    from pipelines.preprocess import PreprocessConfig, init_ray, run_preprocess
+    from pipelines.preprocess import PreprocessConfig, run_preprocess
+    from pipelines.runtime import init_ray
     from pipelines.schema import read_errors, read_shards
 
     bucket = s3_endpoint.make_bucket("fault-preprocess-test")

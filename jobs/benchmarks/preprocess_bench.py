@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    from pipelines.preprocess import PreprocessConfig, init_ray
+    from pipelines.preprocess import PreprocessConfig
+    from pipelines.runtime import init_ray
     from pipelines.sources import list_videos
 
     uris = list_videos(args.src)

@@ -1,0 +1,135 @@
+"""`PreprocessConfig`: every setting of a preprocess run besides SRC and DST; `ResolvedConfig`: the same with
+the model preset's defaults (weight specs, frames, stride, size) filled in."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
+from pipelines.sources import VIDEO_EXTENSIONS
+from pipelines.timeouts import check_time_limits
+
+
+@dataclass
+class PreprocessConfig:
+    """Everything a preprocess run needs besides SRC and DST. Load with `from_yaml`; printed at start."""
+
+    models: str = "tiny"  # preset name or YAML of weight specs (gen1.config.load_model_specs)
+    depth_model: str | None = None  # override the preset's weight spec of that component
+    clip_model: str | None = None
+    vae_model: str | None = None
+    # sampling: None = the preset's (sd15: 8 frames 4 apart at 448x256; tiny: 4 frames 2 apart at 64x64)
+    frames: int | None = None
+    stride: int | None = None
+    clips_per_video: int | None = None  # None: every non-overlapping clip; else that many, evenly spread
+    size: tuple[int, int] | None = None  # (w, h) for landscape sources; portrait sources get (h, w)
+    extensions: tuple[str, ...] = VIDEO_EXTENSIONS
+    manifest_column: str = "uri"
+    # outputs
+    store_frames: bool = True  # keep the resized frames (so training can compute VAE latents)
+    frames_format: str = "jpeg"  # "jpeg" (compact) | "raw" (exact uint8)
+    jpeg_quality: int = 95
+    latents: bool = False  # compute VAE latents of the frames (LatentsStage)
+    shard_size: int = 64  # clips per shard file (when target_shard_bytes is None)
+    # Shard files sized by bytes instead: each file holds rows whose in-memory Arrow size totals at most this
+    # (a row larger than it gets a file of its own), so a file is at most target + one row, and smaller once
+    # zstd compresses it. Writer batches hold about this many bytes (estimated from the frame size), so most
+    # files come close to it. None: shard_size clips per file.
+    target_shard_bytes: int | None = None
+    # execution
+    plan_batch_size: int = 1  # videos per planning task
+    plan_in_driver_max: int = 8  # corpora up to this many videos are planned in the driver (no task start-up)
+    # Memory: blocks stream through the object store; Ray Data backpressures each stage by its share of the
+    # store (about half of it in all), and decodes run at most max_concurrent_decodes at once, so memory does
+    # not grow with the corpus. A block is decode_batch_size decoded clips (frames * h * w * 3 bytes each,
+    # plus float16 depth after the depth stage); every stage may hold a block or two in and out whatever the
+    # budget, and Ray spills past 80% of the store, so keep a block under about 1/16 of the object store (the
+    # test runs 4.4 MiB blocks in 80 MiB) or blocks spill to disk. Frames leave the stream after the last
+    # model stage unless store_frames is set. The writer's batch (shard_size rows, or target_shard_bytes)
+    # also waits in the store: keep it a small part of the store too, or the stages starve each other.
+    decode_batch_size: int = 4  # clips per decode task
+    depth_batch_size: int = 4  # clips per depth call
+    clip_batch_size: int = 8  # clips per CLIP call
+    latents_batch_size: int = 4
+    depth_concurrency: int = 1  # actors per model pool
+    clip_concurrency: int = 1
+    latents_concurrency: int = 1
+    # CPU tasks (plan, decode, write) claim task_num_cpus each, at most task_concurrency at once (None: the
+    # cluster's CPU count). 0 CPUs means they never wait behind model actors: actors that hold every CPU,
+    # e.g. after a node died and its actors restarted elsewhere, would otherwise starve them and hang the job.
+    task_num_cpus: float = 0.0
+    task_concurrency: int | None = None
+    actor_num_cpus: float = 0.5  # model actors on a CPU-only cluster
+    depth_num_gpus: float = 0.5  # model actors when the cluster has GPUs (defaults fit on one GPU)
+    clip_num_gpus: float = 0.25
+    latents_num_gpus: float = 0.25
+    device: str | None = None  # None: cuda when the actor got a GPU, else cpu
+    max_failure_fraction: float = 0.1  # exit non-zero when failed / (ok + failed) exceeds this
+    # time limits (`pipelines.timeouts`; None or 0: none). A clip over the limit becomes an error row of its
+    # stage with error_type "timeout"; the hung thread is abandoned, not killed.
+    decode_timeout_s: float | None = 120.0  # per probe (plan) and per clip decode
+    model_timeout_s: float | None = 600.0  # per model call (a batch forward, or one clip's on retry)
+    max_concurrent_decodes: int | None = None  # decode tasks in flight at once (None: the task pool's size)
+    # inputs that failed in 2 runs are skipped (pipelines.quarantine) unless this is set
+    retry_quarantined: bool = False
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started here
+    num_cpus: int | None = None  # CPUs of a local Ray (None: the machine's)
+    progress: bool = True  # Ray Data progress bars
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for SRC and DST
+
+    def __post_init__(self) -> None:
+        if self.size is not None:
+            self.size = (int(self.size[0]), int(self.size[1]))
+        self.extensions = tuple(self.extensions)
+        if self.frames_format not in ("jpeg", "raw"):
+            raise ConfigError(f"frames_format: expected 'jpeg' or 'raw'; found {self.frames_format!r}")
+        for name in ("shard_size", "plan_batch_size", "decode_batch_size", "depth_batch_size",
+                     "clip_batch_size", "latents_batch_size", "depth_concurrency", "clip_concurrency",
+                     "latents_concurrency"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}: expected an integer >= 1; found {getattr(self, name)!r}")
+        if self.target_shard_bytes is not None and int(self.target_shard_bytes) < 1:
+            raise ConfigError(f"target_shard_bytes: expected bytes >= 1 or None; found {self.target_shard_bytes!r}")
+        if self.max_concurrent_decodes is not None and int(self.max_concurrent_decodes) < 1:
+            raise ConfigError(f"max_concurrent_decodes: expected an integer >= 1 or None; found "
+                              f"{self.max_concurrent_decodes!r}")
+        check_time_limits(self, ("decode_timeout_s", "model_timeout_s"))
+        if not 0 <= self.max_failure_fraction <= 1:
+            raise ConfigError(f"max_failure_fraction: expected a value in [0, 1]; found {self.max_failure_fraction}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> PreprocessConfig:
+        """Fields from a YAML mapping, then ``overrides`` (None values ignored)."""
+        return config_from_mapping(cls, read_yaml_mapping(path, "preprocess settings"), path, overrides)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["storage_options"] = sorted(self.storage_options)  # keys only: values may be secrets
+        return d
+
+    def resolved(self) -> ResolvedConfig:
+        """The config with preset defaults filled in."""
+        specs = load_model_specs(self.models)
+        return ResolvedConfig(
+            specs=specs,
+            frames=self.frames or specs.frames,
+            stride=self.stride or specs.frame_stride,
+            size=self.size or (specs.width, specs.height),
+            depth_model=self.depth_model or specs.depth,
+            clip_model=self.clip_model or specs.clip,
+            vae_model=(self.vae_model or specs.vae) if self.latents else None,
+        )
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    specs: ModelSpecs
+    frames: int
+    stride: int
+    size: tuple[int, int]
+    depth_model: str
+    clip_model: str
+    vae_model: str | None

@@ -1,0 +1,307 @@
+"""The driver of a preprocess run: `run_preprocess` lists and plans the videos, skips what DST already has
+or holds in quarantine, streams the rest through the stages (`pipelines.preprocess.stages`), commits what
+the writer reports, records lost clips as ``pipeline`` errors, then updates the quarantine list and writes
+the run record (``DST/runs/<run_id>.json``). Its `PreprocessSummary` counts every clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.commits import Committer
+from pipelines.failures import STATUS_OK, error_record
+from pipelines.preprocess.config import PreprocessConfig, ResolvedConfig
+from pipelines.preprocess.stages import ClipStage, DecodeStage, DepthStage, LatentsStage, ShardWriter
+from pipelines.quarantine import QUARANTINE_AFTER, Quarantine, load_quarantine, write_quarantine
+from pipelines.runtime import (
+    ActorPool,
+    init_ray,
+    new_run_id,
+    plan_resources,
+    task_concurrency,
+    write_run_record,
+)
+from pipelines.schema import ERRORS_DIR, SHARDS_DIR, TableStore
+from pipelines.sources import PlanStage, list_videos
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreprocessSummary:
+    """What a run did, in clips; `line` is its last log line, `as_dict` goes into its run record."""
+
+    run_id: str
+    dst: str
+    videos: int = 0
+    planned: int = 0  # clips sampled from the videos (whole-video failures count as one)
+    ok: int = 0  # clips written by this run
+    failed: int = 0  # clips (or whole videos) that ended in `errors` in this run
+    skipped: int = 0  # clips already in DST before this run
+    quarantined: int = 0  # inputs (clips, and videos that failed planning) skipped as quarantined
+    in_quarantine: int = 0  # inputs on the quarantine list after this run (DST/quarantine)
+    seconds: float = 0.0
+    error: str | None = None  # the exception that stopped the stream, if any
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def failure_fraction(self) -> float:
+        done = self.ok + self.failed
+        return self.failed / done if done else 0.0
+
+    def line(self) -> str:
+        return (
+            f"preprocess {self.run_id}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped, "
+            f"{self.quarantined} quarantined (skipped; {self.in_quarantine} on the list) of {self.planned} clips from {self.videos} videos in {self.seconds:.1f}s "
+            f"({self.clips_per_second:.2f} clips/s) -> {self.dst}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "clips_per_second": self.clips_per_second,
+                "failure_fraction": self.failure_fraction}
+
+
+def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> PreprocessSummary:
+    """Build feature shards under ``dst`` for the videos under ``src`` (see `pipelines.preprocess`)."""
+    import ray
+
+    cfg = cfg or PreprocessConfig()
+    res = cfg.resolved()
+    run_id = new_run_id()
+    logger.info("preprocess %s -> %s, run %s, models %s\nconfig: %s", src, dst, run_id, res.specs.label(),
+                json.dumps(cfg.as_dict(), default=str))
+    _check_weights(res)
+    t0 = time.monotonic()
+    store = TableStore(dst, cfg.storage_options)
+    commits = run_committers(store, run_id)
+    shards, errors = commits[SHARDS_DIR], commits[ERRORS_DIR]
+    summary = PreprocessSummary(run_id=run_id, dst=dst)
+
+    uris = list_videos(src, cfg.extensions, cfg.manifest_column, cfg.storage_options)
+    summary.videos = len(uris)
+    quarantine = _current_quarantine(store, shards)
+    uris = _videos_to_do(uris, quarantine, cfg, summary)
+    started = init_ray(cfg.ray_address, cfg.num_cpus)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+        todo = _clips_to_do(uris, shards, errors, quarantine, cfg, res, summary)
+        if todo:
+            summary.error = _stream(todo, commits, dst, run_id, cfg, res)
+            _record_missing(todo, shards, errors, summary.error)
+        summary.ok = len(shards.written)
+        summary.failed = len(errors.written - shards.written)
+    finally:
+        summary.seconds = time.monotonic() - t0
+        for committer in commits.values():
+            committer.remove_tmp()
+        if started:
+            ray.shutdown()
+    _update_quarantine(store, shards, summary)
+    write_run_record(store, run_id, {"run_id": run_id, "src": src, "config": cfg.as_dict(),
+                                     "summary": summary.as_dict()})
+    logger.info("%s", summary.line())
+    return summary
+
+
+def run_committers(store: TableStore, run_id: str) -> dict[str, Committer]:
+    """The driver's committers of a run, by table: ``shards`` (a clip id once, tracking the source URIs
+    that have a clip) and ``errors`` (every row)."""
+    return {
+        SHARDS_DIR: Committer(store, SHARDS_DIR, run_id, key="clip_id", track=("source_uri",)),
+        ERRORS_DIR: Committer(store, ERRORS_DIR, run_id, key=None),
+    }
+
+
+def _current_quarantine(store: TableStore, shards: Committer) -> Quarantine:
+    """The quarantine list from DST/errors, minus the inputs DST/shards has committed by now."""
+    shards.refresh()
+    return load_quarantine(store, shards.committed, shards.values["source_uri"])
+
+
+def _videos_to_do(uris: list[str], quarantine: Quarantine, cfg: PreprocessConfig,
+                  summary: PreprocessSummary) -> list[str]:
+    """``uris`` minus the quarantined videos, unless retry_quarantined; counts those skipped in ``summary``."""
+    if cfg.retry_quarantined:
+        logger.info("retrying %d quarantined inputs (retry_quarantined)", len(quarantine))
+        return uris
+    held = [u for u in uris if u in quarantine.videos]
+    if held:
+        logger.warning("skipping %d quarantined videos (failed planning in %d+ runs; --retry-quarantined "
+                       "retries them): %s", len(held), QUARANTINE_AFTER,
+                       ", ".join(held[:5]) + (" ..." if len(held) > 5 else ""))
+    summary.quarantined += len(held)
+    return [u for u in uris if u not in quarantine.videos]
+
+
+def _check_weights(res: ResolvedConfig) -> None:
+    """Fail before any work when a weight spec cannot be resolved."""
+    from gen1.weights import resolve_spec
+
+    for spec in (res.depth_model, res.clip_model, res.vae_model):
+        if spec:
+            resolve_spec(spec)
+
+
+def _plan(uris: list[str], cfg: PreprocessConfig, res: ResolvedConfig) -> list[dict[str, Any]]:
+    """Plan rows (PLAN_SCHEMA) of every video: in the driver for a few videos, else in Ray tasks."""
+    import ray
+
+    stage = PlanStage(res.frames, res.stride, cfg.clips_per_video, res.size, cfg.decode_timeout_s)
+    if len(uris) <= cfg.plan_in_driver_max:
+        return stage({"uri": uris}).to_pylist()
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / cfg.plan_batch_size))
+    ds = ds.map_batches(stage, batch_size=cfg.plan_batch_size, batch_format="pandas", num_cpus=cfg.task_num_cpus,
+                        concurrency=task_concurrency(cfg.task_concurrency))
+    return ds.take_all()
+
+
+def _clips_to_do(uris: list[str], shards: Committer, errors: Committer, quarantine: Quarantine,
+                 cfg: PreprocessConfig, res: ResolvedConfig, summary: PreprocessSummary) -> list[dict[str, Any]]:
+    """Plan ``uris``; returns the clips to run: each clip id once, minus those committed and (unless
+    retry_quarantined) those quarantined. Commits the plan errors; counts planned, skipped and quarantined
+    in ``summary``."""
+    plans = _plan(uris, cfg, res)
+    done = shards.refresh()
+    ok_plans = _unique_clips([p for p in plans if p["status"] == STATUS_OK])
+    todo = [p for p in ok_plans if p["clip_id"] not in done]
+    summary.skipped = len(ok_plans) - len(todo)
+    if not cfg.retry_quarantined:
+        held_clips = [p for p in todo if p["clip_id"] in quarantine.clips]
+        if held_clips:
+            logger.warning("skipping %d quarantined clips (failed in %d+ runs; --retry-quarantined retries "
+                           "them)", len(held_clips), QUARANTINE_AFTER)
+            todo = [p for p in todo if p["clip_id"] not in quarantine.clips]
+        summary.quarantined += len(held_clips)
+    plan_errors = [p for p in plans if p["status"] != STATUS_OK]
+    summary.planned = len(ok_plans) + len(plan_errors)
+    errors.commit_errors([error_record(p) for p in plan_errors])
+    logger.info("%d videos -> %d clips: %d to do, %d already in %s, %d quarantined, %d videos failed "
+                "planning", len(uris), len(ok_plans), len(todo), summary.skipped, summary.dst, summary.quarantined,
+                len(plan_errors))
+    return todo
+
+
+def _unique_clips(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    out = []
+    for p in plans:
+        if p["clip_id"] not in seen:
+            seen.add(p["clip_id"])
+            out.append({k: (list(v) if k == "frame_indices" else v) for k, v in p.items()})
+    return out
+
+
+@dataclass(frozen=True)
+class _ModelPass:
+    """One model stage of the dataset: its class, weight spec, clips per call and actor pool."""
+
+    stage: type
+    spec: str
+    batch_size: int
+    pool: ActorPool
+
+
+def _model_passes(cfg: PreprocessConfig, res: ResolvedConfig) -> list[_ModelPass]:
+    passes = [
+        _ModelPass(DepthStage, res.depth_model, cfg.depth_batch_size,
+                   ActorPool("depth", cfg.depth_concurrency, cfg.depth_num_gpus)),
+        _ModelPass(ClipStage, res.clip_model, cfg.clip_batch_size,
+                   ActorPool("clip", cfg.clip_concurrency, cfg.clip_num_gpus)),
+    ]
+    if res.vae_model:
+        passes.append(_ModelPass(LatentsStage, res.vae_model, cfg.latents_batch_size,
+                                 ActorPool("latents", cfg.latents_concurrency, cfg.latents_num_gpus)))
+    return passes
+
+
+def estimated_row_bytes(cfg: PreprocessConfig, res: ResolvedConfig) -> int:
+    """About how many Arrow bytes one shard row takes: depth, CLIP embeddings, frames (JPEG guessed at a
+    sixth of raw), latents, plus 1 KiB of ids and scalars. Sizes writer batches for target_shard_bytes."""
+    f, (w, h) = res.frames, res.size
+    frames = 0 if not cfg.store_frames else f * h * w * 3 // (1 if cfg.frames_format == "raw" else 6)
+    latents = 4 * f * (h // 8) * (w // 8) * 2 if res.vae_model else 0
+    return f * h * w * 2 + f * res.specs.clip_dim * 2 + frames + latents + 1024
+
+
+def writer_batch_rows(cfg: PreprocessConfig, res: ResolvedConfig) -> int:
+    """Rows per writer call: shard_size, or as many estimated rows as fit in target_shard_bytes."""
+    if cfg.target_shard_bytes is None:
+        return cfg.shard_size
+    return max(1, cfg.target_shard_bytes // estimated_row_bytes(cfg, res))
+
+def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: PreprocessConfig,
+                   res: ResolvedConfig):
+    import ray
+
+    passes = _model_passes(cfg, res)
+    resources = plan_resources([p.pool for p in passes], cfg.actor_num_cpus, cfg.task_num_cpus)
+    blocks = max(1, math.ceil(len(todo) / cfg.decode_batch_size))
+    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    ds = ds.map_batches(DecodeStage(cfg.decode_timeout_s), batch_size=cfg.decode_batch_size,
+                        batch_format="pandas", num_cpus=cfg.task_num_cpus,
+                        concurrency=task_concurrency(cfg.task_concurrency, cfg.max_concurrent_decodes))
+    for i, p in enumerate(passes):
+        last = i == len(passes) - 1  # the last reader of the frames: it drops them unless they are stored
+        ds = ds.map_batches(  # a class: Ray Data runs it in a pool of `concurrency` actors
+            p.stage,
+            fn_constructor_kwargs={"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s,
+                                   "drop_frames": last and not cfg.store_frames},
+            batch_size=p.batch_size,
+            batch_format="pandas",
+            concurrency=p.pool.concurrency,
+            **resources[p.pool.name],
+        )
+    writer = ShardWriter(dst, run_id, {"depth": res.depth_model, "clip": res.clip_model, "vae": res.vae_model},
+                         cfg.store_frames, cfg.frames_format, cfg.jpeg_quality, cfg.storage_options,
+                         target_bytes=cfg.target_shard_bytes)
+    return ds.map_batches(writer, batch_size=writer_batch_rows(cfg, res), batch_format="pandas",
+                          num_cpus=cfg.task_num_cpus, concurrency=task_concurrency(cfg.task_concurrency))
+
+
+def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: str, run_id: str,
+            cfg: PreprocessConfig, res: ResolvedConfig) -> str | None:
+    """Stream ``todo`` through the stages, committing each file the writer reports as it comes; returns the
+    exception that stopped the stream early ("Type: message"), or None."""
+    try:
+        for batch in _build_dataset(todo, dst, run_id, cfg, res).iter_batches(batch_size=None, batch_format="pandas"):
+            for w in batch.to_dict("records"):
+                commits[w["table"]].commit_file(w["tmp_path"], [str(i) for i in w["clip_ids"]])
+    except Exception as e:  # the stream broke: what is not committed yet becomes a pipeline error
+        logger.exception("the pipeline stopped early: %s", e)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _record_missing(todo: list[dict[str, Any]], shards: Committer, errors: Committer, error: str | None) -> None:
+    """Planned clips neither written nor in errors (the stream broke, or lost them) -> `pipeline` errors."""
+    missing = [p for p in todo if p["clip_id"] not in shards.written | errors.written]
+    if not missing:
+        return
+    message = f"the pipeline ended without this clip: {error}" if error else "the pipeline ended without this clip"
+    logger.error("%d planned clips were neither written nor failed; recording them as errors", len(missing))
+    errors.commit_errors([
+        {"clip_id": p["clip_id"], "uri": p["source_uri"], "start": int(p["start"]), "stage": "pipeline",
+         "error_type": error.split(":", 1)[0] if error else "MissingOutput", "message": message, "traceback": None}
+        for p in missing
+    ])
+
+
+def _update_quarantine(store: TableStore, shards: Committer, summary: PreprocessSummary) -> None:
+    """Recompute the quarantine list with this run's errors and write it to DST/quarantine."""
+    try:
+        quarantine = _current_quarantine(store, shards)
+        write_quarantine(store, quarantine)
+        summary.in_quarantine = len(quarantine)
+    except Exception:
+        logger.exception("could not update the quarantine list under %s", store.dst)
+
