@@ -4,7 +4,7 @@
   cluster), else start a local Ray. S3 retries with backoff are installed on import of `pipelines`
   (`pipelines.storage`), so every driver and worker has them.
 - `new_run_id`: ``<UTC time>-<6 hex>``, the name of a run's parts, records and temp folders.
-- `plan_resources`: the one resource planner. Model actors take ``num_gpus`` each when the cluster has
+- `plan_resources`: the one resource planner, with `actor_pool` and `task_pool` the ``compute=`` of each stage. Model actors take ``num_gpus`` each when the cluster has
   GPUs and a CPU fraction otherwise; the pools must leave room for Ray Data's CPU tasks, since an actor
   pool that holds every CPU starves them and hangs the job (measured on 2 CPUs, and after a worker node
   dies and its actors restart on the head).
@@ -134,11 +134,24 @@ def _node_cpus() -> list[float]:
     return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [0.0]
 
 
-def task_concurrency(configured: int | None, cap: int | None = None) -> int:
-    """How many CPU tasks of a stage run at once: ``configured`` (default: the cluster's CPUs), at most
-    ``cap`` (e.g. max_concurrent_decodes) when given."""
+def task_pool(configured: int | None, cap: int | None = None):
+    """``compute=`` of a CPU-task stage: at most ``configured`` tasks at once (default: the cluster's CPUs),
+    and at most ``cap`` (e.g. max_concurrent_decodes) when given.
+
+    Pools are given as ``compute=`` strategies, the API of Ray 2.60: its ``concurrency=`` argument is
+    deprecated since Ray 2.51 and logs a warning on every call.
+    """
+    import ray
+
     size = configured or max(1, int(cluster_resources()[0] or 1))
-    return min(size, cap) if cap else size
+    return ray.data.TaskPoolStrategy(size=min(size, cap) if cap else size)
+
+
+def actor_pool(size: int):
+    """``compute=`` of a model stage: ``size`` actors, each loading its model once."""
+    import ray
+
+    return ray.data.ActorPoolStrategy(size=size)
 
 
 # -------------------------------------------------------------------------------------------- run records

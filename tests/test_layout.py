@@ -6,7 +6,7 @@
   function-local import cannot hide one);
 - `gen1/` imports neither Ray nor MLflow; only `pipelines/tracking.py` imports MLflow in `pipelines/`;
 - only the preprocess job's own entry points import `pipelines.preprocess`;
-- Ray Data calls size pools with ``concurrency=``, never ``ActorPoolStrategy`` / ``TaskPoolStrategy``.
+- Ray Data pools are ``compute=`` strategies built by `pipelines.runtime` (Ray 2.60 deprecates ``concurrency=``).
 """
 
 from __future__ import annotations
@@ -129,9 +129,19 @@ def test_only_the_preprocess_job_imports_the_preprocess_pipeline():
     assert importers == ["jobs.benchmarks.preprocess_bench", "jobs.commands.demo", "jobs.commands.preprocess"]
 
 
-def test_ray_data_pools_are_sized_with_concurrency():
-    offenders = [n for n, p in MODULES.items() if "ActorPoolStrategy" in p.read_text() or "TaskPoolStrategy" in p.read_text()]
-    assert offenders == []
+def test_ray_data_pools_are_built_in_one_place():
+    """Stages get ``compute=runtime.actor_pool(n)`` / ``runtime.task_pool(...)``; nothing passes Ray 2.60's
+    deprecated ``concurrency=`` to a Ray Data call."""
+    builders = [n for n, p in MODULES.items() if re.search(r"(ActorPool|TaskPool)Strategy\(", p.read_text())]
+    assert builders == ["pipelines.runtime"]
+    deprecated = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("map_batches", "map", "flat_map", "filter")
+                    and any(k.arg == "concurrency" for k in node.keywords)):
+                deprecated.append(f"{name}:{node.lineno}")
+    assert deprecated == []
 
 
 def test_every_path_in_the_readme_layout_exists():

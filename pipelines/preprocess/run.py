@@ -22,10 +22,11 @@ from pipelines.preprocess.stages import ClipStage, DecodeStage, DepthStage, Late
 from pipelines.quarantine import QUARANTINE_AFTER, Quarantine, load_quarantine, write_quarantine
 from pipelines.runtime import (
     ActorPool,
+    actor_pool,
     init_ray,
     new_run_id,
     plan_resources,
-    task_concurrency,
+    task_pool,
     write_run_record,
 )
 from pipelines.schema import ERRORS_DIR, SHARDS_DIR, TableStore
@@ -161,7 +162,7 @@ def _plan(uris: list[str], cfg: PreprocessConfig, res: ResolvedConfig) -> list[d
         return stage({"uri": uris}).to_pylist()
     ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / cfg.plan_batch_size))
     ds = ds.map_batches(stage, batch_size=cfg.plan_batch_size, batch_format="pandas", num_cpus=cfg.task_num_cpus,
-                        concurrency=task_concurrency(cfg.task_concurrency))
+                        compute=task_pool(cfg.task_concurrency))
     return ds.take_all()
 
 
@@ -249,7 +250,7 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
     ds = ray.data.from_items(todo, override_num_blocks=blocks)
     ds = ds.map_batches(DecodeStage(cfg.decode_timeout_s), batch_size=cfg.decode_batch_size,
                         batch_format="pandas", num_cpus=cfg.task_num_cpus,
-                        concurrency=task_concurrency(cfg.task_concurrency, cfg.max_concurrent_decodes))
+                        compute=task_pool(cfg.task_concurrency, cfg.max_concurrent_decodes))
     for i, p in enumerate(passes):
         last = i == len(passes) - 1  # the last reader of the frames: it drops them unless they are stored
         ds = ds.map_batches(  # a class: Ray Data runs it in a pool of `concurrency` actors
@@ -258,14 +259,14 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
                                    "drop_frames": last and not cfg.store_frames},
             batch_size=p.batch_size,
             batch_format="pandas",
-            concurrency=p.pool.concurrency,
+            compute=actor_pool(p.pool.concurrency),
             **resources[p.pool.name],
         )
     writer = ShardWriter(dst, run_id, {"depth": res.depth_model, "clip": res.clip_model, "vae": res.vae_model},
                          cfg.store_frames, cfg.frames_format, cfg.jpeg_quality, cfg.storage_options,
                          target_bytes=cfg.target_shard_bytes)
     return ds.map_batches(writer, batch_size=writer_batch_rows(cfg, res), batch_format="pandas",
-                          num_cpus=cfg.task_num_cpus, concurrency=task_concurrency(cfg.task_concurrency))
+                          num_cpus=cfg.task_num_cpus, compute=task_pool(cfg.task_concurrency))
 
 
 def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: str, run_id: str,
