@@ -181,9 +181,9 @@ def setting_label(method: str, t_s: int, w: float, w_t: float, strength: float |
 
 
 def dataset_clips(cfg: EvalConfig, specs: ModelSpecs) -> list:
-    """The dataset's sequences as `pipelines.edit.SequenceClip`s (first frames, with masks if asked)."""
+    """The dataset's sequences as `pipelines.datasets.SequenceClip`s (first frames, with masks if asked)."""
     from gen1.prompts import PromptSpec
-    from pipelines.edit import SequenceClip
+    from pipelines.datasets import SequenceClip
 
     kind = cfg.dataset.split(":", 1)[0]
     kwargs: dict[str, Any] = {"limit": cfg.limit}
@@ -222,8 +222,8 @@ def input_clip(row: Mapping[str, Any]):
     """Rebuild the input clip of a manifest row (no pickled clip at hand): a folder of frames or a video."""
     import fsspec
 
-    from pipelines.datasets import DAVIS_FPS, VideoSequence, _list_files
-    from pipelines.edit import EditClip, SequenceClip
+    from pipelines.datasets import DAVIS_FPS, SequenceClip, VideoSequence, _list_files
+    from pipelines.edit import EditClip
 
     common = dict(
         clip_id=row["clip_id"], source_uri=row["source_uri"], start=int(row["start"]), stride=int(row["stride"]),

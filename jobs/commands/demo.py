@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     from gen1.prompts import PromptSpec
     from pipelines.edit import EditGrid, EditJobConfig, run_edit
     from pipelines.evaluate import evaluate_edits
-    from pipelines.preprocess import PreprocessConfig, init_ray, run_preprocess
+    from pipelines.preprocess import PreprocessConfig, run_preprocess
+    from pipelines.runtime import init_ray
 
     t0 = time.monotonic()
     out = Path(args.out).resolve()
