@@ -137,6 +137,14 @@ class EditRun:
         record = error_record(row)
         self.errors.add([record if message is None else {**record, "message": message}])
 
+    def failed_clip(self, row: dict[str, Any]) -> bool:
+        """True (and recorded) when a planning or prompt-pass row is a clip's failure."""
+        if row["status"] == STATUS_OK:
+            return False
+        self.fail(row)
+        self.summary.clips_failed += 1
+        return True
+
     # ------------------------------------------------------------------------------------------ clips
 
     def plan_clips(self, size: tuple[int, int], frames: int) -> list[EditClip]:
@@ -175,9 +183,7 @@ class EditRun:
         )
         clips = []
         for row in ds.take_all():
-            if row["status"] != STATUS_OK:
-                self.fail(row)
-                self.summary.clips_failed += 1
+            if self.failed_clip(row):
                 continue
             extra = table.get(row["source_uri"], {})
             clips.append(
@@ -212,9 +218,7 @@ class EditRun:
         now = dt.datetime.now(dt.UTC)
         for batch in self._prompt_pass(rows).iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
-                if row["status"] != STATUS_OK:
-                    self.fail(row)
-                    self.summary.clips_failed += 1
+                if self.failed_clip(row):
                     continue
                 buffer.add(written_prompt_rows(row, self.run_id, now))
         buffer.flush()
