@@ -84,6 +84,13 @@ def start_run(
         mlflow.set_tracking_uri(previous)
 
 
+def client(tracking_uri: str) -> Any:
+    """An ``mlflow.tracking.MlflowClient`` of ``tracking_uri`` (it sets no process-global MLflow state)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri)
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested dicts -> ``a.b`` keys; lists and other values -> JSON / str, cut to MLflow's limit."""
     out: dict[str, str] = {}
