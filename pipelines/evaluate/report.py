@@ -32,6 +32,7 @@ SAMPLE_ORDER = ("gen1", "per_frame", "sdedit")
 
 
 def join_uri(base: str, *parts: str) -> str:
+    """``parts`` joined onto a URI or path (its protocol untouched)."""
     return posixpath.join(base.rstrip("/"), *parts)
 
 
@@ -42,8 +43,8 @@ class EvalSummary:
     tracking_uri: str
     run_id: str | None = None
     experiment_id: str | None = None
-    videos: int = 0  # rows of the per-video table
-    failed: int = 0
+    videos: int = 0  # videos measured or failed: rows of the per-video table + failed
+    failed: int = 0  # rows of OUT/<run_name>/errors/
     by_method: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     table_uri: str | None = None
