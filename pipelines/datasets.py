@@ -14,7 +14,8 @@ LOVEU-TGVE-2023 (76 videos from DAVIS, YouTube and Videvo, 32 or 128 frames each
                        a row holding only a subset folder name (e.g. "DAVIS_480p") starts that subset.
 
 A sequence is listed cheaply (names and URIs only); frames and masks are read on demand, so a job lists
-the whole dataset on the driver and reads pixels on workers.
+the whole dataset on the driver and reads pixels on workers. `SequenceClip` is a sequence's clip as the
+edit pipeline takes it (`pipelines.edit.EditClip`), with its object masks and prompts.
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ import logging
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import fsspec
 import numpy as np
 
 from gen1.masks import mask_from_frames
-from gen1.video import Clip, open_uri, read_image, resize_center_crop, sample_indices
+from gen1.prompts import PromptSpec
+from gen1.video import clip_id, open_uri, read_image, resize_center_crop, sample_indices, target_size
+from pipelines.edit.clips import EditClip
 
 log = logging.getLogger(__name__)
 
@@ -275,21 +279,6 @@ def choose_indices(num_frames: int, n: int, stride: int, start: int = 0) -> tupl
     return sample_indices(num_frames, n, 1, start), 1  # raises, naming the shortfall
 
 
-def load_sequence_clip(
-    seq: VideoSequence,
-    n: int,
-    stride: int = 1,
-    start: int = 0,
-    size: tuple[int, int] | None = None,
-) -> Clip:
-    """Read ``n`` frames of ``seq`` as a `Clip` (uint8 (f, h, w, 3)); ``size`` = (w, h) resize + centre crop."""
-    indices, used = choose_indices(seq.num_frames, n, stride, start)
-    frames = np.stack([read_image(seq.frame_uris[i], "RGB") for i in indices])
-    if size is not None:
-        frames = resize_center_crop(frames, *size)
-    return Clip(source_uri=seq.frames_uri, start=start, indices=indices, fps=seq.fps / used, frames=frames, stride=used)
-
-
 def load_sequence_mask(
     seq: VideoSequence,
     indices: Sequence[int],
@@ -300,7 +289,7 @@ def load_sequence_mask(
     """Object masks of frames ``indices`` -> float32 (f, h, w) in {0, 1}, 1 = edit.
 
     objects: DAVIS object ids to include (None = every object). invert: edit the background instead.
-    size: (w, h), resized and cropped exactly like `load_sequence_clip`'s frames.
+    size: (w, h), resized and cropped exactly like a `SequenceClip`'s frames.
     """
     if seq.mask_uris is None:
         raise DatasetError(f"sequence {seq.name!r} has no per-frame masks (Annotations) for a masked edit")
@@ -317,3 +306,80 @@ def load_sequence_mask(
     if size is not None:
         return mask_from_frames(np.repeat((m.astype(np.uint8) * 255)[..., None], 3, axis=-1), *size)
     return m.astype(np.float32)
+
+
+# -------------------------------------------------------------------------------------------- as clips
+
+
+@dataclass(frozen=True)
+class SequenceClip(EditClip):
+    """A clip of a `VideoSequence` for the edit pipeline (`pipelines.edit`), with the sequence's object
+    masks when ``mask_objects`` is set (() = every object)."""
+
+    sequence: Any = None  # VideoSequence
+    mask_objects: tuple[int, ...] | None = None  # None: no mask
+    invert_mask: bool = False  # edit the background instead of the objects
+
+    @property
+    def masked(self) -> bool:
+        return self.mask_objects is not None
+
+    @property
+    def mask_key(self) -> str:
+        if self.mask_objects is None:
+            return ""
+        return f"objects={list(self.mask_objects) or 'all'};invert={self.invert_mask}"
+
+    def load_frames(self) -> np.ndarray:
+        frames = np.stack([read_image(self.sequence.frame_uris[i], "RGB") for i in self.frame_indices])
+        return resize_center_crop(frames, self.width, self.height)
+
+    def middle_frame(self) -> np.ndarray:
+        index = self.frame_indices[len(self.frame_indices) // 2]
+        return resize_center_crop(
+            read_image(self.sequence.frame_uris[index], "RGB")[None], self.width, self.height
+        )[0]
+
+    def load_mask(self) -> np.ndarray | None:
+        if self.mask_objects is None:
+            return None
+        objects = list(self.mask_objects) or None
+        return load_sequence_mask(
+            self.sequence, self.frame_indices, (self.width, self.height), objects, self.invert_mask
+        )
+
+    @classmethod
+    def from_sequence(
+        cls,
+        seq: VideoSequence,
+        frames: int,
+        size: tuple[int, int],
+        stride: int = 1,
+        start: int = 0,
+        mask_objects: Sequence[int] | None = None,
+        invert_mask: bool = False,
+        prompts: Sequence[PromptSpec] | None = None,
+    ) -> SequenceClip:
+        """``frames`` frames of ``seq`` ``stride`` apart (shrunk to fit short sequences), edited at ``size``
+        (w, h) for landscape frames (transposed for portrait). ``prompts`` default to the sequence's own
+        (TGVE), tagged with their kind; its caption is kept."""
+        indices, used = choose_indices(seq.num_frames, frames, stride, start)
+        h, w = read_image(seq.frame_uris[indices[0]], "RGB").shape[:2]
+        width, height = target_size(w, h, size)
+        if prompts is None:
+            prompts = [PromptSpec(text=t, tag=k) for k, t in (seq.prompts or {}).items()]
+        return cls(
+            clip_id=clip_id(seq.frames_uri, start, len(indices), used),
+            source_uri=seq.frames_uri,
+            start=start,
+            stride=used,
+            frame_indices=tuple(indices),
+            fps=max(seq.fps / used, 1.0),
+            width=width,
+            height=height,
+            caption=seq.caption,
+            prompts=tuple(prompts),
+            sequence=seq,
+            mask_objects=None if mask_objects is None else tuple(mask_objects),
+            invert_mask=invert_mask,
+        )

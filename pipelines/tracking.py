@@ -87,8 +87,8 @@ def start_run(
         mlflow.set_tracking_uri(previous)
 
 
-def client(tracking_uri: str):
-    """An `mlflow.tracking.MlflowClient` of ``tracking_uri`` (no global MLflow state is touched)."""
+def client(tracking_uri: str) -> Any:
+    """An ``mlflow.tracking.MlflowClient`` of ``tracking_uri`` (it sets no process-global MLflow state)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri)

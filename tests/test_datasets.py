@@ -14,8 +14,8 @@ from PIL import Image
 from gen1.video import resize_center_crop
 from pipelines.datasets import (
     DatasetError,
+    SequenceClip,
     choose_indices,
-    load_sequence_clip,
     load_sequence_mask,
     parse_dataset,
     parse_tgve_csv,
@@ -26,6 +26,7 @@ from pipelines.datasets import (
 from tests.fixtures.davis import DAVIS_FRAMES, TGVE_ROWS
 
 SIZE = (64, 48)
+NATIVE = (640, 480)  # the fixture's frame size: clips of it are not resized
 
 
 def test_parse_dataset():
@@ -63,21 +64,22 @@ def test_read_davis_split_selection_and_errors(davis_root, tmp_path):
     assert [s.name for s in read_dataset(f"davis:{davis_root}", split="train")] == ["walking"]
 
 
-def test_load_sequence_clip_reads_the_frames_it_names(davis_root):
+def test_sequence_clip_reads_the_frames_it_names(davis_root):
     walking = read_davis(str(davis_root), sequences=["walking"])[0]
-    clip = load_sequence_clip(walking, n=4, stride=3, start=1, size=SIZE)
-    assert clip.indices == [1, 4, 7, 10] and clip.stride == 3
-    assert clip.frames.shape == (4, SIZE[1], SIZE[0], 3) and clip.frames.dtype == np.uint8
+    clip = SequenceClip.from_sequence(walking, 4, SIZE, stride=3, start=1)
+    frames = clip.load_frames()
+    assert list(clip.frame_indices) == [1, 4, 7, 10] and clip.stride == 3
+    assert frames.shape == (4, SIZE[1], SIZE[0], 3) and frames.dtype == np.uint8
     direct = np.asarray(Image.open(davis_root / "JPEGImages/480p/walking/00007.jpg").convert("RGB"))
-    np.testing.assert_array_equal(clip.frames[2], resize_center_crop(direct[None], *SIZE)[0])
+    np.testing.assert_array_equal(frames[2], resize_center_crop(direct[None], *SIZE)[0])
     assert clip.fps == pytest.approx(24.0 / 3)
     assert clip.source_uri == walking.frames_uri
     # the clip id is stable and depends on the frames chosen
-    again = load_sequence_clip(walking, n=4, stride=3, start=1, size=SIZE)
-    other = load_sequence_clip(walking, n=4, stride=2, start=1, size=SIZE)
+    again = SequenceClip.from_sequence(walking, 4, SIZE, stride=3, start=1)
+    other = SequenceClip.from_sequence(walking, 4, SIZE, stride=2, start=1)
     assert clip.clip_id == again.clip_id != other.clip_id
-    full = load_sequence_clip(walking, n=2, size=None)
-    assert full.frames.shape == (2, 480, 640, 3)  # 768x576 footage scaled to 480 lines
+    full = SequenceClip.from_sequence(walking, 2, NATIVE).load_frames()
+    assert full.shape == (2, 480, 640, 3)  # 768x576 footage scaled to 480 lines
 
 
 def test_choose_indices_shrinks_the_stride_to_fit():
@@ -101,7 +103,7 @@ def test_masks_cover_the_moving_people(davis_root):
     np.testing.assert_array_equal(load_sequence_mask(walking, indices, objects=[1]), (ids == 1).astype(np.float32))
     np.testing.assert_array_equal(load_sequence_mask(walking, indices, invert=True), 1 - mask)
     # the masked pixels are the ones that change between frames (people walking, static camera)
-    frames = load_sequence_clip(walking, n=DAVIS_FRAMES, size=None).frames.astype(np.float32)
+    frames = SequenceClip.from_sequence(walking, DAVIS_FRAMES, NATIVE).load_frames().astype(np.float32)
     motion = np.abs(np.diff(frames, axis=0)).mean(axis=-1)  # (f-1, h, w)
     m = load_sequence_mask(walking, range(DAVIS_FRAMES - 1)) > 0
     assert motion[m].mean() > 5 * motion[~m].mean()
@@ -121,9 +123,9 @@ def test_read_davis_from_an_fsspec_uri(davis_root):
         assert [s.name for s in seqs] == ["megamind", "walking"]
         assert seqs[1].frame_uris[0] == "memory://davis-mem/JPEGImages/480p/walking/00000.jpg"
         local = read_davis(str(davis_root), sequences=["walking"])[0]
-        a = load_sequence_clip(seqs[1], 3, 2, size=SIZE)
-        b = load_sequence_clip(local, 3, 2, size=SIZE)
-        np.testing.assert_array_equal(a.frames, b.frames)
+        a = SequenceClip.from_sequence(seqs[1], 3, SIZE, stride=2)
+        b = SequenceClip.from_sequence(local, 3, SIZE, stride=2)
+        np.testing.assert_array_equal(a.load_frames(), b.load_frames())
         np.testing.assert_array_equal(load_sequence_mask(seqs[1], [0, 5]), load_sequence_mask(local, [0, 5]))
     finally:
         fs.rm("/davis-mem", recursive=True)
@@ -137,7 +139,7 @@ def test_read_tgve_layout_and_prompts(tgve_root):
     assert walking.prompts == dict(zip(("style", "object", "background", "multiple"), TGVE_ROWS[0][2:], strict=True))
     assert walking.num_frames == DAVIS_FRAMES and walking.dataset == "tgve"
     assert walking.frames_uri == f"{tgve_root}/DAVIS_480p/480p_frames/walking"
-    assert load_sequence_clip(walking, 2, size=SIZE).frames.shape == (2, SIZE[1], SIZE[0], 3)
+    assert SequenceClip.from_sequence(walking, 2, SIZE).load_frames().shape == (2, SIZE[1], SIZE[0], 3)
     assert [v.name for v in read_dataset(f"tgve:{tgve_root}", limit=1)] == ["walking"]
 
 

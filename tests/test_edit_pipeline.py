@@ -22,10 +22,8 @@ import pytest
 from gen1.config import TINY, ConfigError
 from gen1.prompts import PromptSpec
 from gen1.video import load_clip, probe
+from pipelines.datasets import SequenceClip
 from pipelines.edit import (
-    MANIFEST_DIR,
-    MANIFEST_SCHEMA,
-    OUTPUTS_DIR,
     PROMPT_PLAN_SCHEMA,
     RESULT_SCHEMA,
     CaptionStage,
@@ -34,7 +32,6 @@ from pipelines.edit import (
     EditJobConfig,
     EditStage,
     PromptStage,
-    SequenceClip,
     edit_key,
     model_key,
     plan_tasks,
@@ -43,7 +40,7 @@ from pipelines.edit import (
     read_source_table,
     run_edit,
 )
-from pipelines.schema import read_errors
+from pipelines.schema import MANIFEST_DIR, MANIFEST_SCHEMA, OUTPUTS_DIR, read_errors
 from pipelines.sources import plan_video
 
 STEPS = 2
@@ -170,8 +167,8 @@ def test_source_manifest_prompts_images_masks_and_captions(tmp_path):
 
 
 def test_driver_commits_parts_by_count_and_by_age(tmp_path):
-    from pipelines.edit import PROMPTS_DIR, PROMPTS_SCHEMA, _Committer
-    from pipelines.schema import TableStore
+    from pipelines.commits import Committer, RowBuffer
+    from pipelines.schema import PROMPTS_DIR, PROMPTS_SCHEMA, TableStore
 
     store = TableStore(str(tmp_path))
     row = {
@@ -184,12 +181,21 @@ def test_driver_commits_parts_by_count_and_by_age(tmp_path):
         "created_at": dt.datetime.now(dt.UTC),
         "schema_version": 1,
     }
-    by_count = _Committer(store, PROMPTS_DIR, PROMPTS_SCHEMA, "r", every=2, max_wait_s=1e9)
+
+    def buffer(run_id: str, every: int, max_wait_s: float) -> tuple[Committer, RowBuffer]:
+        committer = Committer(store, PROMPTS_DIR, run_id, key=None)
+
+        def commit(rows):
+            committer.commit_table(pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA), [r["clip_id"] for r in rows])
+
+        return committer, RowBuffer(commit, every, max_wait_s)
+
+    committed, by_count = buffer("r", every=2, max_wait_s=1e9)
     by_count.add([row])
     assert store.committed(PROMPTS_DIR) == []  # buffered: nothing visible yet
     by_count.add([row])
-    assert len(store.committed(PROMPTS_DIR)) == 1 and by_count.rows == 2
-    by_age = _Committer(store, PROMPTS_DIR, PROMPTS_SCHEMA, "s", every=100, max_wait_s=0.0)
+    assert len(store.committed(PROMPTS_DIR)) == 1 and committed.rows == 2
+    _, by_age = buffer("s", every=100, max_wait_s=0.0)
     by_age.add([row])
     assert len(store.committed(PROMPTS_DIR)) == 2 and not by_age.pending
     assert read_prompts(str(tmp_path)).num_rows == 3
@@ -359,19 +365,21 @@ def test_edit_stage_honours_a_mask(models, synthetic_clip, tmp_path, monkeypatch
 
 def test_sequence_clips_carry_dataset_frames_masks_and_prompts(models, davis_root, tgve_root, tmp_path):
     """Evaluation's injected clips: DAVIS frames + object masks, TGVE prompts, edited by the same stage."""
-    from pipelines.datasets import load_sequence_clip, load_sequence_mask, read_davis, read_tgve
+    from gen1.video import clip_id, read_image, resize_center_crop
+    from pipelines.datasets import load_sequence_mask, read_davis, read_tgve
 
     walking = {s.name: s for s in read_davis(str(davis_root))}["walking"]
     clip = SequenceClip.from_sequence(
         walking, frames=4, size=(64, 64), stride=2, mask_objects=(), invert_mask=True
     )
-    ref = load_sequence_clip(walking, 4, 2, size=(64, 64))
-    assert clip.clip_id == ref.clip_id and list(clip.frame_indices) == ref.indices == [0, 2, 4, 6]
+    indices = [0, 2, 4, 6]
+    ref = resize_center_crop(np.stack([read_image(walking.frame_uris[i], "RGB") for i in indices]), 64, 64)
+    assert clip.clip_id == clip_id(walking.frames_uri, 0, 4, 2) and list(clip.frame_indices) == indices
     frames, mask = clip.load()
-    np.testing.assert_array_equal(frames, ref.frames)
-    np.testing.assert_array_equal(mask, load_sequence_mask(walking, ref.indices, (64, 64), invert=True))
+    np.testing.assert_array_equal(frames, ref)
+    np.testing.assert_array_equal(mask, load_sequence_mask(walking, indices, (64, 64), invert=True))
     assert 0 < mask.mean() < 1 and clip.mask_key == "objects=all;invert=True"
-    np.testing.assert_array_equal(clip.middle_frame(), ref.frames[2])
+    np.testing.assert_array_equal(clip.middle_frame(), ref[2])
 
     tgve = {s.name: s for s in read_tgve(str(tgve_root))}["walking"]
     tclip = SequenceClip.from_sequence(tgve, frames=4, size=(64, 64))

@@ -32,7 +32,7 @@ def _measured(fc: dict[str, float] | None = None, pc_shift: float = 0.0) -> pd.D
                 "w": 7.5, "w_t": w_t, "sdedit_strength": None, "frame_indices": [0, 2], "fps": 8.0,
                 "output_uri": f"/o/{video}-{w_t}.mp4", "frame_consistency": base + (0.01 if w_t == 1.5 else 0.0),
                 "frame_consistency_all_pairs": base, "prompt_consistency": 0.3 + pc_shift,
-                "flow_warp_error": 0.02, "input_flow_warp_error": 0.01, "depth_fidelity": 0.9, "error": None,
+                "flow_warp_error": 0.02, "input_flow_warp_error": 0.01, "depth_fidelity": 0.9,
             })
     return pd.DataFrame(rows)
 
@@ -103,13 +103,13 @@ def fake_eval(monkeypatch):
     the rest (per-video table, MLflow logging, the gate, exit codes) is the real code."""
     from gen1.config import load_model_specs
     from pipelines import evaluate
+    from pipelines.evaluate.report import join_uri, log_run
 
     tables: dict[str, pd.DataFrame] = {}
 
     def run_eval(cfg):
         table = per_video_table(tables[cfg.run_name])
-        return evaluate._log_run(cfg, load_model_specs("tiny"), table, cfg.run_name,
-                                 evaluate._join(cfg.out, cfg.run_name))
+        return log_run(cfg, load_model_specs("tiny"), table, cfg.run_name, join_uri(cfg.out, cfg.run_name))
 
     monkeypatch.setattr(evaluate, "run_eval", run_eval)
     return tables

@@ -76,7 +76,7 @@ def _measured() -> pd.DataFrame:
                 "w_t": w_t, "sdedit_strength": strength, "frame_indices": [0, 2], "output_uri": f"/o/{video}.mp4",
                 "frame_consistency": fc + (0.02 if video == "walking" else 0.0), "frame_consistency_all_pairs": fc,
                 "prompt_consistency": 0.2 + w_t / 10, "flow_warp_error": 0.1 / (1 + w_t), "input_flow_warp_error": 0.01,
-                "depth_fidelity": float("nan") if strength else 0.9, "error": None,
+                "depth_fidelity": float("nan") if strength else 0.9,
             })
     return pd.DataFrame(rows)
 
@@ -209,7 +209,7 @@ def test_metrics_stage_matches_gen1_metrics_batched_or_not(models, video, tmp_pa
         outputs.append(str(tmp_path / f"out{i}.mp4"))
         write_video(out, outputs[-1], 8.0)
     rows = [{"clip_id": "c", "source_uri": src, "start": 0, "stride": 1, "frame_indices": [0, 1, 2, 3], "fps": 8.0,
-             "width": 64, "height": 64, "output_uri": uri, "prompt": p, "error": None}
+             "width": 64, "height": 64, "output_uri": uri, "prompt": p}
             for uri, p in zip(outputs, (PROMPT, "a snowy forest"), strict=True)]
     rows.append({**rows[0], "output_uri": str(tmp_path / "missing.mp4")})
     clip, depth = models.content.clip, models.structure.depth
@@ -233,7 +233,37 @@ def test_metrics_stage_matches_gen1_metrics_batched_or_not(models, video, tmp_pa
             assert batched.iloc[i][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
             assert single.iloc[i][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
     assert batched.iloc[0]["prompt_consistency"] != pytest.approx(batched.iloc[1]["prompt_consistency"])
-    assert "read output" in batched.iloc[2]["error"] and pd.isna(batched.iloc[2]["frame_consistency"])
+    failed = batched.iloc[2]
+    assert (failed["status"], failed["error_stage"]) == ("error", "read_output")  # the errors-table convention
+    assert "missing.mp4" in failed["error_message"] and pd.isna(failed["frame_consistency"])
+    assert (batched.iloc[0]["status"], batched.iloc[0]["error_stage"]) == ("ok", "")
+
+
+def test_a_failed_sdedit_is_an_error_row_then_a_row_of_the_run_errors_table(tmp_path):
+    import pickle
+
+    from pipelines.edit import EditClip
+    from pipelines.evaluate.run import _commit_errors, _split
+    from pipelines.evaluate.stages import SDEditStage
+    from pipelines.schema import read_errors
+
+    clip = EditClip(clip_id="c", source_uri=str(tmp_path / "missing.mp4"), start=0, stride=1, frame_indices=(0, 1),
+                    fps=8.0, width=64, height=64)
+    task = {"edit_key": "k0", "clip": pickle.dumps(clip), "clip_id": "c", "source_uri": clip.source_uri, "start": 0,
+            "prompt": PROMPT, "image_uri": None, "sdedit_strength": 0.6, "w": 7.5, "steps": 2, "seed": 0,
+            "sampler": "ddim"}
+    out = SDEditStage(TINY, str(tmp_path / "sdedit"), models=object())(pd.DataFrame([task]))
+    (row,) = out.to_dict("records")
+    assert (row["status"], row["error_stage"]) == ("error", "sdedit") and pd.isna(row["output_uri"])
+    assert "missing.mp4" in row["error_message"] and "clip" not in row
+    measured, failed = _split(out)
+    assert measured.empty and len(failed) == 1
+    run_dir = str(tmp_path / "out" / "run")
+    records = _commit_errors(EvalConfig(edits=str(tmp_path / "edits")), run_dir, failed)
+    errors = read_errors(run_dir).to_pylist()
+    assert len(records) == len(errors) == 1
+    assert (errors[0]["clip_id"], errors[0]["stage"], errors[0]["uri"]) == ("c", "sdedit", clip.source_uri)
+    assert errors[0]["message"].startswith("edit k0: ") and errors[0]["traceback"]
 
 
 # --------------------------------------------------------------------------------- MLflow server

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     fraction = summary.failed / summary.videos if summary.videos else 1.0
     if fraction > args.max_failure_fraction:
         print(f"FAILED: {summary.failed} of {summary.videos} videos failed ({fraction:.1%} > "
-              f"{args.max_failure_fraction:.1%}); see the 'error' column of {summary.table_uri}", file=sys.stderr)
+              f"{args.max_failure_fraction:.1%}); see the errors table {summary.out.rstrip('/')}/errors/", file=sys.stderr)
         return EXIT_FAILED_VIDEOS
     if summary.regressed:
         from pipelines.regression import WORST_ARTIFACT

@@ -1,0 +1,435 @@
+"""The driver of the edit pipeline: `run_edit` plans the clips, writes the missing prompts, plans the edits
+and streams them through the edit actors; `EditRun` holds what its passes share (the store, run id, actor
+resources, summary and committers)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from gen1.config import ModelSpecs, load_model_specs
+from gen1.prompts import ChatConfig, PromptSpec
+from pipelines.commits import Committer, RowBuffer
+from pipelines.edit.clips import EditClip, read_source_table
+from pipelines.edit.config import EditJobConfig
+from pipelines.edit.keys import plan_tasks
+from pipelines.edit.stages import CaptionStage, EditStage, PromptStage, prompt_plan_row, written_prompt_rows
+from pipelines.edit.tables import committed_prompts, read_manifest
+from pipelines.failures import STATUS_ERROR, STATUS_OK, error_record
+from pipelines.runtime import (
+    ActorPool,
+    cluster_resources,
+    init_ray,
+    new_run_id,
+    plan_resources,
+    write_run_record,
+)
+from pipelines.schema import (
+    EDIT_SCHEMA_VERSION,
+    ERRORS_DIR,
+    MANIFEST_DIR,
+    MANIFEST_SCHEMA,
+    OUTPUTS_DIR,
+    PROMPTS_DIR,
+    PROMPTS_SCHEMA,
+    TableStore,
+)
+from pipelines.sources import PlanStage, is_manifest, list_videos
+
+logger = logging.getLogger(__name__)
+
+PROMPTS_COMMIT_EVERY = 256  # prompt rows per committed part (prompts are cheap to redo)
+
+
+@dataclass
+class EditSummary:
+    run_id: str
+    dst: str
+    videos: int = 0
+    clips: int = 0  # clips planned (ok)
+    clips_failed: int = 0  # videos that failed planning + clips that failed captioning / prompting
+    tasks: int = 0  # edits the job asks for (clips x prompts x grid)
+    skipped: int = 0  # already in the manifest before this run
+    ok: int = 0  # edits committed by this run
+    failed: int = 0  # edits that ended in `errors`
+    seconds: float = 0.0
+    tiny_models: bool = False
+    error: str | None = None  # what stopped the stream, if anything
+
+    @property
+    def edits_per_minute(self) -> float:
+        return 60.0 * self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def failure_fraction(self) -> float:
+        done = self.ok + self.failed + self.clips_failed
+        return (self.failed + self.clips_failed) / done if done else 0.0
+
+    def line(self) -> str:
+        tiny = " [TINY RANDOM MODELS]" if self.tiny_models else ""
+        return (
+            f"edit {self.run_id}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped of {self.tasks} edits "
+            f"({self.clips} clips, {self.clips_failed} failed) in {self.seconds:.1f}s "
+            f"({self.edits_per_minute:.1f} edits/min) -> {self.dst}{tiny}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "edits_per_minute": self.edits_per_minute,
+            "failure_fraction": self.failure_fraction,
+        }
+
+
+def edit_concurrency(config: EditJobConfig) -> int:
+    """How many edit actors: ``config.edit_concurrency``, else one per ``edit_num_gpus`` GPUs of the cluster,
+    else (no GPUs) one per 4 CPUs."""
+    if config.edit_concurrency:
+        return config.edit_concurrency
+    cpus, gpus = cluster_resources()
+    return max(1, int(gpus // config.edit_num_gpus)) if gpus > 0 else max(1, int(cpus // 4))
+
+
+class EditRun:
+    """One run of `run_edit` on a connected Ray: its passes and what they share.
+
+    ``errors`` buffers error records (one part per ``commit_every`` records or ``commit_interval_s``);
+    ``manifest`` commits manifest rows once per edit key; ``prompts`` the written prompts. ``resources``
+    holds each actor pool's ``concurrency``, ``num_cpus`` and ``num_gpus``, planned at the start (a pool
+    that does not fit fails the run before any work).
+    """
+
+    def __init__(self, config: EditJobConfig, specs: ModelSpecs, run_id: str):
+        self.config, self.specs, self.run_id = config, specs, run_id
+        self.store = TableStore(config.dst, config.storage_options)
+        self.summary = EditSummary(run_id=run_id, dst=config.dst, tiny_models=specs.is_tiny)
+        self.error_parts = Committer(self.store, ERRORS_DIR, run_id, key=None)
+        self.errors = RowBuffer(self.error_parts.commit_errors, config.commit_every, config.commit_interval_s)
+        self.manifest = Committer(self.store, MANIFEST_DIR, run_id, key="edit_key")
+        self.prompts = Committer(self.store, PROMPTS_DIR, run_id, key=None)
+        self.resources: dict[str, dict[str, Any]] = {}
+
+    def plan_resources(self) -> None:
+        """Size the edit pool, and the caption pool when prompts are written. The two passes are separate
+        datasets, never running at once, so each is planned alone."""
+        cfg = self.config
+        pools = [ActorPool("edit", edit_concurrency(cfg), cfg.edit_num_gpus)]
+        if cfg.auto_prompts:
+            pools.append(
+                ActorPool(
+                    "caption", cfg.caption_concurrency, min(cfg.caption_num_gpus, cluster_resources()[1])
+                )
+            )
+        for pool in pools:
+            planned = plan_resources([pool], cfg.actor_num_cpus, cfg.task_num_cpus)[pool.name]
+            self.resources[pool.name] = {"concurrency": pool.concurrency, **planned}
+
+    def fail(self, row: dict[str, Any], message: str | None = None) -> None:
+        """Record an error row of a stage batch (``message`` replacing its error message)."""
+        record = error_record(row)
+        self.errors.add([record if message is None else {**record, "message": message}])
+
+    def failed_clip(self, row: dict[str, Any]) -> bool:
+        """True (and recorded) when a planning or prompt-pass row is a clip's failure."""
+        if row["status"] == STATUS_OK:
+            return False
+        self.fail(row)
+        self.summary.clips_failed += 1
+        return True
+
+    # ------------------------------------------------------------------------------------------ clips
+
+    def plan_clips(self, size: tuple[int, int], frames: int) -> list[EditClip]:
+        """The clips to edit: injected, or listed from ``src`` and planned on the cluster (PlanStage)."""
+        cfg = self.config
+        if cfg.clips is not None:
+            clips = list(cfg.clips)
+        else:
+            clips = self._planned_clips(size, frames)
+            clips.sort(key=lambda c: (c.source_uri, c.start))
+        unique = list({c.clip_id: c for c in clips}.values())
+        if len(unique) != len(clips):
+            logger.warning("%d duplicate clips dropped", len(clips) - len(unique))
+        self.errors.flush()
+        return unique[: cfg.limit] if cfg.limit is not None else unique
+
+    def _planned_clips(self, size: tuple[int, int], frames: int) -> list[EditClip]:
+        import ray
+
+        cfg = self.config
+        table = read_source_table(cfg.src, cfg.storage_options) if is_manifest(cfg.src) else {}
+        uris = (
+            list(table)
+            if table
+            else list_videos(cfg.src, cfg.extensions, storage_options=cfg.storage_options)
+        )
+        self.summary.videos = len(uris)
+        if not uris:
+            return []
+        ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=min(len(uris), 200))
+        ds = ds.map_batches(
+            PlanStage(frames, cfg.stride, cfg.clips_per_video, size),
+            batch_size=1,
+            batch_format="pandas",
+            num_cpus=cfg.task_num_cpus,
+        )
+        clips = []
+        for row in ds.take_all():
+            if self.failed_clip(row):
+                continue
+            extra = table.get(row["source_uri"], {})
+            clips.append(
+                EditClip.from_plan(
+                    row,
+                    caption=extra.get("caption"),
+                    prompts=tuple(extra.get("prompts", ())),
+                    mask_uri=extra.get("mask_uri"),
+                )
+            )
+        return clips
+
+    # ---------------------------------------------------------------------------------------- prompts
+
+    def write_prompts(self, clips: list[EditClip]) -> None:
+        """Caption and write prompts for clips with fewer committed prompts than ``auto_prompts``."""
+        cfg = self.config
+        committed = committed_prompts(cfg.dst, cfg.storage_options)
+        rows = [
+            prompt_plan_row(clip, committed.get(clip.clip_id, []))
+            for clip in clips
+            if not clip.prompts and len(committed.get(clip.clip_id, [])) < cfg.auto_prompts
+        ]
+        if not rows:
+            return
+        logger.info(
+            "writing prompts for %d clips (%d captions to make)",
+            len(rows),
+            sum(not r["caption"] for r in rows),
+        )
+        buffer = RowBuffer(self._commit_prompts, PROMPTS_COMMIT_EVERY)
+        now = dt.datetime.now(dt.UTC)
+        for batch in self._prompt_pass(rows).iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                if self.failed_clip(row):
+                    continue
+                buffer.add(written_prompt_rows(row, self.run_id, now))
+        buffer.flush()
+        self.errors.flush()
+
+    def _prompt_pass(self, rows: list[dict[str, Any]]):
+        """The prompts dataset: CaptionStage (an actor pool, when a clip lacks a caption) -> PromptStage."""
+        import ray
+
+        cfg = self.config
+        ds = ray.data.from_items(
+            rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.caption_batch_size))
+        )
+        if any(not r["caption"] for r in rows):
+            ds = ds.map_batches(
+                CaptionStage,
+                fn_constructor_kwargs={
+                    "spec": self.specs.caption,
+                    "device": cfg.device,
+                    "timeout_s": cfg.caption_timeout_s,
+                    "decode_timeout_s": cfg.decode_timeout_s,
+                },
+                batch_size=cfg.caption_batch_size,
+                batch_format="pyarrow",
+                **self.resources["caption"],
+            )
+        llm = cfg.llm if cfg.llm is not None else ChatConfig.from_env()  # resolved here, not on workers
+        logger.info(
+            "prompt writer: %s", f"chat {llm.describe()}" if llm else f"templates (seed {cfg.prompt_seed})"
+        )
+        return ds.map_batches(  # CPU tasks; `concurrency` bounds the requests in flight to a chat endpoint
+            PromptStage(cfg.auto_prompts, llm, cfg.prompt_seed),
+            batch_size=1,
+            batch_format="pyarrow",
+            num_cpus=cfg.task_num_cpus,
+            concurrency=cfg.prompt_concurrency,
+        )
+
+    def _commit_prompts(self, rows: list[dict[str, Any]]) -> None:
+        self.prompts.commit_table(
+            pa.Table.from_pylist(rows, schema=PROMPTS_SCHEMA), [r["clip_id"] for r in rows]
+        )
+
+    def prompts_for(self, clips: list[EditClip]) -> dict[str, list[tuple]]:
+        """clip id -> [(prompt, source, caption, caption_model)]: the clip's own, else the job's, else the
+        committed written ones."""
+        cfg = self.config
+        committed = committed_prompts(cfg.dst, cfg.storage_options) if cfg.auto_prompts else {}
+        out: dict[str, list[tuple]] = {}
+        for clip in clips:
+            if clip.prompts:
+                out[clip.clip_id] = [(p, "clip", clip.caption, None) for p in clip.prompts]
+            elif cfg.prompts:
+                out[clip.clip_id] = [(p, "user", clip.caption, None) for p in cfg.prompts]
+            elif cfg.auto_prompts:
+                rows = committed.get(clip.clip_id, [])[: cfg.auto_prompts]
+                out[clip.clip_id] = [
+                    (PromptSpec(text=r["prompt"]), r["writer"], r["caption"], r["caption_model"])
+                    for r in rows
+                ]
+        return out
+
+    # ------------------------------------------------------------------------------------------ edits
+
+    def run_edits(self, todo: list[dict[str, Any]], done: set[str]) -> None:
+        """Stream ``todo`` through the edit actors, committing manifest rows and errors as they come; an edit
+        that never comes back becomes a ``pipeline`` error."""
+        cfg = self.config
+        buffer = RowBuffer(self._commit_manifest, cfg.commit_every, cfg.commit_interval_s)
+        finished: set[str] = set()
+        try:
+            for batch in self._edit_pass(todo).iter_batches(batch_size=None, batch_format="pyarrow"):
+                now = dt.datetime.now(dt.UTC)
+                for row in batch.to_pylist():
+                    key = row["edit_key"]
+                    if key in done or key in finished:
+                        logger.warning("edit %s came back twice; keeping the first", key)
+                        continue
+                    finished.add(key)
+                    if row["status"] == STATUS_ERROR:
+                        self.fail(row, f"edit {key}: {row['error_message']}")
+                        self.summary.failed += 1
+                        continue
+                    extra = {"run_id": self.run_id, "created_at": now, "schema_version": EDIT_SCHEMA_VERSION}
+                    buffer.add([{k: extra[k] if k in extra else row[k] for k in MANIFEST_SCHEMA.names}])
+        except Exception as e:  # the stream broke: what is not committed becomes a pipeline error
+            logger.exception("the edit stream stopped early: %s", e)
+            self.summary.error = f"{type(e).__name__}: {e}"
+        finally:
+            buffer.flush()
+            self.errors.flush()
+            self.summary.ok = self.manifest.rows
+        missing = [t for t in todo if t["edit_key"] not in finished]
+        if missing:
+            message = f"the pipeline ended without this edit: {self.summary.error or 'no result came back'}"
+            self.errors.add(
+                {
+                    "clip_id": t["clip_id"],
+                    "uri": t["source_uri"],
+                    "start": None,
+                    "stage": "pipeline",
+                    "error_type": "MissingOutput",
+                    "message": f"edit {t['edit_key']}: {message}",
+                }
+                for t in missing
+            )
+            self.errors.flush()
+            self.summary.failed += len(missing)
+
+    def _edit_pass(self, todo: list[dict[str, Any]]):
+        import ray
+
+        cfg = self.config
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / cfg.edit_batch_size)))
+        return ds.map_batches(
+            EditStage,
+            fn_constructor_kwargs={
+                "specs": self.specs,
+                "dst": cfg.dst,
+                "run_id": self.run_id,
+                "device": cfg.device,
+                "previews": cfg.previews,
+                "metrics": cfg.metrics,
+                "storage_options": cfg.storage_options,
+                "decode_timeout_s": cfg.decode_timeout_s,
+                "edit_timeout_s": cfg.edit_timeout_s,
+            },
+            batch_size=cfg.edit_batch_size,
+            batch_format="pyarrow",
+            **self.resources["edit"],
+        )
+
+    def _commit_manifest(self, rows: list[dict[str, Any]]) -> None:
+        self.manifest.commit_table(
+            pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), [r["edit_key"] for r in rows]
+        )
+
+    def remove_tmp(self) -> None:
+        """What this run left under ``_tmp/`` of its tables (parts and outputs it never committed)."""
+        for table in (MANIFEST_DIR, PROMPTS_DIR, ERRORS_DIR, OUTPUTS_DIR):
+            self.store.remove_tmp(table, self.run_id)
+
+    def write_record(self) -> str:
+        record = {
+            "run_id": self.run_id,
+            "kind": "edit",
+            "config": self.config.as_dict(),
+            "summary": self.summary.as_dict(),
+        }
+        return write_run_record(self.store, f"edit-{self.run_id}", record)
+
+
+def run_edit(config: EditJobConfig) -> EditSummary:
+    """Mass-edit ``config.src`` (or ``config.clips``) into ``config.dst``; see `pipelines.edit`."""
+    import ray
+
+    from gen1.models import check_weights
+
+    config.load_prompts()
+    specs = load_model_specs(config.models)
+    size = config.size or (specs.width, specs.height)
+    frames = config.frames or specs.frames
+    check_weights(
+        specs, ("vae", "unet", "clip", "depth", "prior") + (("caption",) if config.auto_prompts else ())
+    )
+    run = EditRun(config, specs, new_run_id())
+    logger.info(
+        "edit %s -> %s, run %s, models %s\nconfig: %s",
+        config.src or "<injected clips>",
+        config.dst,
+        run.run_id,
+        specs.label(),
+        json.dumps(config.as_dict(), default=str),
+    )
+    if specs.is_tiny:
+        logger.warning("tiny random models: the outputs are plumbing checks, not real edits")
+    summary = run.summary
+    t0 = time.monotonic()
+    started = init_ray(config.ray_address, config.num_cpus)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = config.progress
+        run.plan_resources()
+        clips = run.plan_clips(size, frames)
+        summary.clips = len(clips)
+        if config.auto_prompts:
+            run.write_prompts(clips)
+        prompts_for = run.prompts_for(clips)
+        unprompted = [c.clip_id for c in clips if not prompts_for.get(c.clip_id)]
+        if unprompted:
+            logger.warning(
+                "%d clips have no prompts and are not edited (first: %s)", len(unprompted), unprompted[0]
+            )
+        tasks = plan_tasks(clips, prompts_for, config.grid, config.steps, config.sampler, specs)
+        done = set(read_manifest(config.dst, config.storage_options).column("edit_key").to_pylist())
+        todo = [t for t in tasks if t["edit_key"] not in done]
+        summary.tasks, summary.skipped = len(tasks), len(tasks) - len(todo)
+        logger.info(
+            "%d clips -> %d edits: %d to do, %d already in %s",
+            len(clips),
+            len(tasks),
+            len(todo),
+            summary.skipped,
+            config.dst,
+        )
+        if todo:
+            run.run_edits(todo, done)
+    finally:
+        summary.seconds = time.monotonic() - t0
+        run.remove_tmp()
+        if started:
+            ray.shutdown()
+    run.write_record()
+    logger.info("%s", summary.line())
+    return summary

@@ -1,0 +1,121 @@
+"""`EvalConfig`: one evaluation run (`pipelines.evaluate.run_eval`), loadable from YAML or a job spec; the
+methods and metrics an evaluation reports."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gen1.config import ConfigError, config_from_mapping, read_yaml_mapping
+from pipelines.edit import EditGrid
+from pipelines.regression import GateConfig
+
+METHODS = ("gen1", "per_frame", "sdedit")
+BASELINES = ("per_frame", "sdedit")
+METRICS = (
+    "frame_consistency",
+    "frame_consistency_all_pairs",
+    "prompt_consistency",
+    "flow_warp_error",
+    "input_flow_warp_error",
+    "depth_fidelity",
+)
+MASK_MODES = ("none", "objects", "background")
+
+
+@dataclass
+class EvalConfig:
+    """One evaluation run. Loadable from YAML (`from_yaml`, also the ``config:`` section of a job spec in
+    ``jobs/specs/``); printed at start and logged to MLflow as params."""
+
+    dataset: str | None = None  # "davis:URI" | "tgve:URI"
+    edits: str | None = None  # or: the DST of an earlier `gen1 edit` job: evaluate its manifest only
+    out: str = "gen1-eval"  # results: OUT/<run_name>/{edits, sdedit, per_video.parquet, samples}
+    models: str = "tiny"
+    grid: dict[str, list] = field(default_factory=lambda: {"t_s": [3], "w": [7.5], "w_t": [1.0, 1.5], "seeds": [0]})
+    baselines: tuple[str, ...] = BASELINES
+    sdedit_strength: float = 0.6
+    steps: int = 50
+    sampler: str = "ddim"
+    # dataset selection and clips
+    split: str | None = None  # DAVIS ImageSets split (train | val)
+    sequences: tuple[str, ...] | None = None
+    limit: int | None = None  # first N sequences
+    frames: int | None = None  # frames per clip (None: the model's window)
+    stride: int = 2  # source frames between edited frames (shrinks for short sequences)
+    size: tuple[int, int] | None = None  # (w, h) edit size (None: the model's)
+    mask: str = "none"  # none | objects (edit the annotated objects) | background (edit the rest)
+    # prompts: TGVE brings its own; DAVIS uses these, else captions -> auto_prompts prompts
+    prompts: tuple[str, ...] = ()
+    auto_prompts: int = 1
+    prompt_kinds: tuple[str, ...] | None = None  # TGVE: keep only these kinds (style, object, background, multiple)
+    # tracking
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite under OUT
+    experiment: str = "gen1-eval"
+    run_name: str | None = None  # None: eval-<dataset kind>-<UTC time>
+    sample_videos: int = 3  # side-by-side sample videos logged
+    # regression gate (pipelines.regression): compare with the experiment's accepted baseline run
+    gate: GateConfig | dict[str, Any] | None = None  # None: the defaults; YAML: {thresholds: {...}, ...}
+    accept_baseline: bool = False  # tag this run as the accepted baseline when its gate does not fail
+    # execution
+    metrics_batch_size: int = 4
+    metrics_concurrency: int = 1
+    sdedit_concurrency: int = 1
+    actor_num_cpus: float = 0.5
+    num_gpus: float = 0.5  # per metrics / SDEdit actor when the cluster has GPUs
+    edit_concurrency: int | None = None
+    device: str | None = None
+    ray_address: str | None = None
+    num_cpus: int | None = None
+    progress: bool = False
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.dataset is None) == (self.edits is None):
+            raise ConfigError("eval needs exactly one of dataset (davis:URI | tgve:URI) or edits (an edit job's DST)")
+        self.baselines = tuple(self.baselines)
+        unknown = set(self.baselines) - set(BASELINES)
+        if unknown:
+            raise ConfigError(f"baselines: expected some of {BASELINES}, found {sorted(unknown)}")
+        if self.mask not in MASK_MODES:
+            raise ConfigError(f"mask: expected one of {MASK_MODES}, found {self.mask!r}")
+        if not 0 < self.sdedit_strength <= 1:
+            raise ConfigError(f"sdedit_strength: expected a value in (0, 1], found {self.sdedit_strength}")
+        self.prompts = tuple(self.prompts)
+        if self.sequences is not None:
+            self.sequences = tuple(self.sequences)
+        if self.prompt_kinds is not None:
+            self.prompt_kinds = tuple(self.prompt_kinds)
+        if self.size is not None:
+            self.size = (int(self.size[0]), int(self.size[1]))
+        for name in ("steps", "stride", "metrics_batch_size", "metrics_concurrency", "sdedit_concurrency"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
+        self.gate = GateConfig.from_value(self.gate)
+        self.edit_grid()  # validate now, not after minutes of work
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> EvalConfig:
+        """Fields from a YAML mapping (or a job spec's ``config:`` section), then non-None ``overrides``."""
+        data = read_yaml_mapping(path, "eval settings")
+        if "entrypoint" in data:  # a job spec (jobs/specs/*.yaml): its config section
+            data = data.get("config") or {}
+        return config_from_mapping(cls, data, path, overrides)
+
+    def edit_grid(self) -> EditGrid:
+        """The edit pipeline's grid: ours, plus w_t = 0 when the per-frame baseline is on."""
+        grid = dict(self.grid)
+        grid["w_t"] = list(grid.get("w_t", [1.0]))
+        if "per_frame" in self.baselines and 0.0 not in [float(v) for v in grid["w_t"]]:
+            grid["w_t"].append(0.0)
+        try:
+            return EditGrid(**grid)
+        except TypeError as e:
+            raise ConfigError(f"grid: expected keys t_s, w, w_t, seeds; found {sorted(self.grid)}") from e
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["storage_options"] = sorted(self.storage_options)  # keys only: values may be secrets
+        return d

@@ -1,0 +1,285 @@
+"""The evaluation driver: `run_eval` edits a dataset with our model and the baselines (or takes an edit
+job's manifest, `evaluate_edits`), measures every output on an actor pool, assembles the per-video table,
+records failed videos in ``OUT/<run_name>/errors/`` and hands the rest to `pipelines.evaluate.report`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import pickle
+import posixpath
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gen1.config import ConfigError, ModelSpecs, load_model_specs
+from gen1.prompts import PromptSpec
+from pipelines.commits import Committer
+from pipelines.datasets import SequenceClip, read_dataset
+from pipelines.edit import EditJobConfig, model_key, read_manifest, run_edit, sdedit_key
+from pipelines.evaluate.config import METRICS, EvalConfig
+from pipelines.evaluate.report import EvalSummary, join_uri, log_run
+from pipelines.evaluate.stages import MetricsStage, SDEditStage
+from pipelines.failures import STATUS_OK, error_record, with_error_columns
+from pipelines.runtime import ActorPool, cluster_resources, init_ray, new_run_id, plan_resources
+from pipelines.schema import ERRORS_DIR, TableStore
+
+log = logging.getLogger(__name__)
+
+TABLE_COLUMNS = (
+    "video", "clip_id", "method", "setting", "prompt", "prompt_tag", "caption", "t_s", "w", "w_t", "sdedit_strength",
+    "seed", "steps", "sampler", "masked", "num_frames", "width", "height", "fps", "output_uri", "preview_uri",
+    "source_uri", "start", "stride", "frame_indices", *METRICS, "seconds",
+)
+# What an SDEdit task takes over from the manifest row of our model's edit it mirrors.
+SDEDIT_ROW_COLUMNS = (
+    "clip_id", "source_uri", "start", "stride", "frame_indices", "num_frames", "width", "height", "fps", "caption",
+    "prompt", "image_uri", "prompt_tag", "masked", "w", "seed", "steps", "sampler",
+)
+
+
+# ------------------------------------------------------------------------------------------------ table
+
+
+def method_of(w_t: float, tag: str | None = None) -> str:
+    """The method of an edit-manifest row: w_t = 0 is eq. 8's image model per frame."""
+    if tag == "sdedit":
+        return "sdedit"
+    return "per_frame" if float(w_t) == 0.0 else "gen1"
+
+
+def setting_label(method: str, t_s: int, w: float, w_t: float, strength: float | None = None) -> str:
+    if method == "sdedit":
+        return f"s{strength:g}-w{w:g}"
+    return f"ts{int(t_s)}-w{w:g}-wt{w_t:g}"
+
+
+def per_video_table(measured: pd.DataFrame) -> pd.DataFrame:
+    """Measured rows -> the per-video table (TABLE_COLUMNS), sorted by video, method, setting."""
+    if measured.empty:
+        return pd.DataFrame(columns=list(TABLE_COLUMNS))
+    df = measured.copy()
+    for col in TABLE_COLUMNS:
+        if col not in df:
+            df[col] = None
+    df["method"] = [method_of(w_t, "sdedit" if pd.notna(s) else None)
+                    for w_t, s in zip(df["w_t"], df["sdedit_strength"], strict=True)]
+    df["setting"] = [setting_label(m, t, w, wt, s) for m, t, w, wt, s in
+                     zip(df["method"], df["t_s"], df["w"], df["w_t"], df["sdedit_strength"], strict=True)]
+    df["video"] = [posixpath.basename(str(u).rstrip("/")) for u in df["source_uri"]]
+    for m in METRICS:
+        df[m] = pd.to_numeric(df[m], errors="coerce")
+    df = df[list(TABLE_COLUMNS)].sort_values(["video", "method", "setting", "prompt"], kind="stable")
+    return df.reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------------ clips
+
+
+def dataset_clips(cfg: EvalConfig, specs: ModelSpecs) -> list[SequenceClip]:
+    """The dataset's sequences as `pipelines.datasets.SequenceClip`s (first frames, with masks if asked)."""
+    kind = cfg.dataset.split(":", 1)[0]
+    kwargs: dict[str, Any] = {"limit": cfg.limit}
+    if kind == "davis":
+        kwargs.update(split=cfg.split, sequences=cfg.sequences)
+    sequences = read_dataset(cfg.dataset, **kwargs)
+    if kind == "tgve" and cfg.sequences is not None:
+        sequences = [s for s in sequences if s.name in set(cfg.sequences)]
+    frames = cfg.frames or specs.frames
+    size = cfg.size or (specs.width, specs.height)
+    clips = []
+    for seq in sequences:
+        prompts = None
+        if seq.prompts:
+            kinds = cfg.prompt_kinds or tuple(seq.prompts)
+            prompts = [PromptSpec(text=seq.prompts[k], tag=k) for k in kinds if k in seq.prompts]
+        elif cfg.prompts:
+            prompts = [PromptSpec.parse(p) for p in cfg.prompts]
+        mask_objects = None
+        if cfg.mask != "none":
+            if not seq.has_masks:
+                log.warning("%s: no object masks; edited unmasked", seq.name)
+            else:
+                mask_objects = ()
+        clips.append(
+            SequenceClip.from_sequence(
+                seq, frames, size, stride=cfg.stride, mask_objects=mask_objects,
+                invert_mask=cfg.mask == "background", prompts=prompts,
+            )
+        )
+    log.info("%s: %d sequences -> %d clips of %d frames", cfg.dataset, len(sequences), len(clips), frames)
+    return clips
+
+
+# ------------------------------------------------------------------------------------------------ passes
+
+
+def _actor_args(cfg: EvalConfig, name: str, concurrency: int) -> dict[str, Any]:
+    """``map_batches`` arguments of one model-actor pool (`pipelines.runtime.plan_resources`). The eval's
+    passes run no CPU tasks beside their actors (the rows are in memory), so none are reserved."""
+    pool = ActorPool(name, concurrency, min(cfg.num_gpus, cluster_resources()[1]))
+    return {"concurrency": concurrency, **plan_resources([pool], cfg.actor_num_cpus, task_num_cpus=0.0)[name]}
+
+
+def _run_ours(cfg: EvalConfig, clips: list[SequenceClip], edits_dir: str) -> pd.DataFrame:
+    """Our model and the per-frame baseline through the edit pipeline; returns its manifest rows."""
+    edit_cfg = EditJobConfig(
+        dst=edits_dir, clips=clips, models=cfg.models, grid=cfg.edit_grid(), steps=cfg.steps, sampler=cfg.sampler,
+        prompts=tuple(PromptSpec.parse(p) for p in cfg.prompts), auto_prompts=0 if cfg.prompts else cfg.auto_prompts,
+        metrics=False, previews=True, edit_concurrency=cfg.edit_concurrency, device=cfg.device,
+        actor_num_cpus=cfg.actor_num_cpus, progress=cfg.progress, storage_options=cfg.storage_options,
+        max_failure_fraction=1.0,
+    )
+    summary = run_edit(edit_cfg)
+    log.info("%s", summary.line())
+    return read_manifest(edits_dir, cfg.storage_options).to_pandas()
+
+
+def sdedit_tasks(cfg: EvalConfig, specs: ModelSpecs, clips: list[SequenceClip], ours: pd.DataFrame) -> list[dict]:
+    """One SDEdit task per (clip, prompt, w, seed) that our model edited, keyed by `sdedit_key`."""
+    by_id = {c.clip_id: c for c in clips}
+    tasks: dict[str, dict[str, Any]] = {}
+    for row in ours.to_dict("records"):
+        clip = by_id.get(row["clip_id"])
+        if clip is None:
+            continue
+        content = row["prompt"] if row["prompt"] else f"image:{row['image_uri']}"
+        key = sdedit_key(row["clip_id"], content, cfg.sdedit_strength, row["w"], row["seed"], row["steps"],
+                         row["sampler"], model_key(specs), (clip.width, clip.height), clip.mask_key)
+        tasks.setdefault(key, {
+            **{k: row[k] for k in SDEDIT_ROW_COLUMNS}, "frame_indices": list(row["frame_indices"]),
+            "edit_key": key, "clip": pickle.dumps(clip), "t_s": 7, "w_t": 0.0,
+            "sdedit_strength": cfg.sdedit_strength, "preview_uri": None,
+        })
+    return list(tasks.values())
+
+
+def _run_sdedit(cfg: EvalConfig, specs: ModelSpecs, tasks: list[dict], out_dir: str) -> pd.DataFrame:
+    """The SDEdit baseline of ``tasks`` on an actor pool."""
+    import ray
+
+    log.info("SDEdit baseline: %d edits (strength %.2f)", len(tasks), cfg.sdedit_strength)
+    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds = ds.map_batches(
+        SDEditStage, fn_constructor_kwargs={"specs": specs, "out": out_dir, "device": cfg.device},
+        batch_size=1, batch_format="pandas", **_actor_args(cfg, "sdedit", cfg.sdedit_concurrency),
+    )
+    return pd.DataFrame(ds.take_all())
+
+
+def _measure(cfg: EvalConfig, specs: ModelSpecs, rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import ray
+
+    if not rows:
+        return pd.DataFrame()
+    n = max(1, math.ceil(len(rows) / cfg.metrics_batch_size))
+    ds = ray.data.from_items(rows, override_num_blocks=n).map_batches(
+        MetricsStage, fn_constructor_kwargs={"specs": specs, "device": cfg.device},
+        batch_size=cfg.metrics_batch_size, batch_format="pandas",
+        **_actor_args(cfg, "metrics", cfg.metrics_concurrency),
+    )
+    return pd.DataFrame(ds.take_all())
+
+
+def _outputs(cfg: EvalConfig, specs: ModelSpecs, run_dir: str) -> list[dict[str, Any]]:
+    """The rows to measure: our model's and the baselines' outputs of the dataset, or the manifest of
+    ``cfg.edits``; every row carries its input clip (pickled, or None) and the error columns."""
+    if cfg.dataset:
+        clips = dataset_clips(cfg, specs)
+        if not clips:
+            raise ConfigError(f"{cfg.dataset}: no sequences selected")
+        ours = _run_ours(cfg, clips, join_uri(run_dir, "edits"))
+        by_id = {c.clip_id: pickle.dumps(c) for c in clips}
+        rows = [{**r, "clip": by_id.get(r["clip_id"]), "sdedit_strength": None} for r in ours.to_dict("records")]
+        tasks = sdedit_tasks(cfg, specs, clips, ours) if "sdedit" in cfg.baselines else []
+        if tasks:
+            sd = _run_sdedit(cfg, specs, tasks, join_uri(run_dir, "sdedit"))
+            rows += [{**r, "clip": by_id.get(r["clip_id"])} for r in sd.to_dict("records")]
+    else:
+        ours = read_manifest(cfg.edits, cfg.storage_options).to_pandas()
+        if ours.empty:
+            raise ConfigError(f"{cfg.edits}: no edit manifest rows to evaluate")
+        rows = [{**r, "clip": None, "sdedit_strength": None} for r in ours.to_dict("records")]
+    return [with_error_columns(r) for r in _plain(rows)]
+
+
+def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with numpy / pandas values turned into plain Python (Ray Data's from_items needs uniform types)."""
+    out = []
+    for r in rows:
+        clean = {}
+        for k, v in r.items():
+            if isinstance(v, np.ndarray):
+                v = v.tolist()
+            elif isinstance(v, (pd.Timestamp, dt.datetime)):
+                v = str(v)
+            elif isinstance(v, float) and math.isnan(v):
+                v = None
+            elif v is pd.NaT:
+                v = None
+            clean[k] = v
+        out.append(clean)
+    return out
+
+
+def _commit_errors(cfg: EvalConfig, run_dir: str, failed: pd.DataFrame) -> list[dict[str, Any]]:
+    """The failed rows as error records, committed to ``run_dir/errors/`` (ERRORS_SCHEMA)."""
+    records: list[dict[str, Any]] = [
+        {**error_record(r), "message": f"edit {r['edit_key']}: {r['error_message']}"}
+        for r in failed.to_dict("records")
+    ]
+    if records:
+        committer = Committer(TableStore(run_dir, cfg.storage_options), ERRORS_DIR, new_run_id(), key=None)
+        committer.commit_errors(records)
+        log.warning("%d videos failed; their errors are in %s", len(records), join_uri(run_dir, ERRORS_DIR))
+    return records
+
+
+def _split(measured: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(measured rows, failed rows)."""
+    if measured.empty:
+        return measured, measured
+    ok = measured["status"] == STATUS_OK
+    return measured[ok], measured[~ok]
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def run_eval(cfg: EvalConfig) -> EvalSummary:
+    """Edit ``cfg.dataset`` with our model and the baselines (or take ``cfg.edits``), measure, log to MLflow."""
+    import ray
+
+    from gen1.models import check_weights
+
+    specs = load_model_specs(cfg.models)
+    check_weights(specs, ("vae", "unet", "clip", "depth", "prior"))
+    kind = (cfg.dataset or "edits:").split(":", 1)[0]
+    run_name = cfg.run_name or f"eval-{kind}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
+    run_dir = join_uri(cfg.out, run_name)
+    log.info("eval %s -> %s, models %s\nconfig: %s", cfg.dataset or cfg.edits, run_dir, specs.label(),
+             json.dumps(cfg.as_dict(), default=str))
+    if specs.is_tiny:
+        log.warning("tiny random models: the numbers are plumbing checks, not results")
+    t0 = time.monotonic()
+    started = init_ray(cfg.ray_address, cfg.num_cpus)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+        measured, failed = _split(_measure(cfg, specs, _outputs(cfg, specs, run_dir)))
+    finally:
+        if started:
+            ray.shutdown()
+    errors = _commit_errors(cfg, run_dir, failed)
+    summary = log_run(cfg, specs, per_video_table(measured), run_name, run_dir, errors)
+    summary.seconds = time.monotonic() - t0
+    log.info("%s", summary.line())
+    return summary
+
+
+def evaluate_edits(edits: str, out: str, models: str = "tiny", **kwargs: Any) -> EvalSummary:
+    """Measure and log the edits of an earlier `gen1 edit` job under ``edits`` (its DST)."""
+    return run_eval(EvalConfig(edits=edits, out=out, models=models, baselines=(), **kwargs))

@@ -1,0 +1,168 @@
+"""The evaluation's stages: plain classes, ``__call__(batch) -> pandas.DataFrame``, callable without Ray.
+
+- `SDEditStage` (actor pool): the per-frame SDEdit baseline (`gen1.baselines.sdedit_video`) of task rows;
+- `MetricsStage` (actor pool): `gen1.metrics.video_metrics` of written output videos, batched.
+
+Failures follow `pipelines.failures`: a row that fails gets ``status`` ``error`` and the error columns
+(stage ``sdedit``, ``read_output`` or ``metrics``), and later stages pass it through.
+"""
+
+from __future__ import annotations
+
+import pickle
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from gen1.config import ModelSpecs
+from gen1.video import read_image
+from pipelines.cache import LRUCache
+from pipelines.edit import EditClip
+from pipelines.evaluate.config import METRICS
+from pipelines.failures import healthy, mark_failed, stage_rows
+
+
+def read_video(uri: str) -> np.ndarray:
+    """Every frame of a written video: uint8 (f, h, w, 3)."""
+    from gen1.video import probe, read_frames
+
+    return read_frames(uri, list(range(probe(uri).num_frames)))
+
+
+def input_clip(row: Mapping[str, Any]) -> EditClip:
+    """Rebuild the input clip of a manifest row (no pickled clip at hand): a folder of frames or a video."""
+    import fsspec
+
+    from pipelines.datasets import DAVIS_FPS, SequenceClip, VideoSequence, _list_files
+
+    common = dict(
+        clip_id=row["clip_id"], source_uri=row["source_uri"], start=int(row["start"]), stride=int(row["stride"]),
+        frame_indices=tuple(int(i) for i in row["frame_indices"]), fps=float(row["fps"]),
+        width=int(row["width"]), height=int(row["height"]),
+    )
+    fs, path = fsspec.core.url_to_fs(row["source_uri"])
+    if fs.isdir(path):
+        names = _list_files(row["source_uri"], (".jpg", ".jpeg", ".png"))
+        seq = VideoSequence(
+            name=posixpath.basename(row["source_uri"].rstrip("/")), dataset="frames", frames_uri=row["source_uri"],
+            frame_uris=tuple(posixpath.join(row["source_uri"], n) for n in names), fps=DAVIS_FPS,
+        )
+        return SequenceClip(**common, sequence=seq)
+    return EditClip(**common)
+
+
+class SDEditStage:
+    """Per-frame SDEdit (`gen1.baselines.sdedit_video`) of task rows; one `Gen1Models` per actor.
+
+    A task row carries the pickled clip (``clip``), its prompt and settings; the output video is written to
+    ``OUT/outputs/<clip_id>/<key>.mp4``. A task that fails becomes an error row of stage ``sdedit``.
+    """
+
+    def __init__(self, specs: ModelSpecs, out: str, device: str | None = None, models: Any = None):
+        if models is None:
+            from gen1.models import Gen1Models
+
+            models = Gen1Models.load(specs, device=device)
+        self.specs, self.models, self.out = specs, models, out
+        self._clips: LRUCache[tuple[np.ndarray, np.ndarray | None]] = LRUCache(4)
+
+    def __call__(self, batch) -> pd.DataFrame:
+        rows = stage_rows(batch)
+        for row in rows:
+            if healthy(row):
+                try:
+                    row.update(self.sdedit(row))
+                except Exception as e:  # failures are data: the row says why, the job goes on
+                    mark_failed(row, "sdedit", e)
+                    row.update(output_uri=None, seconds=None)
+            row.pop("clip", None)
+        return pd.DataFrame(rows)
+
+    def sdedit(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """One task -> its output's ``output_uri`` and ``seconds``."""
+        from gen1.baselines import SDEditSettings, sdedit_video
+        from gen1.sampling import Content
+        from gen1.video import write_video
+
+        clip = pickle.loads(row["clip"])
+        frames, mask = self._clips.get(row["clip_id"], clip.load)
+        settings = SDEditSettings(strength=float(row["sdedit_strength"]), guidance=float(row["w"]),
+                                  steps=int(row["steps"]), seed=int(row["seed"]), sampler=row["sampler"])
+        content = Content(text=row["prompt"]) if row.get("prompt") else Content(image=read_image(row["image_uri"]))
+        result = sdedit_video(self.models, frames, content, settings, mask=mask)
+        uri = posixpath.join(self.out, "outputs", row["clip_id"], f"{row['edit_key']}.mp4")
+        write_video(result.frames, uri, clip.fps)
+        return {"output_uri": uri, "seconds": float(result.seconds)}
+
+
+class MetricsStage:
+    """`gen1.metrics.video_metrics` of output videos, batched: one CLIP image call for every frame of the
+    batch, one CLIP text call for its prompts, depth per video. Rows need ``output_uri``, ``prompt`` (or
+    ``image_uri``) and the input clip (``clip`` pickled, or manifest columns to rebuild it). An output that
+    cannot be read fails its row at stage ``read_output``, a measurement that raises at ``metrics``."""
+
+    def __init__(self, specs: ModelSpecs, device: str | None = None, clip: Any = None, depth: Any = None):
+        if clip is None:
+            from gen1.clip import ClipEmbedder
+
+            clip = ClipEmbedder(specs.clip, device=device)
+        if depth is None:
+            from gen1.depth import DepthEstimator
+
+            depth = DepthEstimator(specs.depth, device=device)
+        self.clip, self.depth = clip, depth
+        self._inputs: LRUCache[np.ndarray] = LRUCache(8)
+
+    def _input(self, row: Mapping[str, Any]) -> np.ndarray:
+        def load() -> np.ndarray:
+            clip = pickle.loads(row["clip"]) if row.get("clip") else input_clip(row)
+            return clip.load_frames()
+
+        return self._inputs.get(row["clip_id"], load)
+
+    def __call__(self, batch) -> pd.DataFrame:
+        rows = stage_rows(batch)
+        videos: dict[int, np.ndarray] = {}
+        for i, row in enumerate(rows):
+            if healthy(row):
+                try:
+                    videos[i] = read_video(row["output_uri"])
+                except Exception as e:
+                    mark_failed(row, "read_output", e)
+        if videos:
+            emb = self.clip.embed_images(np.concatenate(list(videos.values()))).float().cpu().numpy()
+            splits = np.cumsum([len(v) for v in videos.values()])[:-1]
+            per_video = dict(zip(videos, np.split(emb, splits), strict=True))
+            texts = [rows[i]["prompt"] for i in videos if rows[i].get("prompt")]
+            text_emb = dict(zip(texts, self.clip.embed_texts(texts).float().cpu().numpy(), strict=True)) if texts else {}
+        for i, frames in videos.items():
+            try:
+                rows[i].update(self.measure(rows[i], frames, per_video[i], text_emb))
+            except Exception as e:
+                mark_failed(rows[i], "metrics", e)
+        for row in rows:
+            for m in METRICS:
+                row.setdefault(m, None)
+            row.pop("clip", None)
+        return pd.DataFrame(rows)
+
+    def measure(self, row: Mapping[str, Any], frames: np.ndarray, emb: np.ndarray,
+                text_emb: Mapping[str, np.ndarray]) -> dict[str, float | None]:
+        """METRICS of output ``frames`` uint8 (f, h, w, 3) with CLIP embeddings ``emb`` (f, d); the prompt's
+        embedding from ``text_emb``, or the reference image's."""
+        from gen1.metrics import flow_warp_error, video_metrics
+
+        source = self._input(row)
+        if row.get("prompt"):
+            target = text_emb[row["prompt"]]
+        else:
+            target = self.clip.embed_images(read_image(row["image_uri"])[None]).float().cpu().numpy()[0]
+        depth_in = self.depth(source).float().cpu().numpy()
+        depth_out = self.depth(frames).float().cpu().numpy()
+        return {
+            **video_metrics(frames, emb, target, depth_in, depth_out),
+            "input_flow_warp_error": flow_warp_error(source) if len(source) >= 2 else None,
+        }
