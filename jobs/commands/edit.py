@@ -40,6 +40,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
+    # long: one add_argument call per option of `gen1 edit`, in the order --help lists them
     p.add_argument(
         "src",
         metavar="SRC",

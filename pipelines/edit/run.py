@@ -26,10 +26,12 @@ from pipelines.edit.tables import committed_prompts, read_manifest
 from pipelines.failures import STATUS_ERROR, STATUS_OK, error_record
 from pipelines.runtime import (
     ActorPool,
+    actor_pool,
     cluster_resources,
     init_ray,
     new_run_id,
     plan_resources,
+    task_pool,
     write_run_record,
 )
 from pipelines.schema import (
@@ -130,7 +132,7 @@ class EditRun:
             )
         for pool in pools:
             planned = plan_resources([pool], cfg.actor_num_cpus, cfg.task_num_cpus)[pool.name]
-            self.resources[pool.name] = {"concurrency": pool.concurrency, **planned}
+            self.resources[pool.name] = {"compute": actor_pool(pool.concurrency), **planned}
 
     def fail(self, row: dict[str, Any], message: str | None = None) -> None:
         """Record an error row of a stage batch (``message`` replacing its error message)."""
@@ -249,12 +251,12 @@ class EditRun:
         logger.info(
             "prompt writer: %s", f"chat {llm.describe()}" if llm else f"templates (seed {cfg.prompt_seed})"
         )
-        return ds.map_batches(  # CPU tasks; `concurrency` bounds the requests in flight to a chat endpoint
+        return ds.map_batches(  # CPU tasks; the pool's size bounds the requests in flight to a chat endpoint
             PromptStage(cfg.auto_prompts, llm, cfg.prompt_seed),
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=cfg.task_num_cpus,
-            concurrency=cfg.prompt_concurrency,
+            compute=task_pool(cfg.prompt_concurrency),
         )
 
     def _commit_prompts(self, rows: list[dict[str, Any]]) -> None:

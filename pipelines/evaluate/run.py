@@ -25,7 +25,7 @@ from pipelines.evaluate.config import METRICS, EvalConfig
 from pipelines.evaluate.report import EvalSummary, join_uri, log_run
 from pipelines.evaluate.stages import MetricsStage, SDEditStage
 from pipelines.failures import STATUS_OK, error_record, with_error_columns
-from pipelines.runtime import ActorPool, cluster_resources, init_ray, new_run_id, plan_resources
+from pipelines.runtime import ActorPool, actor_pool, cluster_resources, init_ray, new_run_id, plan_resources
 from pipelines.schema import ERRORS_DIR, TableStore
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def _actor_args(cfg: EvalConfig, name: str, concurrency: int) -> dict[str, Any]:
     """``map_batches`` arguments of one model-actor pool (`pipelines.runtime.plan_resources`). The eval's
     passes run no CPU tasks beside their actors (the rows are in memory), so none are reserved."""
     pool = ActorPool(name, concurrency, min(cfg.num_gpus, cluster_resources()[1]))
-    return {"concurrency": concurrency, **plan_resources([pool], cfg.actor_num_cpus, task_num_cpus=0.0)[name]}
+    return {"compute": actor_pool(concurrency), **plan_resources([pool], cfg.actor_num_cpus, task_num_cpus=0.0)[name]}
 
 
 def _run_ours(cfg: EvalConfig, clips: list[SequenceClip], edits_dir: str) -> pd.DataFrame:
