@@ -9,11 +9,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+import gen1.temporal
 import gen1.unet
 from gen1.config import TemporalConfig
-import gen1.temporal
 from gen1.temporal import FrameState, TemporalConv, TemporalTransformer, TemporalTransformerBlock
-from gen1.unet import CONFIG_NAME, WEIGHTS_NAME, VideoUNet, load_video_unet
+from gen1.unet import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, VideoUNet, load_video_unet
 
 TINY_UNET = dict(
     in_channels=4,
@@ -246,6 +246,16 @@ def test_from_pretrained_rejects_mismatched_weights(video, tmp_path):
     config = tmp_path / CONFIG_NAME
     config.write_text(config.read_text().replace('"max_frames": 16', '"max_frames": 8'))
     with pytest.raises(ValueError, match="does not match"):
+        VideoUNet.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_rejects_another_format_version(video, tmp_path):
+    video.save_pretrained(tmp_path)
+    config = tmp_path / CONFIG_NAME
+    config.write_text(
+        config.read_text().replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 1')
+    )
+    with pytest.raises(ValueError, match=f"expected format_version {FORMAT_VERSION}, found 1"):
         VideoUNet.from_pretrained(tmp_path)
 
 
