@@ -1,16 +1,19 @@
 """Temporal layers that inflate Stable Diffusion's image UNet to video (Gen-1, §3.2).
 
-Two wrappers, each around an unchanged spatial module of the image UNet:
+Two wrappers, each around an unchanged spatial module of the image UNet, as the paper prescribes:
 
 - `TemporalConv`: the spatial ``Conv2d`` of a ResNet block, then a residual 1D convolution over frames;
-- `TemporalTransformer`: a diffusers ``Transformer2DModel``, then a pre-norm self-attention over frames at
-  every spatial position plus a feed-forward, with a learned frame-index position embedding.
+- `TemporalTransformer`: a diffusers ``Transformer2DModel``, then a `TemporalTransformerBlock`, which
+  "mimics its spatial counterpart": GroupNorm, proj_in, a diffusers ``BasicTransformerBlock``
+  (self-attention over the frames at each spatial position, GEGLU feed-forward), proj_out, with a learned
+  frame-index position embedding.
 
-Both temporal residuals have zero-initialised output layers, so a freshly inflated model equals the image
-model applied to each frame. The UNet runs on frames flattened into the batch, ``(b*f, c, h, w)`` with the
-frames of one sample adjacent (b-major). The layers learn the frame count and the per-sample video mask
-from a `FrameContext` that the owning `gen1.unet.VideoUNet` sets around each forward call; with no state
-set (the default) they are skipped, i.e. the wrapped UNet is the image model.
+Ours, not the paper's (it prescribes no initialisation): both temporal residuals have zero-initialised
+output layers, so a freshly inflated model equals the image model applied to each frame. The UNet runs on
+frames flattened into the batch, ``(b*f, c, h, w)`` with the frames of one sample adjacent (b-major). The
+layers learn the frame count and the per-sample video mask from a `FrameContext` that the owning
+`gen1.unet.VideoUNet` sets around each forward call; with no state set (the default) they are skipped,
+i.e. the wrapped UNet is the image model.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import nn
 
@@ -117,45 +120,72 @@ class TemporalConv(nn.Module):
         return y + delta.transpose(1, 2).reshape(bf, c, h, w)
 
 
-class TemporalAttention(nn.Module):
-    """Pre-norm self-attention over frames at each spatial position, then a feed-forward; residual.
+class TemporalTransformerBlock(nn.Module):
+    """Self-attention over frames at each spatial position, built like diffusers' ``Transformer2DModel``.
 
-    The learned frame-index embedding is added to the attention input (not to the residual stream), and
-    the attention and feed-forward output layers are zero-initialised, so the block starts as identity.
+    Gen-1 §3.2: the temporal transformer "mimics its spatial counterpart", so this is the spatial block's
+    layout with the sequence axis over frames instead of pixels: GroupNorm, ``proj_in``, the learned
+    frame-index embedding, ``num_layers`` diffusers ``BasicTransformerBlock``s (LayerNorm -> self-attention,
+    LayerNorm -> GEGLU feed-forward, each residual; no cross-attention), ``proj_out``, and a residual
+    around the whole. Our choices where the paper is silent:
+
+    - norm groups/eps, ``proj_in``/``proj_out`` type (1x1 Conv2d, or Linear when the spatial block uses a
+      linear projection), layer count, dropout, attention bias and upcasting copy the spatial block;
+    - the GroupNorm statistics span a clip's frames (as diffusers' ``TransformerTemporalModel`` and
+      AnimateDiff do), not one frame;
+    - no cross-attention: the paper's temporal block is self-attention over frames, and the content
+      embedding already enters through every spatial block's cross-attention;
+    - the frame embedding is added to the tokens after ``proj_in`` (std 0.02 init), the heads are
+      ``channels / attention_head_dim`` wide;
+    - ``proj_out`` is zero-initialised, so the block starts as identity (the paper prescribes no init).
     """
 
-    def __init__(
-        self,
-        channels: int,
-        head_dim: int,
-        max_frames: int,
-        ff_mult: int = 4,
-        device: torch.device | None = None,
-        dtype: torch.dtype | None = None,
-    ):
+    def __init__(self, spatial: Transformer2DModel, head_dim: int, max_frames: int):
         super().__init__()
+        channels = spatial.out_channels
+        groups, eps = spatial.norm.num_groups, spatial.norm.eps
+        if channels % groups:
+            raise ValueError(
+                f"temporal transformer: {channels} channels are not divisible by {groups} norm groups"
+            )
         head_dim = min(head_dim, channels)
         if channels % head_dim:
             raise ValueError(
-                f"temporal attention: {channels} channels are not divisible by the head width {head_dim}"
+                f"temporal transformer: {channels} channels are not divisible by the head width {head_dim}"
             )
         self.heads = channels // head_dim
         self.max_frames = max_frames
-        factory = {"device": device, "dtype": dtype}
-        self.position = nn.Embedding(max_frames, channels, **factory)
-        self.norm1 = nn.LayerNorm(channels, **factory)
-        self.to_qkv = nn.Linear(channels, 3 * channels, bias=False, **factory)
-        self.to_out = nn.Linear(channels, channels, **factory)
-        self.norm2 = nn.LayerNorm(channels, **factory)
-        self.ff = nn.Sequential(
-            nn.Linear(channels, ff_mult * channels, **factory),
-            nn.GELU(),
-            nn.Linear(ff_mult * channels, channels, **factory),
-        )
+        config = spatial.config
+        param = next(spatial.parameters())
+        linear = isinstance(spatial.proj_in, nn.Linear)
+        with torch.device(param.device):
+            self.norm = nn.GroupNorm(groups, channels, eps=eps, affine=True)
+            self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+            self.position = nn.Embedding(max_frames, channels)
+            self.transformer_blocks = nn.ModuleList(
+                [
+                    BasicTransformerBlock(
+                        channels,
+                        self.heads,
+                        head_dim,
+                        dropout=config.dropout,
+                        cross_attention_dim=None,
+                        activation_fn="geglu",
+                        attention_bias=config.attention_bias,
+                        only_cross_attention=False,
+                        double_self_attention=False,
+                        upcast_attention=config.upcast_attention,
+                        norm_elementwise_affine=config.norm_elementwise_affine,
+                        norm_eps=config.norm_eps,
+                    )
+                    for _ in range(config.num_layers)
+                ]
+            )
+            self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
+        self.to(dtype=param.dtype)
         nn.init.normal_(self.position.weight, std=0.02)
-        for layer in (self.to_out, self.ff[-1]):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
 
     def forward(
         self, x: torch.Tensor, num_frames: int, video_mask: torch.Tensor | None = None
@@ -166,34 +196,48 @@ class TemporalAttention(nn.Module):
         b = _frames_per_sample(bf, f)
         if f > self.max_frames:
             raise ValueError(
-                f"temporal attention: {f} frames, but the position table holds {self.max_frames}"
+                f"temporal transformer: {f} frames, but the position table holds {self.max_frames}"
             )
-        seq = x.unflatten(0, (b, f)).permute(0, 3, 4, 1, 2).reshape(b * h * w, f, c)
-        frames = torch.arange(f, device=x.device)
-        qkv = self.to_qkv(self.norm1(seq) + self.position(frames))
-        q, k, v = qkv.unflatten(-1, (3, self.heads, c // self.heads)).permute(2, 0, 3, 1, 4)
-        attended = _attention(q, k, v).transpose(1, 2).reshape(b * h * w, f, c)
-        attended = self.to_out(attended)
-        delta = attended + self.ff(self.norm2(seq + attended))  # (b*h*w, f, c)
-        delta = masked_residual(delta.reshape(b, h, w, f, c), video_mask)
-        return x + delta.permute(0, 3, 4, 1, 2).reshape(bf, c, h, w)
+        normed = self.norm(x.unflatten(0, (b, f)).transpose(1, 2)).transpose(1, 2).reshape(bf, c, h, w)
+        if isinstance(self.proj_in, nn.Conv2d):
+            seq = _frames_to_sequences(self.proj_in(normed), f)
+        else:
+            seq = self.proj_in(_frames_to_sequences(normed, f))
+        seq = seq + self.position(torch.arange(f, device=x.device))
+        for block in self.transformer_blocks:
+            seq = _per_sequence_chunks(block, seq, self.heads)
+        if isinstance(self.proj_out, nn.Conv2d):
+            delta = self.proj_out(_sequences_to_frames(seq, b, h, w))
+        else:
+            delta = _sequences_to_frames(self.proj_out(seq), b, h, w)
+        return x + masked_residual(delta.unflatten(0, (b, f)), video_mask).flatten(0, 1)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q, k, v: (n, heads, f, d) -> (n, heads, f, d); SDPA, chunked over n when n*heads is huge."""
-    chunk = max(1, _MAX_ATTENTION_BATCH // q.shape[1])
-    if q.shape[0] <= chunk:
-        return F.scaled_dot_product_attention(q, k, v)
-    return torch.cat(
-        [
-            F.scaled_dot_product_attention(q[i : i + chunk], k[i : i + chunk], v[i : i + chunk])
-            for i in range(0, q.shape[0], chunk)
-        ]
-    )
+def _frames_to_sequences(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """x: (b*f, c, h, w) -> (b*h*w, f, c): one sequence over frames per sample and pixel."""
+    bf, c, h, w = x.shape
+    return x.unflatten(0, (bf // num_frames, num_frames)).permute(0, 3, 4, 1, 2).reshape(-1, num_frames, c)
+
+
+def _sequences_to_frames(seq: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """seq: (b*h*w, f, c) -> (b*f, c, h, w); the inverse of `_frames_to_sequences`."""
+    _, f, c = seq.shape
+    return seq.reshape(b, h, w, f, c).permute(0, 3, 4, 1, 2).reshape(b * f, c, h, w)
+
+
+def _per_sequence_chunks(block: nn.Module, seq: torch.Tensor, heads: int) -> torch.Tensor:
+    """seq: (n, f, c) -> block(seq), in chunks over n when n * heads exceeds the CUDA grid limit.
+
+    Exact: a transformer block without cross-attention treats each sequence independently.
+    """
+    chunk = max(1, _MAX_ATTENTION_BATCH // heads)
+    if seq.shape[0] <= chunk:
+        return block(seq)
+    return torch.cat([block(seq[i : i + chunk]) for i in range(0, seq.shape[0], chunk)])
 
 
 class TemporalTransformer(nn.Module):
-    """A diffusers Transformer2DModel, called unchanged, followed by a `TemporalAttention` block.
+    """A diffusers Transformer2DModel, called unchanged, followed by a `TemporalTransformerBlock`.
 
     Accepts the wrapped module's arguments and returns the same structure it returns (a tuple when called
     with ``return_dict=False``, as diffusers' UNet blocks do, else a Transformer2DModelOutput), with the
@@ -210,11 +254,7 @@ class TemporalTransformer(nn.Module):
             )
         self.spatial = spatial
         self.context = context
-        channels = spatial.out_channels
-        param = next(spatial.parameters())
-        self.temporal = TemporalAttention(
-            channels, config.attention_head_dim, config.max_frames, device=param.device, dtype=param.dtype
-        )
+        self.temporal = TemporalTransformerBlock(spatial, config.attention_head_dim, config.max_frames)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.spatial(*args, **kwargs)

@@ -1,13 +1,17 @@
 """The spatio-temporal UNet: Stable Diffusion's image UNet inflated to video (Gen-1, §3.2).
 
 `VideoUNet` wraps a diffusers ``UNet2DConditionModel`` *in place*: every ResNet block's conv1/conv2 becomes
-a `gen1.temporal.TemporalConv`, every ``Transformer2DModel`` in an ``attentions`` list a
-`gen1.temporal.TemporalTransformer`, and ``conv_in`` is widened from 4 to 4 + ``extra_in_channels``
-(depth latent + t_s channels) with zero weights for the new inputs. All other weights are the image
-model's own tensors, so image mode and video mode share them.
+a `gen1.temporal.TemporalConv` (the spatial conv, then a 1D conv over frames), every ``Transformer2DModel``
+in an ``attentions`` list a `gen1.temporal.TemporalTransformer` (the spatial transformer, then a temporal
+transformer block laid out like it: GroupNorm, proj_in, self-attention over frames, GEGLU feed-forward,
+proj_out), and ``conv_in`` is widened from 4 to 4 + ``extra_in_channels`` (depth latent + t_s channels)
+with zero weights for the new inputs. All other weights are the image model's own tensors, so image mode
+and video mode share them. The temporal layers and their placement are the paper's; how they are
+initialised, like the new conv_in inputs, is ours (the paper prescribes none).
 
-A freshly inflated model equals the image UNet applied to each frame. Video mode runs the temporal layers
-on the samples whose ``video_mask`` is 1; image mode (``temporal=False``) skips them for all samples.
+Because the temporal output layers and the new conv_in inputs start at zero, a freshly inflated model
+equals the image UNet applied to each frame. Video mode runs the temporal layers on the samples whose
+``video_mask`` is 1; image mode (``temporal=False``) skips them for all samples.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "gen1_unet_config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 FORMAT = "gen1.VideoUNet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: temporal transformer laid out like the spatial one (1: LayerNorm/attention/MLP)
 DEFAULT_EXTRA_IN_CHANNELS = 8  # depth latent (4) + t_s sinusoid (4)
 DEFAULT_TEMPORAL = TemporalConfig()
 
@@ -203,6 +207,11 @@ class VideoUNet(nn.Module):
         config = json.loads(config_file.read_text())
         if config.get("format") != FORMAT:
             raise ValueError(f"{config_file}: expected format {FORMAT!r}, found {config.get('format')!r}")
+        if config.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{config_file}: expected format_version {FORMAT_VERSION}, found {config.get('format_version')!r} "
+                "(saved by another version of gen1, whose temporal layers have other weights)"
+            )
         temporal = TemporalConfig(**config["temporal"])
         with torch.device("meta"):
             model = cls.from_config(config["unet"], temporal, int(config["extra_in_channels"]))

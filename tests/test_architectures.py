@@ -19,6 +19,28 @@ VIT_L_14_PARAMS = 427_616_513
 CONV_IN_EXTRA = 320 * 8 * 3 * 3  # depth latent (4) + t_s channels (4) more inputs to conv_in
 
 
+def temporal_transformer_params(c: int, max_frames: int) -> int:
+    """One temporal transformer block of width c, counted by hand (SD's spatial layout, no cross-attention)."""
+    norm = 2 * c  # GroupNorm, and each LayerNorm
+    proj = c * c + c  # proj_in, proj_out (1x1 convs, as SD's spatial ones), attention out
+    attention = norm + 3 * c * c + proj  # q, k, v without bias, as SD's
+    feed_forward = norm + (c * 8 * c + 8 * c) + (4 * c * c + c)  # GEGLU to 2 x 4c, then 4c -> c
+    return norm + proj + max_frames * c + attention + feed_forward + proj
+
+
+def sd15_temporal_params() -> int:
+    """A temporal conv after each of SD 1.5's 44 ResNet convs, a temporal transformer after each of its 16
+    spatial transformers; widths per block (down, mid, up)."""
+    k, max_frames = SD15.temporal.conv_kernel_size, SD15.temporal.max_frames
+    resnets = [320] * 2 + [640] * 2 + [1280] * 4 + [1280] * 2 + [1280] * 6 + [640] * 3 + [320] * 3
+    transformers = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
+    convs = sum(2 * (k * c * c + c) for c in resnets)  # conv1, conv2: Conv3d (k, 1, 1) + bias
+    return convs + sum(temporal_transformer_params(c, max_frames) for c in transformers)
+
+
+SD15_VIDEO_UNET_PARAMS = SD15_UNET_PARAMS + CONV_IN_EXTRA + 357_016_320
+
+
 @pytest.fixture(scope="module")
 def sd15() -> dict[str, nn.Module]:
     return {c: build_component(c, SD15) for c in COMPONENTS if c != "video_unet"}
@@ -66,7 +88,8 @@ def test_video_unet_image_part_is_sd15_plus_the_wider_conv_in():
     spatial = sum(p.numel() for p in video.spatial_parameters())
     temporal = sum(p.numel() for p in video.temporal_parameters())
     assert spatial == SD15_UNET_PARAMS + CONV_IN_EXTRA
-    assert temporal > 0 and spatial + temporal == parameter_count(video)
+    assert temporal == sd15_temporal_params() == 357_016_320
+    assert spatial + temporal == parameter_count(video) == SD15_VIDEO_UNET_PARAMS
 
 
 def test_sd15_clip_config_is_open_clips_vit_l_14_quickgelu():
@@ -133,7 +156,9 @@ def test_models_command_sd15(capsys):
     assert rows["unet"][1] == "diffusers.UNet2DConditionModel" and rows["unet"][-1] == "859,520,964"
     assert rows["vae"][-1] == "83,653,863"
     assert rows["clip"][1] == "open_clip.CLIP" and rows["clip"][-1] == "427,616,513"
-    assert rows["video_unet"][1] == "gen1.VideoUNet"
+    assert (
+        rows["video_unet"][1] == "gen1.VideoUNet" and rows["video_unet"][-1] == f"{SD15_VIDEO_UNET_PARAMS:,}"
+    )
     for component in ("vae", "unet", "clip", "depth", "caption", "prior"):
         spec = getattr(SD15, component)
         assert rows[component][2] == spec

@@ -9,10 +9,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
+import gen1.temporal
 import gen1.unet
 from gen1.config import TemporalConfig
-from gen1.temporal import FrameState, TemporalConv, TemporalTransformer
-from gen1.unet import CONFIG_NAME, WEIGHTS_NAME, VideoUNet, load_video_unet
+from gen1.temporal import FrameState, TemporalConv, TemporalTransformer, TemporalTransformerBlock
+from gen1.unet import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, VideoUNet, load_video_unet
 
 TINY_UNET = dict(
     in_channels=4,
@@ -248,6 +249,16 @@ def test_from_pretrained_rejects_mismatched_weights(video, tmp_path):
         VideoUNet.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_rejects_another_format_version(video, tmp_path):
+    video.save_pretrained(tmp_path)
+    config = tmp_path / CONFIG_NAME
+    config.write_text(
+        config.read_text().replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 1')
+    )
+    with pytest.raises(ValueError, match=f"expected format_version {FORMAT_VERSION}, found 1"):
+        VideoUNet.from_pretrained(tmp_path)
+
+
 def test_meta_device_build_allocates_nothing():
     with torch.device("meta"):
         video = VideoUNet.from_image_unet(UNet2DConditionModel(**TINY_UNET), TEMPORAL)
@@ -284,6 +295,40 @@ def test_temporal_transformer_returns_the_wrapped_output_structure(video):
     assert torch.equal(as_tuple[0], as_output.sample)
     spatial = wrapper.spatial(x, encoder_hidden_states=enc, return_dict=False)[0]
     assert max_diff(as_tuple[0], spatial) > 1e-3  # the temporal block ran on top of the spatial one
+
+
+def test_temporal_block_is_built_like_its_spatial_counterpart(video):
+    """GroupNorm, proj_in, BasicTransformerBlock (self-attention over frames, GEGLU), zero proj_out."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention import BasicTransformerBlock
+
+    wrappers = [m for m in video.modules() if isinstance(m, TemporalTransformer)]
+    assert wrappers
+    for wrapper in wrappers:
+        spatial, temporal = wrapper.spatial, wrapper.temporal
+        assert isinstance(temporal, TemporalTransformerBlock)
+        c = spatial.out_channels
+        assert (temporal.norm.num_groups, temporal.norm.eps) == (spatial.norm.num_groups, spatial.norm.eps)
+        for name in ("proj_in", "proj_out"):
+            assert type(getattr(temporal, name)) is type(getattr(spatial, name)), name
+        assert len(temporal.transformer_blocks) == len(spatial.transformer_blocks)
+        for block in temporal.transformer_blocks:
+            assert type(block) is BasicTransformerBlock
+            assert block.attn2 is None and not block.attn1.is_cross_attention  # self-attention only
+            assert isinstance(block.ff.net[0], GEGLU)
+            assert block.attn1.heads == c // TEMPORAL.attention_head_dim
+        assert temporal.position.weight.shape == (TEMPORAL.max_frames, c)
+        assert not temporal.proj_out.weight.any() and not temporal.proj_out.bias.any()
+
+
+@torch.no_grad()
+def test_temporal_attention_chunking_is_exact(video, monkeypatch):
+    """Sequences beyond the CUDA grid limit go through the block in chunks, with the same result."""
+    perturb(video, "attention")
+    z, t, content = inputs(3)
+    whole = video(z, t, content)
+    monkeypatch.setattr(gen1.temporal, "_MAX_ATTENTION_BATCH", 37)  # chunks of 9 or 4 pixel sequences
+    torch.testing.assert_close(video(z, t, content), whole, rtol=1e-5, atol=1e-6)
 
 
 def test_sd15_config_inflates_on_meta():
