@@ -36,7 +36,8 @@ class ModelSpecs:
     """The weight spec of every component of a preset, plus the shapes the model works at.
 
     ``clip_dim`` is the CLIP embedding width; it must equal the UNet's ``cross_attention_dim``
-    (768 for SD 1.5 with ViT-L/14).
+    (768 for SD 1.5 with ViT-L/14). ``width`` x ``height`` is the video clips' size; ``image_buckets`` the
+    (width, height) sizes image steps are cut to (their transposes are added, see `gen1.training`).
     """
 
     name: str
@@ -51,6 +52,8 @@ class ModelSpecs:
     frame_stride: int = 4  # frames between samples (4 in the paper)
     width: int = 448
     height: int = 256
+    # the paper's image sizes (§3.4: 320x320, 384x320, 448x256 "and flipped"); image and video areas alike
+    image_buckets: tuple[tuple[int, int], ...] = ((320, 320), (384, 320), (448, 256))
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
 
     @property
@@ -90,6 +93,9 @@ TINY = ModelSpecs(
     frame_stride=2,
     width=64,
     height=64,
+    # the paper's buckets at 1/5 scale in multiples of 16 (8 for the VAE x 2 for the tiny UNet's one
+    # downsampling), so image steps keep about the area of the 64x64 clips, as the paper's keep 448x256's
+    image_buckets=((64, 64), (80, 64), (96, 48)),
     temporal=TemporalConfig(max_frames=16, attention_head_dim=8),
 )
 
@@ -342,5 +348,7 @@ def load_model_specs(preset_or_yaml: str) -> ModelSpecs:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     if "temporal" in data:
         data["temporal"] = TemporalConfig(**data["temporal"])
+    if "image_buckets" in data:
+        data["image_buckets"] = tuple(tuple(int(x) for x in size) for size in data["image_buckets"])
     data.setdefault("name", path.stem)
     return dataclasses.replace(base, **data)

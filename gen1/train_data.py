@@ -13,7 +13,8 @@ mapping with
 
 A *batch source* yields the batches of one epoch in a fixed order given ``(epoch, skip)``, so a resumed
 run continues exactly where the interrupted one stopped (`RowSource`, `ImageFolderSource`, and the Ray
-Data source in `pipelines.train`).
+Data source in `pipelines.train`). An image source yields decoded images (`RawImages`), which the trainer
+cuts to each image step's size and featurizes (`ImageFeaturizer`).
 """
 
 from __future__ import annotations
@@ -288,10 +289,11 @@ def read_image_parquet(uri: str, column: str = "image") -> list[bytes]:
 
 
 class ImageFeaturizer:
-    """Images -> a one-frame `ClipBatch`: CLIP image embedding, per-image depth, resized frames.
+    """Images -> a one-frame `ClipBatch`: CLIP image embedding, per-image depth, frames cut to a size.
 
     ``clip`` is a `gen1.clip.ClipEmbedder`, ``depth`` a `gen1.depth.DepthEstimator` (or None when the
-    model does not use structure); latents are left to the trainer's VAE.
+    model does not use structure); latents are left to the trainer's VAE. ``width`` x ``height`` is the size
+    when a call names none.
     """
 
     def __init__(self, clip, depth, width: int, height: int):
@@ -301,8 +303,20 @@ class ImageFeaturizer:
         self.height = height
 
     @torch.no_grad()
-    def __call__(self, images: Sequence[np.ndarray], ids: Sequence[str]) -> ClipBatch:
-        frames = np.stack([resize_center_crop(np.asarray(im)[None], self.width, self.height)[0] for im in images])
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        ids: Sequence[str],
+        size: tuple[int, int] | None = None,
+        flip: Sequence[bool] | None = None,
+    ) -> ClipBatch:
+        """Each image scaled to cover ``size`` (width, height; aspect kept) and centre-cropped to it, mirrored
+        where ``flip`` says, then embedded and its depth estimated: a flipped image is an image of its own."""
+        width, height = size or (self.width, self.height)
+        frames = np.stack([resize_center_crop(np.asarray(im)[None], width, height)[0] for im in images])
+        if flip is not None:
+            mirror = np.asarray(flip, dtype=bool)
+            frames[mirror] = frames[mirror][:, :, ::-1]
         emb = self.clip.embed_images(frames).float().cpu()  # (n, d)
         depth = None
         if self.depth is not None:  # one image at a time: depth is normalised per clip, here per image
@@ -316,12 +330,25 @@ class ImageFeaturizer:
         )
 
 
-class ImageFolderSource:
-    """Image batches from a folder of images or a Parquet file of encoded images, featurized on the fly."""
+@dataclass
+class RawImages:
+    """Decoded images at their own sizes, before they are cut to a training size: uint8 (h_i, w_i, 3) each."""
 
-    def __init__(self, uri: str, featurize: ImageFeaturizer, batch_size: int, seed: int = 0):
+    ids: list[str]
+    images: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class ImageFolderSource:
+    """Batches of `RawImages` from a folder of images or a Parquet file of encoded images.
+
+    The batches are decoded, not featurized: the trainer cuts each step's images to that step's size.
+    """
+
+    def __init__(self, uri: str, batch_size: int, seed: int = 0):
         self.uri = uri
-        self.featurize = featurize
         self.batch_size = batch_size
         self.seed = seed
         if _is_parquet(uri):
@@ -336,23 +363,25 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self._items) // self.batch_size
 
-    def batches(self, epoch: int, skip: int = 0) -> Iterator[ClipBatch]:
+    def batches(self, epoch: int, skip: int = 0) -> Iterator[RawImages]:
         order = epoch_order(len(self._items), self.seed, epoch)
         for i in range(skip, len(self)):
             idx = [int(j) for j in order[i * self.batch_size : (i + 1) * self.batch_size]]
             images = [self._read(self._items[j]) for j in idx]
             ids = [self._items[j] if isinstance(self._items[j], str) else f"{self.uri}#{j}" for j in idx]
-            yield self.featurize(images, ids)
+            yield RawImages(ids=ids, images=images)
 
 
 class ImageSet:
-    """A small in-memory image set (e.g. 15-30 images of a customization subject), featurized once."""
+    """A small in-memory image set (e.g. 15-30 images of a customization subject), featurized once per size."""
 
-    def __init__(self, batch: ClipBatch, flip: bool = True):
-        if batch.num_frames != 1:
-            raise ValueError(f"an ImageSet holds one-frame examples, found {batch.num_frames} frames")
-        self.batch = batch
+    def __init__(self, images: RawImages, featurize: ImageFeaturizer, flip: bool = True):
+        if not len(images):
+            raise ValueError("an ImageSet needs at least one image")
+        self.images = images
+        self.featurize = featurize
         self.flip = flip
+        self._featurized: dict[tuple[int, int] | None, ClipBatch] = {}
 
     @classmethod
     def from_uri(cls, uri: str, featurize: ImageFeaturizer, flip: bool = True) -> ImageSet:
@@ -363,18 +392,25 @@ class ImageSet:
             ids = list_images(uri)
             images = [read_image(u) for u in ids]
         log.info("subject set %s: %d images", uri, len(images))
-        return cls(featurize(images, ids), flip=flip)
+        return cls(RawImages(ids=ids, images=images), featurize, flip=flip)
 
     def __len__(self) -> int:
-        return len(self.batch)
+        return len(self.images)
 
-    def sample(self, n: int, generator: torch.Generator) -> ClipBatch:
-        """``n`` examples drawn with replacement; with ``flip``, each mirrored with probability 1/2.
+    def featurized(self, size: tuple[int, int] | None = None) -> ClipBatch:
+        """Every image at ``size`` (width, height; None: the featurizer's), computed once per size."""
+        if size not in self._featurized:
+            self._featurized[size] = self.featurize(self.images.images, self.images.ids, size)
+        return self._featurized[size]
+
+    def sample(self, n: int, generator: torch.Generator, size: tuple[int, int] | None = None) -> ClipBatch:
+        """``n`` examples at ``size`` drawn with replacement; with ``flip``, each mirrored with probability 1/2.
 
         A mirrored example keeps its CLIP embedding (the subject is the same) and mirrors depth and pixels.
         """
-        idx = torch.randint(len(self.batch), (n,), generator=generator)
-        out = self.batch.select(idx.tolist())
+        batch = self.featurized(size)
+        idx = torch.randint(len(batch), (n,), generator=generator)
+        out = batch.select(idx.tolist())
         if self.flip:
             mirror = torch.rand(n, generator=generator) < 0.5
             if mirror.any():

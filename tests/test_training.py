@@ -722,13 +722,15 @@ def test_image_dataset_folder_feeds_image_steps(real_shards, real_clips, tmp_pat
     task = build_task(cfg, TINY, Runtime(), TINY.unet, local_source(cfg, real_shards))
     g = torch.Generator().manual_seed(0)
     first = task.images.source  # the folder, 6 images -> 2 batches of 3 per epoch
-    batch = next(first.batches(0))
+    raw = next(first.batches(0))
     from gen1.train_data import read_image
 
-    image = resize_center_crop(read_image(batch.clip_id[0])[None], 64, 64)
+    batch = task.featurize(raw.images, raw.ids, (64, 80))  # 80x64 images cut to a portrait size
+    image = resize_center_crop(read_image(batch.clip_id[0])[None], 64, 80)
     assert torch.allclose(batch.clip_embedding[0, 0], tiny_features["clip"].embed_images(image)[0], atol=1e-5)
-    inputs = task.micro_batch(image_step=True, gen=g)
+    inputs = task.micro_batch(image_step=True, gen=g, size=(64, 80))
     assert (len(inputs), inputs.num_frames, inputs.temporal) == (3, 1, False)
+    assert inputs.latents.shape[-2:] == (10, 8)  # 64x80 pixels -> 8x10 latents (h, w = 10, 8)
     assert task.images.state_dict() == {"epoch": 0, "index": 1} and task.video.state_dict()["index"] == 0
 
 

@@ -13,7 +13,12 @@ the null (zero) embedding with probability ``content_dropout`` for classifier-fr
 A step is either a video step or, with probability ``image_batch_prob``, an image step: every image is a
 one-frame video run in image mode (``temporal=False``), so the temporal layers get no gradient. The choice
 is drawn once per optimizer step from a generator shared by all workers, so data-parallel workers always
-run the same kind of step.
+run the same kind of step. Image steps from an image corpus (``image_data``) are multi-resolution as in the
+paper (§3.4): each image step draws one size from ``image_buckets`` and their transposes (sd15: 320x320,
+384x320, 320x384, 448x256, 256x448) from that same generator, so every micro-batch of every worker is cut
+to it; each image is scaled to cover the size (aspect kept), centre-cropped, and mirrored with probability
+1/2 (``image_flip``). Image steps without ``image_data`` take frames of the clips at the clips' size
+(448x256 for sd15), and video steps always do.
 
 The paper's stages are `TrainConfig` files (``jobs/train/stage*.yaml``), not code paths: what is trainable
 (``trainable``: parameter groups), whether images/videos/structure are used and the ``t_s`` range are
@@ -47,6 +52,7 @@ from gen1.training.distributed import Runtime
 from gen1.training.loop import StepCallback, TrainResult, train
 from gen1.training.objective import (
     UNetInputs,
+    draw_image_size,
     draw_image_step,
     drop_content,
     frame_window,
@@ -76,6 +82,7 @@ __all__ = [
     "build_task",
     "check_output",
     "checkpoint_name",
+    "draw_image_size",
     "draw_image_step",
     "drop_content",
     "frame_window",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,11 @@ class TrainConfig:
     width: int | None = None  # expected frame size of the data (checked), None = any
     height: int | None = None
     image_data: str | None = None  # folder or Parquet of images for image steps; None = frames of the clips
+    # (width, height) sizes the image_data images are cut to, one drawn per image step (every worker, every
+    # micro-batch alike), each with its transpose added; None = the preset's (sd15: the paper's 320x320,
+    # 384x320, 448x256). Frames of the clips keep the clips' size.
+    image_buckets: tuple[tuple[int, int], ...] | None = None
+    image_flip: bool = True  # image_data: mirror each image with probability 1/2
     subject_data: str | None = None  # customization: folder (or Parquet) of 15-30 subject images
     subject_fraction: float = 0.5  # share of every image batch drawn from the subject
     subject_flip: bool = True
@@ -68,6 +74,9 @@ class TrainConfig:
         object.__setattr__(self, "trainable", tuple(self.trainable))
         object.__setattr__(self, "ts_range", tuple(int(x) for x in self.ts_range))
         object.__setattr__(self, "adam_betas", tuple(float(x) for x in self.adam_betas))
+        if isinstance(self.image_buckets, list | tuple):  # YAML lists -> tuples (hashable, frozen)
+            object.__setattr__(self, "image_buckets", tuple(tuple(size) if isinstance(size, list | tuple) else size
+                                                            for size in self.image_buckets))
         if self.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
             object.__setattr__(self, "mixed_precision", "no")
         problems = []
@@ -104,6 +113,11 @@ class TrainConfig:
             problems.append("ema_decay with strategy fsdp is not supported (EMA needs unsharded weights); use ddp")
         if self.task == "prior" and set(self.trainable) != {"all"}:
             problems.append(f"the prior trains as a whole: trainable must be [all], found {list(self.trainable)}")
+        if self.image_buckets is not None and not _sizes(self.image_buckets):
+            problems.append(
+                "image_buckets must be a non-empty list of [width, height] pairs of ints >= 8 or null, found "
+                f"{self.as_dict()['image_buckets']}"
+            )
         if self.subject_data is not None and self.image_batch_prob == 0.0:
             problems.append("subject_data is mixed into image steps, so image_batch_prob must be > 0")
         if problems:
@@ -131,14 +145,18 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        return {k: _lists(v) for k, v in dataclasses.asdict(self).items()}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.as_dict(), sort_keys=False)
 
     def as_params(self) -> dict[str, str]:
-        """Flat string values for MLflow params."""
-        return {k: ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in self.as_dict().items()}
+        """Flat string values for MLflow params (a size list as ``320x320,384x320``)."""
+
+        def flat(v: Any) -> str:
+            return "x".join(map(str, v)) if isinstance(v, list) else str(v)
+
+        return {k: ",".join(map(flat, v)) if isinstance(v, list) else str(v) for k, v in self.as_dict().items()}
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step: ``grad_accum``, or what reaches ``global_batch_size``."""
@@ -148,6 +166,36 @@ class TrainConfig:
 
     def images_per_batch(self, frames: int) -> int:
         return self.image_batch_size or self.batch_size * frames
+
+    def image_sizes(self, specs: ModelSpecs) -> tuple[tuple[int, int], ...]:
+        """The (width, height) sizes of image steps from ``image_data``: ``image_buckets`` (None: the preset's)
+        and their transposes."""
+        return with_transposes(self.image_buckets or specs.image_buckets)
+
+
+def _sizes(value: Any) -> bool:
+    """True for a non-empty sequence of (width, height) int pairs, each >= 8."""
+    return isinstance(value, tuple) and bool(value) and all(
+        isinstance(size, tuple) and len(size) == 2 and all(isinstance(x, int) and x >= 8 for x in size) for size in value
+    )
+
+
+def _lists(value: Any) -> Any:
+    """Tuples (nested too) as lists, so YAML and MLflow see plain values."""
+    return [_lists(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def with_transposes(buckets: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    """(width, height) sizes -> each size, then its transpose (a square once).
+
+    ``((320, 320), (384, 320), (448, 256))`` -> 320x320, 384x320, 320x384, 448x256, 256x448.
+    """
+    sizes: list[tuple[int, int]] = []
+    for w, h in buckets:
+        for size in ((int(w), int(h)), (int(h), int(w))):
+            if size not in sizes:
+                sizes.append(size)
+    return tuple(sizes)
 
 
 def output_parent(output: str) -> str:

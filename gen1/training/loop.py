@@ -2,7 +2,7 @@
 
 `train` sets a run up (model from a checkpoint or ``init_from``, a `TrainState`, the DDP / FSDP wrapper,
 the tracker) and runs optimizer steps to ``max_steps``; a step is ``accumulation`` micro-batches, all image
-or all video, then one update.
+or all video (an image step's images all at the one size drawn for the step), then one update.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from gen1.training.checkpoints import (
 )
 from gen1.training.config import TrainConfig, resolve_init
 from gen1.training.distributed import Runtime, wrap_model
-from gen1.training.objective import draw_image_step
+from gen1.training.objective import draw_image_size, draw_image_step
 from gen1.training.state import TrainState, seed_everything
 from gen1.training.tasks import PriorTask, UNetTask, build_task
 from gen1.training.tracking import Tracker
@@ -61,11 +61,14 @@ class StepStats:
     frames: int
     image_step: bool
     grad_norm: float | None  # before clipping; None without max_grad_norm
+    image_size: tuple[int, int] | None = None  # (width, height) of an image step from image data
 
     def metrics(self, lr: float) -> dict[str, float]:
         out = {"loss": self.loss, "lr": lr, "image_step": float(self.image_step)}
         if self.grad_norm is not None:
             out["grad_norm"] = self.grad_norm
+        if self.image_size is not None:
+            out["image_width"], out["image_height"] = map(float, self.image_size)
         return out
 
 
@@ -232,16 +235,21 @@ def _run_steps(
 def _optimizer_step(
     cfg: TrainConfig, task: UNetTask | PriorTask, state: TrainState, runtime: Runtime, accum: int
 ) -> StepStats:
-    """``accum`` micro-batches (all image or all video) and one update; ``state.step`` advances by one."""
+    """``accum`` micro-batches (all image or all video) and one update; ``state.step`` advances by one.
+
+    Whether the step is an image step, and an image step's size, come from the ``kind`` generator every
+    worker holds alike (and a checkpoint restores), so all workers and micro-batches of a step agree.
+    """
     task.model.train()
     image_step = draw_image_step(cfg.image_batch_prob, state.generators["kind"])
+    size = draw_image_size(task.image_sizes, state.generators["kind"]) if image_step and task.image_sizes else None
     model, wrapped = state.model, state.model is not task.model
     loss, samples, frames = 0.0, 0, 0
     for micro in range(accum):
         last = micro == accum - 1
         sync = contextlib.nullcontext() if last or not wrapped else model.no_sync()  # DDP syncs on the last only
         with sync:
-            micro_loss, info = task.loss(model, image_step, state.generators["sample"])
+            micro_loss, info = task.loss(model, image_step, state.generators["sample"], size)
             state.scaler.scale(micro_loss / accum).backward()
         loss += micro_loss.item() / accum
         samples += info["samples"]
@@ -249,7 +257,8 @@ def _optimizer_step(
     if not wrapped:
         runtime.all_reduce_grads(task.trainable.parameters)
     grad_norm = _apply_gradients(state, task.trainable.parameters, cfg.max_grad_norm)
-    return StepStats(loss=loss, samples=samples, frames=frames, image_step=image_step, grad_norm=grad_norm)
+    return StepStats(loss=loss, samples=samples, frames=frames, image_step=image_step, grad_norm=grad_norm,
+                     image_size=size)
 
 
 def _apply_gradients(state: TrainState, parameters: Sequence[torch.nn.Parameter], max_norm: float | None) -> float | None:

@@ -20,6 +20,14 @@ def draw_image_step(image_batch_prob: float, generator: torch.Generator) -> bool
     return bool(torch.rand((), generator=generator) < image_batch_prob)
 
 
+def draw_image_size(sizes: Sequence[tuple[int, int]], generator: torch.Generator) -> tuple[int, int]:
+    """The (width, height) of an image step, uniform over ``sizes``; drawn once per step from the generator
+    every worker shares (as `draw_image_step`), so all micro-batches of all workers use the same size."""
+    if not sizes:
+        raise ValueError("draw_image_size needs at least one size")
+    return tuple(sizes[int(torch.randint(len(sizes), (), generator=generator))])
+
+
 def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator) -> torch.Tensor:
     """Diffusion timesteps t ~ U{0..T-1}: (n,) long."""
     return torch.randint(0, num_train_timesteps, (n,), generator=generator)

@@ -42,8 +42,8 @@ def seed_everything(seed: int) -> None:
 def make_generators(seed: int, rank: int) -> dict[str, torch.Generator]:
     """The loop's own CPU streams: ``sample`` (this worker's), ``kind`` (the same on every worker)."""
     return {
-        "sample": torch.Generator().manual_seed(seed * 1_000_003 + rank),  # noise, t, t_s, dropout
-        "kind": torch.Generator().manual_seed(seed),  # image or video step: the same on every worker
+        "sample": torch.Generator().manual_seed(seed * 1_000_003 + rank),  # noise, t, t_s, dropout, flips
+        "kind": torch.Generator().manual_seed(seed),  # image or video step, image size: alike on every worker
     }
 
 

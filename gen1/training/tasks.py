@@ -25,6 +25,7 @@ from gen1.train_data import (
     ImageFolderSource,
     ImageSet,
     PriorBatch,
+    RawImages,
     concat_batches,
 )
 from gen1.training.config import LATENT_CHANNELS, TrainConfig
@@ -91,7 +92,10 @@ class UNetTask:
         video: BatchSource,
         images: BatchSource | None = None,
         subject: ImageSet | None = None,
+        featurize: ImageFeaturizer | None = None,
     ):
+        """``images`` yields `RawImages` that ``featurize`` cuts to each image step's size; without it image
+        steps take the frames of ``video``'s clips (at the clips' size)."""
         from gen1.structure import StructureEncoder
         from gen1.unet import load_video_unet
         from gen1.weights import load_vae
@@ -110,6 +114,12 @@ class UNetTask:
         self.video = Cursor(video, "video")
         self.images = Cursor(images, "image") if images is not None else None
         self.subject = subject
+        if images is not None and featurize is None:
+            raise ValueError("image data needs a featurizer (CLIP, depth) to cut its images to each step's size")
+        self.featurize = featurize
+        # the sizes an image step draws from (the loop draws one per step); none when images come from clips
+        self.image_sizes = cfg.image_sizes(specs) if images is not None else ()
+        self._check_image_sizes()
         self.trainable = select_trainable(self.model, cfg.trainable)
         temporal_ids = {id(p) for p in self.model.temporal_parameters()}
         # image steps leave the temporal layers out of the graph; DDP must be told they may go unused
@@ -117,9 +127,31 @@ class UNetTask:
             id(p) in temporal_ids for p in self.trainable.parameters
         )
 
+    def _check_image_sizes(self) -> None:
+        """Image sizes the VAE encodes exactly (an error otherwise) and, ideally, on the UNet's grid."""
+        if self.images is None:
+            if self.cfg.image_buckets is not None:
+                log.warning("image_buckets %s are unused: they size image_data's images, and image steps take the "
+                            "frames of the clips (no image_data)", self.cfg.as_dict()["image_buckets"])
+            return
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        grid = vae_factor * 2 ** self.model.image_unet.num_upsamplers
+        bad = [f"{w}x{h}" for w, h in self.image_sizes if w % vae_factor or h % vae_factor]
+        if bad:
+            raise ValueError(f"image sizes {bad} are not multiples of {vae_factor} (the VAE's downsampling); "
+                             "set image_buckets to multiples of it")
+        off_grid = [f"{w}x{h}" for w, h in self.image_sizes if w % grid or h % grid]
+        if off_grid:
+            log.warning("image sizes %s are not multiples of %d (VAE x UNet downsampling): the UNet's up path "
+                        "interpolates to their odd feature-map sizes", off_grid, grid)
+        log.info("image steps: image_data at %s (one size per step), %s",
+                 ", ".join(f"{w}x{h}" for w, h in self.image_sizes),
+                 "half of them mirrored" if self.cfg.image_flip else "none mirrored")
+
     # -- data ---------------------------------------------------------------------------------------------
 
-    def _check(self, batch: ClipBatch) -> None:
+    def _check(self, batch: ClipBatch, expected_size: tuple[int, int] | None = None) -> None:
+        """The data fits the model: CLIP width, and frame size ``expected_size`` (w, h; None: the config's)."""
         d = batch.clip_embedding.shape[-1]
         if d != self.model.cross_attention_dim:
             raise ValueError(
@@ -131,7 +163,7 @@ class UNetTask:
             size = tuple(batch.depth.shape[-2:])
         elif batch.frames is not None:
             size = tuple(batch.frames.shape[2:4])
-        expected = (self.cfg.height, self.cfg.width)
+        expected = (self.cfg.height, self.cfg.width) if expected_size is None else expected_size[::-1]
         if size is not None and None not in expected and size != expected:
             raise ValueError(f"the data's frames are {size[1]}x{size[0]}; the config expects {expected[1]}x{expected[0]}")
 
@@ -158,13 +190,16 @@ class UNetTask:
             batch = batch.take_frames(frame_window(batch.num_frames, self.cfg.frames, self.cfg.frame_stride, len(batch), gen))
         return batch
 
-    def _regular_images(self, n: int, gen: torch.Generator) -> ClipBatch:
-        """``n`` images from the image data, or from the frames of video clips when there is none."""
+    def _regular_images(self, n: int, gen: torch.Generator, size: tuple[int, int] | None) -> ClipBatch:
+        """``n`` images from the image data cut to ``size`` (width, height), or from the frames of video clips
+        (at their own size) when there is none."""
         parts, have = [], 0
         while have < n:
             if self.images is not None:
-                part = self.images.next()
-                self._check(part)
+                raw: RawImages = self.images.next()
+                flip = (torch.rand(len(raw), generator=gen) < 0.5).tolist() if self.cfg.image_flip else None
+                part = self.featurize(raw.images, raw.ids, size, flip)
+                self._check(part, size)
             else:
                 part = self._video_batch(gen).as_images()
             part = self.encode_latents(part)
@@ -175,15 +210,18 @@ class UNetTask:
             return pool
         return pool.select(torch.randperm(len(pool), generator=gen)[:n].tolist())
 
-    def _image_batch(self, gen: torch.Generator) -> ClipBatch:
+    def _image_batch(self, gen: torch.Generator, size: tuple[int, int] | None = None) -> ClipBatch:
+        """An image micro-batch; with image data, every image at ``size`` (width, height), the step's draw."""
+        if self.images is not None and size is None:
+            raise ValueError(f"an image step from image_data needs its size, one of {list(self.image_sizes)}")
         n = self.cfg.images_per_batch(self.cfg.frames or self.specs.frames)
         if self.subject is None:
-            return self._regular_images(n, gen)
+            return self._regular_images(n, gen, size)
         n_subject = min(n, max(1, round(n * self.cfg.subject_fraction)))
-        subject = self.encode_latents(self.subject.sample(n_subject, gen))
+        subject = self.encode_latents(self.subject.sample(n_subject, gen, size))
         parts = [dataclasses.replace(subject, frames=None)]
         if n > n_subject:
-            parts.append(self._regular_images(n - n_subject, gen))
+            parts.append(self._regular_images(n - n_subject, gen, size))
         return concat_batches(parts)
 
     def inputs(self, batch: ClipBatch, temporal: bool, gen: torch.Generator) -> UNetInputs:
@@ -226,13 +264,17 @@ class UNetTask:
 
     # -- steps --------------------------------------------------------------------------------------------
 
-    def micro_batch(self, image_step: bool, gen: torch.Generator) -> UNetInputs:
+    def micro_batch(self, image_step: bool, gen: torch.Generator, size: tuple[int, int] | None = None) -> UNetInputs:
+        """The next micro-batch's inputs; an image step's images at ``size`` (width, height) when it reads
+        image data (one of ``image_sizes``, drawn once per step by the loop)."""
         if image_step:
-            return self.inputs(self._image_batch(gen), temporal=False, gen=gen)
+            return self.inputs(self._image_batch(gen, size), temporal=False, gen=gen)
         return self.inputs(self._video_batch(gen), temporal=True, gen=gen)
 
-    def loss(self, model: nn.Module, image_step: bool, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        inputs = self.micro_batch(image_step, gen)
+    def loss(
+        self, model: nn.Module, image_step: bool, gen: torch.Generator, size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        inputs = self.micro_batch(image_step, gen, size)
         with _autocast(self.runtime.device, self.amp_dtype):
             loss = v_prediction_loss(model, self.scheduler, inputs, gen)
         return loss, {"samples": len(inputs), "frames": len(inputs) * inputs.num_frames}
@@ -257,6 +299,7 @@ class PriorTask:
 
     kind = "prior"
     find_unused_parameters = False
+    image_sizes: tuple[tuple[int, int], ...] = ()  # no image steps
 
     def __init__(self, cfg: TrainConfig, specs: ModelSpecs, runtime: Runtime, model_spec: str, pairs: BatchSource):
         from gen1.clip import ClipEmbedder
@@ -284,7 +327,9 @@ class PriorTask:
         self.prior.fit_clip_stats(embeds)
         log.info("prior clip stats fitted on %d embeddings", len(embeds))
 
-    def loss(self, model: nn.Module, image_step: bool, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    def loss(
+        self, model: nn.Module, image_step: bool, gen: torch.Generator, size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, dict]:
         batch: PriorBatch = self.pairs.next()
         drop = torch.rand(len(batch), generator=gen) < self.cfg.content_dropout
         texts = ["" if d else t for t, d in zip(batch.texts, drop.tolist(), strict=True)]
@@ -339,15 +384,15 @@ def build_task(
     """The task of ``cfg.task`` with its data: image steps read ``cfg.image_data`` and ``cfg.subject_data``."""
     if cfg.task == "prior":
         return PriorTask(cfg, specs, runtime, model_spec, data)
-    images = subject = None
+    images = subject = featurize = None
     if cfg.image_data is not None or cfg.subject_data is not None:
         featurize = image_featurizer(cfg, specs, runtime)
         if cfg.image_data is not None:
             n = cfg.images_per_batch(cfg.frames or specs.frames)
-            images = ImageFolderSource(cfg.image_data, featurize, n, seed=cfg.seed + runtime.rank)
+            images = ImageFolderSource(cfg.image_data, n, seed=cfg.seed + runtime.rank)
         if cfg.subject_data is not None:
             subject = ImageSet.from_uri(cfg.subject_data, featurize, flip=cfg.subject_flip)
-    return UNetTask(cfg, specs, runtime, model_spec, data, images, subject)
+    return UNetTask(cfg, specs, runtime, model_spec, data, images, subject, featurize)
 
 
 def image_featurizer(cfg: TrainConfig, specs: ModelSpecs, runtime: Runtime) -> ImageFeaturizer:
