@@ -63,17 +63,15 @@ def configure_logging(verbose: bool = False) -> None:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input (a video or image: `VideoDecodeError` and its `ImageDecodeError`; a
-    URI; missing weights; a config), not a bug in gen1: a command that raises one ends with a message
+    URI; missing weights; a config, a dataset's layout (`pipelines.datasets.DatasetError` is a `ConfigError`)), not a bug in gen1: a command that raises one ends with a message
     naming the input and the reason, exit code 1."""
     from gen1.config import ConfigError
     from gen1.prompts import PromptWriterError
     from gen1.video import VideoDecodeError
     from gen1.weights import WeightsNotFoundError
-    from pipelines.datasets import DatasetError
 
     return (
         ConfigError,
-        DatasetError,
         PromptWriterError,
         VideoDecodeError,
         WeightsNotFoundError,

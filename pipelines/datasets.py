@@ -31,6 +31,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
+from gen1.config import ConfigError
 from gen1.masks import mask_from_frames
 from gen1.prompts import PromptSpec
 from gen1.video import clip_id, open_uri, read_image, resize_center_crop, sample_indices, target_size
@@ -52,8 +53,9 @@ TGVE_COLUMNS = {
 DATASET_KINDS = ("davis", "tgve")
 
 
-class DatasetError(ValueError):
-    """A dataset folder does not have the expected layout; the message says what was expected and found."""
+class DatasetError(ConfigError):
+    """A dataset folder does not have the expected layout; the message says what was expected and found.
+    (A `ConfigError`: bad input that ends a command with exit code 1.)"""
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ class EditRun:
 
     ``errors`` buffers error records (one part per ``commit_every`` records or ``commit_interval_s``);
     ``manifest`` commits manifest rows once per edit key; ``prompts`` the written prompts. ``resources``
-    holds each actor pool's ``concurrency``, ``num_cpus`` and ``num_gpus``, planned at the start (a pool
+    holds each actor pool's ``compute`` (`pipelines.runtime.actor_pool`), ``num_cpus`` and ``num_gpus``, planned at the start (a pool
     that does not fit fails the run before any work).
     """
 
