@@ -10,6 +10,9 @@ One public entry point, `edit_video`, over a `Gen1Models` bundle. Per edit:
    step; the decoded output keeps the input's VAE reconstruction outside the mask;
 5. videos longer than the model's window are denoised in overlapping windows whose predictions are
    blended at every step, so any length works.
+
+`gen1.baselines` builds the paper's comparisons from the same parts (`BranchPredictor`, `window_plan`,
+`predict_windows`, `encode_frames`, `decode_latents`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,9 +87,10 @@ class EditSettings:
 @dataclass
 class EditResult:
     frames: np.ndarray  # uint8 (f, h, w, 3): the edited video
-    depth: np.ndarray  # float32 (f, h, w) in [-1, 1]: the input's depth (before the t_s pyramid)
+    depth: np.ndarray | None  # float32 (f, h, w) in [-1, 1]: the input's depth (before the t_s pyramid); None
+    # for the methods without structure (gen1.baselines' SDEdit-style ones)
     latents: torch.Tensor  # (4, f, h/8, w/8) final latents
-    settings: EditSettings
+    settings: Any  # EditSettings (edit_video, per_frame_video) or gen1.baselines.SDEditSettings
     content_kind: str
     seconds: float
     unet_forwards: int  # UNet forward calls made (a batched call counts once)
@@ -113,6 +118,13 @@ def window_weights(window: int, overlap: int) -> torch.Tensor:
         w[:overlap] = ramp
         w[window - overlap :] = ramp.flip(0)
     return w
+
+
+def window_plan(num_frames: int, window: int, overlap: int) -> tuple[list[int], torch.Tensor]:
+    """The windows over ``num_frames`` frames of a model that takes ``window``: their starts
+    (`window_starts`) and blending weights (min(window, num_frames),) (`window_weights`)."""
+    starts = window_starts(num_frames, window, overlap)
+    return starts, window_weights(min(window, num_frames), overlap if len(starts) > 1 else 0)
 
 
 def check_inputs(video: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -146,39 +158,49 @@ def decode_latents(models: Gen1Models, z: torch.Tensor, chunk: int = 8) -> torch
     return torch.cat(parts).float().clamp(-1, 1)
 
 
-class _BranchPredictor:
-    """Evaluates the UNet branches of one denoising step, batched or one by one."""
+class BranchPredictor:
+    """Evaluates the UNet branches of one denoising step that ``scales`` names, batched or one by one, and
+    guides them (`gen1.guidance.guide`). When no branch needs the temporal layers (the image model in every
+    branch: ``scales.image_model``) the UNet runs in image mode: its temporal layers are skipped, not masked."""
 
-    def __init__(self, models: Gen1Models, content: torch.Tensor, settings: EditSettings):
+    def __init__(self, models: Gen1Models, content: torch.Tensor, scales: GuidanceScales, batched: bool = True):
         self.models = models
-        self.scales = settings.scales
-        self.batched = settings.batch_branches
+        self.scales = scales
+        self.batched = batched
         null = models.content.null().to(content)
         # branch -> (content embedding, temporal layers on?)
         self.spec = {
             "image_uncond": (null, 0.0),
+            "image_cond": (content, 0.0),
             "video_uncond": (null, 1.0),
             "video_cond": (content, 1.0),
         }
+        self.names = scales.branches()
+        self.temporal = any(self.spec[k][1] for k in self.names)
         self.forwards = 0
+
+    def _mask(self, names: tuple[str, ...], x: torch.Tensor) -> torch.Tensor | None:
+        if not self.temporal:
+            return None
+        return torch.tensor([self.spec[k][1] for k in names], device=x.device, dtype=self.models.dtype)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x: (1, 12, f, h, w) UNet input -> guided prediction (1, 4, f, h, w), float32."""
-        names = self.scales.branches()
+        names = self.names
         unet, dtype = self.models.unet, self.models.dtype
         if self.batched:
             n = len(names)
             content = torch.stack([self.spec[k][0] for k in names]).to(dtype)
-            mask = torch.tensor([self.spec[k][1] for k in names], device=x.device, dtype=dtype)
-            out = unet(x.expand(n, *x.shape[1:]).to(dtype), t.expand(n), content, video_mask=mask)
+            out = unet(x.expand(n, *x.shape[1:]).to(dtype), t.expand(n), content, video_mask=self._mask(names, x),
+                       temporal=self.temporal)
             self.forwards += 1
             preds = {k: out[i : i + 1].float() for i, k in enumerate(names)}
         else:
             preds = {}
             for k in names:
-                emb, on = self.spec[k]
-                mask = torch.tensor([on], device=x.device, dtype=dtype)
-                preds[k] = unet(x.to(dtype), t.expand(1), emb[None].to(dtype), video_mask=mask).float()
+                emb = self.spec[k][0]
+                preds[k] = unet(x.to(dtype), t.expand(1), emb[None].to(dtype), video_mask=self._mask((k,), x),
+                                temporal=self.temporal).float()
                 self.forwards += 1
         return guide(preds, self.scales)
 
@@ -222,10 +244,14 @@ def edit_video(
     settings: EditSettings = EditSettings(),
     mask: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
+    *,
+    scales: GuidanceScales | None = None,
 ) -> EditResult:
     """Edit ``video`` (uint8 (f, h, w, 3), h and w multiples of 8) toward ``content``.
 
-    mask: optional (f, h, w), 1 = edit, 0 = keep. Returns the edited frames and what produced them.
+    mask: optional (f, h, w), 1 = edit, 0 = keep. scales: the guidance of every step; None: eq. 8 with
+    ``settings.scales`` (`gen1.baselines.per_frame_video` passes the image model's). Returns the edited
+    frames and what produced them.
     """
     start = time.perf_counter()
     video = check_inputs(video, mask)
@@ -250,10 +276,10 @@ def edit_video(
         known = encode_frames(models, video)[None].to(device)
         noise = torch.randn(latent_shape, generator=gen).to(device)
 
-    predictor = _BranchPredictor(models, c, settings)
+    predictor = BranchPredictor(models, c, scales or settings.scales, settings.batch_branches)
     window = models.specs.frames
-    starts = window_starts(f, window, settings.window_overlap)
-    weights = window_weights(min(window, f), settings.window_overlap if len(starts) > 1 else 0).to(device)
+    starts, weights = window_plan(f, window, settings.window_overlap)
+    weights = weights.to(device)
 
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):

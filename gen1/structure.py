@@ -4,6 +4,8 @@ Gen-1 conditions on the depth of every frame with its detail removed to a degree
 ``t_s`` iterations of (Gaussian blur + 2x downsample), resampled back to frame size and encoded with the
 image VAE. The latent is concatenated to the noisy latent z_t, with 4 more channels holding a sinusoidal
 embedding of t_s, so the UNet sees 4 + 4 + 4 = 12 input channels.
+Without structure (training stages 1-2, and the SDEdit-style baselines of `gen1.baselines`) those 8 channels
+are zeros: `unstructured_input`.
 """
 
 from __future__ import annotations
@@ -107,6 +109,18 @@ def conditioning_input(
     s = structure_latent.to(device=z_t.device, dtype=z_t.dtype).expand(b, -1, -1, -1, -1)
     c = ts_channels(ts.to(z_t.device), f, h, w).to(z_t.dtype).expand(b, -1, -1, -1, -1)
     return torch.cat([z_t, s, c], dim=1)
+
+
+def unstructured_input(z_t: torch.Tensor, extra_channels: int = 4 + TS_CHANNELS) -> torch.Tensor:
+    """The UNet input without structure, as training stages 1-2 build it (`gen1.training.objective.UNetInputs`
+    with no structure): z_t, then zeros in every extra channel (the depth latent's and the t_s embedding's).
+
+    z_t: (b, 4, f, h, w) -> (b, 4 + extra_channels, f, h, w) in z_t's dtype and device.
+    """
+    if z_t.ndim != 5:
+        raise ValueError(f"z_t must be (b, c, f, h, w), found shape {tuple(z_t.shape)}")
+    b, _, f, h, w = z_t.shape
+    return torch.cat([z_t, z_t.new_zeros(b, extra_channels, f, h, w)], dim=1)
 
 
 def normalise_per_clip(depth: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

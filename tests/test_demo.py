@@ -60,7 +60,10 @@ def test_demo_runs_end_to_end_and_prints_every_output(tiny_models, real_clips, t
     assert len(previews) == 2 and all(Path(p).is_file() for p in previews)
     assert list(Path(location("edit manifest (Parquet)")).glob("part-*.parquet"))
     table = pd.read_parquet(location("per-video metrics table"))
-    assert sorted(table["method"]) == ["gen1", "per_frame"] and table["frame_consistency"].notna().all()
+    # both edits are our model's: eq. 8 at w_t = 1 and at w_t = 0 (not the per-frame image model)
+    assert list(table["method"]) == ["gen1", "gen1"] and table["frame_consistency"].notna().all()
+    assert sorted(table["setting"]) == ["ts3-w7.5-wt0", "ts3-w7.5-wt1"]
+    assert "eq. 8 with w_t = 0" in text and "per-frame image model" not in text
     assert Path(location("side-by-side sample video")).is_file()
     db = out / "mlflow" / "mlflow.db"
     assert f"sqlite:///{db}" in text and db.is_file()

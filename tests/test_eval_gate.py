@@ -19,20 +19,26 @@ PROMPT = "a watercolor painting"
 VIDEOS = ("bear", "walking", "surf")
 
 
-def _measured(fc: dict[str, float] | None = None, pc_shift: float = 0.0) -> pd.DataFrame:
-    """Measured rows of 3 videos x (gen1 w_t 1.0, 1.5; per-frame): frame consistency of our model's rows is
-    ``fc[video]`` (default 0.95), + 0.01 at w_t 1.5."""
-    fc = fc or {}
+def _measured(fc: dict[str, float] | None = None, pc_shift: float = 0.0,
+              no_structure: dict[str, float] | None = None) -> pd.DataFrame:
+    """Measured rows of 3 videos x (gen1 w_t 1.0, 1.5 as edit-manifest rows; the baselines per_frame, sdedit,
+    no_structure): frame consistency of our model's rows is ``fc[video]`` (default 0.95), + 0.01 at w_t 1.5;
+    of the baselines' 0.8, of no_structure's ``no_structure[video]`` if given."""
+    fc, no_structure = fc or {}, no_structure or {}
     rows = []
     for video in VIDEOS:
-        for w_t in (1.0, 1.5, 0.0):
-            base = fc.get(video, 0.95) if w_t else 0.8
+        for method, w_t, strength in ((None, 1.0, None), (None, 1.5, None), ("per_frame", None, None),
+                                      ("sdedit", None, 0.6), ("no_structure", None, 0.6)):
+            base = fc.get(video, 0.95) if method is None else 0.8
+            if method == "no_structure":
+                base = no_structure.get(video, base)
             rows.append({
-                "source_uri": f"/d/JPEGImages/480p/{video}", "clip_id": f"id-{video}", "prompt": PROMPT, "t_s": 3,
-                "w": 7.5, "w_t": w_t, "sdedit_strength": None, "frame_indices": [0, 2], "fps": 8.0,
-                "output_uri": f"/o/{video}-{w_t}.mp4", "frame_consistency": base + (0.01 if w_t == 1.5 else 0.0),
-                "frame_consistency_all_pairs": base, "prompt_consistency": 0.3 + pc_shift,
-                "flow_warp_error": 0.02, "input_flow_warp_error": 0.01, "depth_fidelity": 0.9,
+                "source_uri": f"/d/JPEGImages/480p/{video}", "clip_id": f"id-{video}", "method": method,
+                "prompt": PROMPT, "t_s": None if strength else 3, "w": 7.5, "w_t": w_t, "sdedit_strength": strength,
+                "frame_indices": [0, 2], "fps": 8.0, "output_uri": f"/o/{video}-{method}-{w_t}.mp4",
+                "frame_consistency": base + (0.01 if w_t == 1.5 else 0.0), "frame_consistency_all_pairs": base,
+                "prompt_consistency": 0.3 + pc_shift, "flow_warp_error": 0.02, "input_flow_warp_error": 0.01,
+                "depth_fidelity": 0.9,
             })
     return pd.DataFrame(rows)
 
@@ -92,6 +98,13 @@ def test_worst_videos_rank_by_per_video_drop_else_by_score():
     assert list(worst["baseline"]) == pytest.approx([0.95, 0.96, 0.95])
     by_score = worst_videos(now, None, checks, n=2)  # no baseline table: the lowest scores
     assert list(by_score["current"]) == pytest.approx([0.80, 0.81]) and set(by_score["basis"]) == {"lowest score"}
+    # a baseline's metric (metric/method) ranks that method's rows
+    now = per_video_table(_measured(no_structure={"surf": 0.7}))
+    checks = compare({"frame_consistency/no_structure": 0.767}, {"frame_consistency/no_structure": 0.8},
+                     {"frame_consistency/no_structure": Threshold(0.01)})
+    worst = worst_videos(now, base, checks, n=1)
+    assert (list(worst["video"]), list(worst["method"]), list(worst["drop"])) == (["surf"], ["no_structure"],
+                                                                                  pytest.approx([0.1]))
 
 
 # ------------------------------------------------------------------------------------- MLflow server

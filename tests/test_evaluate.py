@@ -1,5 +1,5 @@
-"""Evaluation: config, table, metric names and plots without models; the SDEdit baseline and the metrics
-stage on tiny models; a tiny-model DAVIS eval logged to an MLflow server (SQLite, 127.0.0.1) and read back;
+"""Evaluation: config, table, metric names and plots without models; the metrics stage on tiny models and the
+baseline stage's failures; a tiny-model DAVIS eval logged to an MLflow server (SQLite, 127.0.0.1) and read back;
 `ray job submit` of the eval entry point to a local multi-node Ray cluster."""
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ import pytest
 from gen1.config import TINY, ConfigError
 from pipelines import tracking
 from pipelines.evaluate import (
+    BASELINES,
+    METHODS,
     METRICS,
     EvalConfig,
     MetricsStage,
     consistency_scatter,
     consistency_vs_wt,
-    method_of,
     per_video_table,
     setting_label,
 )
@@ -38,10 +39,12 @@ PROMPT = "a watercolor painting"
 # ------------------------------------------------------------------------------------------ no models
 
 
-def test_eval_config_validates_and_adds_the_per_frame_setting(tmp_path):
+def test_eval_config_validates_and_runs_our_grid_as_given(tmp_path):
     cfg = EvalConfig(dataset="davis:/data/DAVIS", grid={"t_s": [3], "w": [7.5], "w_t": [1.0, 1.5]})
-    assert cfg.edit_grid().w_t == (1.0, 1.5, 0.0)  # per-frame baseline = eq. 8 with w_t = 0
-    assert EvalConfig(dataset="davis:/d", baselines=("sdedit",)).edit_grid().w_t == (1.0, 1.5)
+    assert cfg.baselines == BASELINES == ("per_frame", "sdedit", "no_structure")  # all three by default
+    assert cfg.edit_grid().w_t == (1.0, 1.5)  # the per-frame baseline is not a point of our grid
+    # eq. 8 at w_t = 0 runs when the grid asks for it, as a point of our sweep
+    assert EvalConfig(dataset="davis:/d", grid={"w_t": [0.0, 1.0]}).edit_grid().w_t == (0.0, 1.0)
     with pytest.raises(ConfigError, match="exactly one of dataset"):
         EvalConfig()
     with pytest.raises(ConfigError, match="exactly one of dataset"):
@@ -62,38 +65,62 @@ def test_eval_config_validates_and_adds_the_per_frame_setting(tmp_path):
 
 
 def test_methods_and_setting_labels():
-    assert method_of(1.5) == "gen1" and method_of(0.0) == "per_frame" and method_of(0.0, "sdedit") == "sdedit"
+    from jobs.cli import build_parser
+    from jobs.commands.eval import BASELINES as CLI_BASELINES
+
+    assert CLI_BASELINES == BASELINES and set(METHODS) == {"gen1", *BASELINES}
+    args = build_parser().parse_args(["eval", "--dataset", "davis:/d", "--baselines", "no_structure", "per_frame"])
+    assert args.baselines == ["no_structure", "per_frame"]
     assert setting_label("gen1", 3, 7.5, 1.5) == "ts3-w7.5-wt1.5"
-    assert setting_label("sdedit", 7, 7.5, 0.0, 0.6) == "s0.6-w7.5"
+    assert setting_label("gen1", 3, 7.5, 0.0) == "ts3-w7.5-wt0"  # eq. 8 with w_t = 0: ours, not a baseline
+    assert setting_label("per_frame", 3, 7.5, None) == "ts3-w7.5"
+    assert setting_label("sdedit", None, 7.5, None, 0.6) == "s0.6-w7.5"
+    assert setting_label("no_structure", None, 7.5, None, 0.6) == "s0.6-w7.5"
+
+
+# (method, t_s, w_t, sdedit strength, frame consistency, prompt consistency, flow-warp error) of each video;
+# method None: an edit-manifest row (our model's, w_t = 0 included)
+ROWS = (
+    (None, 3, 1.0, None, 0.9, 0.30, 0.05),
+    (None, 3, 1.5, None, 0.95, 0.35, 0.04),
+    (None, 3, 0.0, None, 0.85, 0.20, 0.1),
+    ("per_frame", 3, None, None, 0.8, 0.25, 0.2),
+    ("sdedit", None, None, 0.6, 0.7, 0.2, 0.3),
+    ("no_structure", None, None, 0.6, 0.75, 0.22, 0.25),
+)
 
 
 def _measured() -> pd.DataFrame:
     rows = []
     for video in ("bear", "walking"):
-        for w_t, strength, fc in ((1.0, None, 0.9), (1.5, None, 0.95), (0.0, None, 0.8), (0.0, 0.6, 0.7)):
+        for method, t_s, w_t, strength, fc, pc, fwe in ROWS:
             rows.append({
-                "source_uri": f"/d/JPEGImages/480p/{video}", "clip_id": video, "prompt": PROMPT, "t_s": 3, "w": 7.5,
-                "w_t": w_t, "sdedit_strength": strength, "frame_indices": [0, 2], "output_uri": f"/o/{video}.mp4",
-                "frame_consistency": fc + (0.02 if video == "walking" else 0.0), "frame_consistency_all_pairs": fc,
-                "prompt_consistency": 0.2 + w_t / 10, "flow_warp_error": 0.1 / (1 + w_t), "input_flow_warp_error": 0.01,
-                "depth_fidelity": float("nan") if strength else 0.9,
+                "source_uri": f"/d/JPEGImages/480p/{video}", "clip_id": video, "method": method, "prompt": PROMPT,
+                "t_s": t_s, "w": 7.5, "w_t": w_t, "sdedit_strength": strength, "frame_indices": [0, 2],
+                "output_uri": f"/o/{video}.mp4", "frame_consistency": fc + (0.02 if video == "walking" else 0.0),
+                "frame_consistency_all_pairs": fc, "prompt_consistency": pc, "flow_warp_error": fwe,
+                "input_flow_warp_error": 0.01, "depth_fidelity": float("nan") if strength else 0.9,
             })
     return pd.DataFrame(rows)
 
 
 def test_per_video_table_and_metric_names():
     table = per_video_table(_measured())
-    assert len(table) == 8 and list(table["video"].unique()) == ["bear", "walking"]
-    assert table.groupby("method").size().to_dict() == {"gen1": 4, "per_frame": 2, "sdedit": 2}
-    assert set(table["setting"]) == {"ts3-w7.5-wt1", "ts3-w7.5-wt1.5", "ts3-w7.5-wt0", "s0.6-w7.5"}
+    assert len(table) == 12 and list(table["video"].unique()) == ["bear", "walking"]
+    assert table.groupby("method").size().to_dict() == {"gen1": 6, "no_structure": 2, "per_frame": 2, "sdedit": 2}
+    assert set(table["setting"]) == {"ts3-w7.5-wt1", "ts3-w7.5-wt1.5", "ts3-w7.5-wt0", "ts3-w7.5", "s0.6-w7.5"}
+    assert set(table.loc[table["setting"] == "ts3-w7.5-wt0", "method"]) == {"gen1"}
     metrics = tracking.summary_metrics(table, METRICS, "gen1")
-    assert metrics["frame_consistency"] == pytest.approx(np.mean([0.9, 0.95, 0.92, 0.97]))
+    assert metrics["frame_consistency"] == pytest.approx(np.mean([0.9, 0.95, 0.85, 0.92, 0.97, 0.87]))
     assert metrics["frame_consistency/gen1/ts3-w7.5-wt1.5"] == pytest.approx(0.96)
+    assert metrics["frame_consistency/gen1/ts3-w7.5-wt0"] == pytest.approx(0.86)
     assert metrics["frame_consistency/per_frame"] == pytest.approx(0.81)
+    assert metrics["frame_consistency/no_structure/s0.6-w7.5"] == pytest.approx(0.76)
     assert metrics["frame_consistency_all_pairs/sdedit/s0.6-w7.5"] == pytest.approx(0.7)
-    assert metrics["prompt_consistency/gen1"] == pytest.approx(0.325)
+    assert metrics["prompt_consistency/gen1"] == pytest.approx(0.85 / 3)
     assert "depth_fidelity/sdedit" not in metrics  # all NaN: left out, not logged as NaN
-    assert metrics["videos"] == 8.0
+    assert "depth_fidelity/no_structure" not in metrics
+    assert metrics["videos"] == 12.0
     assert all(np.isfinite(v) for v in metrics.values())
 
 
@@ -102,15 +129,22 @@ def test_plots_show_each_method_and_the_wt_sweep():
     fig = consistency_scatter(table, TINY.label())
     ax = fig.axes[0]
     means = [c for c in ax.collections if c.get_sizes()[0] == 70]
-    assert len(means) == 4  # one mean marker per (method, setting)
+    assert len(means) == 6  # one mean marker per (method, setting)
     xy = {label: c.get_offsets()[0].tolist() for label, c in zip([t.get_text() for t in ax.get_legend().texts], means,
                                                                     strict=True)}
     assert xy["sdedit s0.6-w7.5"] == pytest.approx([0.2, 0.71])
+    assert xy["no_structure s0.6-w7.5"] == pytest.approx([0.22, 0.76])
     assert "TINY RANDOM MODELS" in ax.get_title()
     fig = consistency_vs_wt(table, "sd15")
-    line = fig.axes[0].get_lines()[0]
-    assert list(line.get_xdata()) == [0.0, 1.0, 1.5]  # per-frame (0) and our two settings; SDEdit excluded
-    assert list(line.get_ydata()) == pytest.approx([0.81, 0.91, 0.96])
+    ax = fig.axes[0]
+    line, *baselines = ax.get_lines()
+    assert list(line.get_xdata()) == [0.0, 1.0, 1.5]  # our model's sweep, eq. 8 at w_t = 0 included
+    assert list(line.get_ydata()) == pytest.approx([0.86, 0.91, 0.96])
+    assert [t.get_text() for t in ax.texts] == ["eq. 8, w_t = 0"]  # what the x = 0 point is
+    # the baselines have no w_t: one horizontal line each at its frame consistency
+    assert {b.get_label().split()[0]: b.get_ydata()[0] for b in baselines} == pytest.approx(
+        {"no_structure": 0.76, "per_frame": 0.81, "sdedit": 0.71})
+    assert "image model" not in ax.get_xlabel() + " ".join(t.get_text() for t in ax.get_legend().texts)
     mse = fig.axes[1].get_lines()[0]
     assert list(mse.get_ydata()) == pytest.approx([0.1, 0.05, 0.04])
 
@@ -149,44 +183,6 @@ def video() -> np.ndarray:
         frames[i, ..., 1] = (yy * 4) % 256
         frames[i, 16 + 4 * i : 32 + 4 * i, 16:32] = 255
     return frames
-
-
-def test_sdedit_starts_from_the_input_and_ignores_temporal_layers(models, video):
-    import torch
-
-    from gen1.baselines import SDEditSettings, sdedit_video, start_index
-    from gen1.sampling import encode_frames
-
-    assert [start_index(10, s) for s in (0.1, 0.55, 1.0)] == [9, 4, 0]
-    z0 = encode_frames(models, video)
-    content = torch.nn.functional.normalize(torch.randn(TINY.clip_dim, generator=torch.Generator().manual_seed(3)), dim=0)
-    drift = []
-    for strength in (0.25, 0.5, 1.0):
-        r = sdedit_video(models, video, content, SDEditSettings(strength=strength, steps=4, guidance=1.0))
-        assert r.frames.shape == video.shape and r.frames.dtype == np.uint8
-        assert r.unet_forwards == round(4 * strength)
-        drift.append(float((r.latents - z0).abs().mean()))
-    assert drift[0] < drift[1] < drift[2]  # more strength, further from the input's latents
-    settings = SDEditSettings(strength=0.5, steps=4)
-    base = sdedit_video(models, video, content, settings)
-    saved = [p.detach().clone() for p in models.unet.temporal_parameters()]
-    try:
-        with torch.no_grad():
-            for p in models.unet.temporal_parameters():
-                p.add_(torch.randn_like(p) * 0.1)
-        again = sdedit_video(models, video, content, settings)
-    finally:
-        with torch.no_grad():
-            for p, s in zip(models.unet.temporal_parameters(), saved, strict=True):
-                p.copy_(s)
-    np.testing.assert_array_equal(base.frames, again.frames)  # per frame: temporal layers never run
-    mask = np.zeros(video.shape[:3], np.float32)
-    mask[:, :, :32] = 1
-    masked = sdedit_video(models, video, content, settings, mask=mask)
-    np.testing.assert_array_equal(masked.frames[:, :, 32:], video[:, :, 32:])
-    np.testing.assert_array_equal(masked.frames[:, :, :32], base.frames[:, :, :32])
-    with pytest.raises(ValueError, match="strength"):
-        SDEditSettings(strength=0.0)
 
 
 def test_metrics_stage_matches_gen1_metrics_batched_or_not(models, video, tmp_path):
@@ -239,22 +235,24 @@ def test_metrics_stage_matches_gen1_metrics_batched_or_not(models, video, tmp_pa
     assert (batched.iloc[0]["status"], batched.iloc[0]["error_stage"]) == ("ok", "")
 
 
-def test_a_failed_sdedit_is_an_error_row_then_a_row_of_the_run_errors_table(tmp_path):
+@pytest.mark.parametrize("method", BASELINES)
+def test_a_failed_baseline_is_an_error_row_then_a_row_of_the_run_errors_table(tmp_path, method):
     import pickle
 
     from pipelines.edit import EditClip
     from pipelines.evaluate.run import _commit_errors, _split
-    from pipelines.evaluate.stages import SDEditStage
+    from pipelines.evaluate.stages import BaselineStage
     from pipelines.schema import read_errors
 
     clip = EditClip(clip_id="c", source_uri=str(tmp_path / "missing.mp4"), start=0, stride=1, frame_indices=(0, 1),
                     fps=8.0, width=64, height=64)
     task = {"edit_key": "k0", "clip": pickle.dumps(clip), "clip_id": "c", "source_uri": clip.source_uri, "start": 0,
-            "prompt": PROMPT, "image_uri": None, "sdedit_strength": 0.6, "w": 7.5, "steps": 2, "seed": 0,
+            "method": method, "prompt": PROMPT, "image_uri": None, "t_s": 3 if method == "per_frame" else None,
+            "sdedit_strength": None if method == "per_frame" else 0.6, "w": 7.5, "steps": 2, "seed": 0,
             "sampler": "ddim"}
-    out = SDEditStage(TINY, str(tmp_path / "sdedit"), models=object())(pd.DataFrame([task]))
+    out = BaselineStage(TINY, str(tmp_path / "baselines"), models=object())(pd.DataFrame([task]))
     (row,) = out.to_dict("records")
-    assert (row["status"], row["error_stage"]) == ("error", "sdedit") and pd.isna(row["output_uri"])
+    assert (row["status"], row["error_stage"]) == ("error", method) and pd.isna(row["output_uri"])
     assert "missing.mp4" in row["error_message"] and "clip" not in row
     measured, failed = _split(out)
     assert measured.empty and len(failed) == 1
@@ -262,8 +260,76 @@ def test_a_failed_sdedit_is_an_error_row_then_a_row_of_the_run_errors_table(tmp_
     records = _commit_errors(EvalConfig(edits=str(tmp_path / "edits")), run_dir, failed)
     errors = read_errors(run_dir).to_pylist()
     assert len(records) == len(errors) == 1
-    assert (errors[0]["clip_id"], errors[0]["stage"], errors[0]["uri"]) == ("c", "sdedit", clip.source_uri)
+    assert (errors[0]["clip_id"], errors[0]["stage"], errors[0]["uri"]) == ("c", method, clip.source_uri)
     assert errors[0]["message"].startswith("edit k0: ") and errors[0]["traceback"]
+
+
+def test_baseline_tasks_one_per_method_and_setting_with_stable_keys(tmp_path):
+    from pipelines.datasets import SequenceClip
+    from pipelines.evaluate.run import baseline_tasks
+
+    clip = SequenceClip(clip_id="c", source_uri="/d/JPEGImages/480p/bear", start=0, stride=1, frame_indices=(0, 1),
+                        fps=8.0, width=64, height=64, sequence=None)
+    ours = pd.DataFrame([
+        {"clip_id": "c", "source_uri": clip.source_uri, "start": 0, "stride": 1, "frame_indices": [0, 1],
+         "num_frames": 2, "width": 64, "height": 64, "fps": 8.0, "caption": None, "prompt": PROMPT, "image_uri": None,
+         "prompt_tag": None, "masked": False, "t_s": t_s, "w": 7.5, "w_t": w_t, "seed": 0, "steps": 2, "sampler": "ddim"}
+        for t_s, w_t in ((3, 1.0), (3, 1.5), (5, 1.0))
+    ])
+    cfg = EvalConfig(dataset="davis:/d", sdedit_strength=0.5)
+    tasks = baseline_tasks(cfg, TINY, [clip], ours)
+    by_method = {m: [t for t in tasks if t["method"] == m] for m in BASELINES}
+    # per_frame: one per t_s (w_t is not its setting); the SDEdit-style methods: one per (strength, w, seed)
+    assert [t["t_s"] for t in by_method["per_frame"]] == [3, 5]
+    assert all(t["sdedit_strength"] is None and t["w_t"] is None for t in by_method["per_frame"])
+    for m in ("sdedit", "no_structure"):
+        (task,) = by_method[m]
+        assert (task["t_s"], task["w_t"], task["sdedit_strength"]) == (None, None, 0.5)
+    assert len({t["edit_key"] for t in tasks}) == len(tasks) == 4
+    assert [t["edit_key"] for t in baseline_tasks(cfg, TINY, [clip], ours)] == [t["edit_key"] for t in tasks]
+    only = baseline_tasks(EvalConfig(dataset="davis:/d", baselines=("no_structure",), sdedit_strength=0.5), TINY,
+                          [clip], ours)
+    assert [t["edit_key"] for t in only] == [by_method["no_structure"][0]["edit_key"]]
+
+
+def test_baseline_stage_dispatches_on_the_method(models, video, tmp_path, monkeypatch):
+    import pickle
+
+    from gen1 import baselines
+    from gen1.video import write_video
+    from pipelines.edit import EditClip
+    from pipelines.evaluate import read_video
+    from pipelines.evaluate.stages import BaselineStage
+
+    src = str(tmp_path / "input.mp4")
+    write_video(video, src, 8.0)
+    clip = EditClip(clip_id="c", source_uri=src, start=0, stride=1, frame_indices=tuple(range(len(video))), fps=8.0,
+                    width=video.shape[2], height=video.shape[1])
+    tasks = [{"edit_key": f"k-{m}", "clip": pickle.dumps(clip), "clip_id": "c", "method": m, "prompt": PROMPT,
+              "image_uri": None, "t_s": 3 if m == "per_frame" else None,
+              "sdedit_strength": None if m == "per_frame" else 0.6, "w": 7.5, "steps": 2, "seed": 0, "sampler": "ddim"}
+             for m in BASELINES]
+    ran = []
+
+    def recorded(name):
+        fn = getattr(baselines, name)
+
+        def record(*args, **kwargs):
+            ran.append((name, type(args[3]).__name__))  # the function and its settings' type
+            return fn(*args, **kwargs)
+
+        return record
+
+    for name in ("per_frame_video", "sdedit_video", "no_structure_video"):
+        monkeypatch.setattr(baselines, name, recorded(name))
+    out = BaselineStage(TINY, str(tmp_path / "baselines"), models=models)(pd.DataFrame(tasks))
+    assert ran == [("per_frame_video", "EditSettings"), ("sdedit_video", "SDEditSettings"),
+                   ("no_structure_video", "SDEditSettings")]
+    assert list(out["status"]) == ["ok"] * 3 and list(out["method"]) == list(BASELINES)
+    outputs = [read_video(u) for u in out["output_uri"]]
+    assert all(o.shape == video.shape for o in outputs)
+    assert all(u.endswith(f"/baselines/outputs/c/k-{m}.mp4") for m, u in zip(out["method"], out["output_uri"],
+                                                                                strict=True))
 
 
 # --------------------------------------------------------------------------------- MLflow server
@@ -283,8 +349,9 @@ def test_davis_eval_is_logged_to_an_mlflow_server(tiny_models, davis_root, tmp_p
             tracking_uri=uri, experiment="gen1-eval-test", run_name="tiny-davis", sample_videos=1, num_cpus=2,
         )
         summary = run_eval(cfg)
-        assert summary.videos == 6 and summary.failed == 0  # 2 sequences x (ours, per-frame, SDEdit)
-        assert summary.by_method == {"gen1": 2, "per_frame": 2, "sdedit": 2}
+        # 2 sequences x (gen1, per_frame, sdedit, no_structure)
+        assert summary.videos == 8 and summary.failed == 0
+        assert summary.by_method == {"gen1": 2, "per_frame": 2, "sdedit": 2, "no_structure": 2}
 
         client = MlflowClient(uri)
         run = client.get_run(summary.run_id)
@@ -293,8 +360,8 @@ def test_davis_eval_is_logged_to_an_mlflow_server(tiny_models, davis_root, tmp_p
         assert params["models.unet"] == "tiny:unet" and params["models.tiny"] == "true"
         assert params["sampler"] == "ddim" and params["steps"] == "2"
         assert json.loads(params["guidance"]) == [7.5] and json.loads(params["t_s"]) == [3]
-        assert json.loads(params["temporal_guidance"]) == [1.0, 0.0]
-        assert json.loads(params["baselines"]) == ["per_frame", "sdedit"]
+        assert json.loads(params["temporal_guidance"]) == [1.0]  # the grid's: no w_t = 0 added for a baseline
+        assert json.loads(params["baselines"]) == ["per_frame", "sdedit", "no_structure"]
         assert run.data.tags["gen1.tiny_models"] == "true"
         assert "TINY RANDOM MODELS" in run.data.tags["gen1.models"]
 
@@ -304,18 +371,21 @@ def test_davis_eval_is_logged_to_an_mlflow_server(tiny_models, davis_root, tmp_p
         logged = json.loads(Path(local).read_text())
         table = pd.DataFrame(logged["data"], columns=logged["columns"])
         assert os.environ.get("MLFLOW_TRACKING_URI") != uri  # run_eval restored MLflow's global tracking URI
-        assert len(table) == 6 and set(table["video"]) == {"walking", "megamind"}
-        assert table.groupby("method").size().to_dict() == {"gen1": 2, "per_frame": 2, "sdedit": 2}
+        assert len(table) == 8 and set(table["video"]) == {"walking", "megamind"}
+        assert table.groupby("method").size().to_dict() == {"gen1": 2, "no_structure": 2, "per_frame": 2, "sdedit": 2}
+        assert set(table["setting"]) == {"ts3-w7.5-wt1", "ts3-w7.5", "s0.6-w7.5"}
         assert table[table["video"] == "walking"]["masked"].all()  # DAVIS annotations -> masked edits
         metrics = run.data.metrics
         for name in ("frame_consistency", "prompt_consistency", "frame_consistency_all_pairs", "flow_warp_error",
-                     "depth_fidelity", "frame_consistency/per_frame", "frame_consistency/sdedit/s0.6-w7.5",
+                     "depth_fidelity", "frame_consistency/per_frame", "frame_consistency/per_frame/ts3-w7.5",
+                     "frame_consistency/sdedit/s0.6-w7.5", "frame_consistency/no_structure/s0.6-w7.5",
                      "prompt_consistency/gen1/ts3-w7.5-wt1"):
             assert np.isfinite(metrics[name]), name
         gen1 = table[table["method"] == "gen1"]
         assert metrics["frame_consistency"] == pytest.approx(gen1["frame_consistency"].mean())
-        assert metrics["prompt_consistency/sdedit"] == pytest.approx(
-            table[table["method"] == "sdedit"]["prompt_consistency"].mean())
+        for method in ("sdedit", "no_structure"):
+            assert metrics[f"prompt_consistency/{method}"] == pytest.approx(
+                table[table["method"] == method]["prompt_consistency"].mean())
         assert 0.5 < metrics["depth_fidelity"] <= 1.0 and metrics["flow_warp_error"] >= 0
 
         plots = {a.path for a in client.list_artifacts(summary.run_id, "plots")}
@@ -327,7 +397,7 @@ def test_davis_eval_is_logged_to_an_mlflow_server(tiny_models, davis_root, tmp_p
         from gen1.video import probe
 
         sample = probe(client.download_artifacts(summary.run_id, samples[0], str(tmp_path)))
-        assert sample.width == 4 * TINY.width  # input | ours | per-frame | SDEdit
+        assert sample.width == 5 * TINY.width  # input | ours | per-frame | SDEdit | no structure
         assert Path(summary.table_uri).is_file()
         assert not (tmp_path / "out" / "mlflow.db").exists()  # the configured server, not the local default
 

@@ -229,7 +229,7 @@ def test_preprocess_edit_and_eval_write_the_golden_tables(corpus, ray_local):
     check_table("edit_errors", read_errors(str(edits)), ("uri", "stage"))
     check_record("edit_run", _run_record(edits))
 
-    # eval: the edit job's manifest, then DAVIS (masked objects) with the per-frame and SDEdit baselines
+    # eval: the edit job's manifest, then DAVIS (masked objects) with the three baselines (per_frame, sdedit, no_structure)
     result = evaluate_edits(str(edits), str(corpus / "eval-edits"), run_name="edits", num_cpus=2)
     check_table("eval_edits_per_video", pq.read_table(result.table_uri), ("video", "method", "setting", "prompt"),
                 EVAL_RTOL, EVAL_ATOL)

@@ -52,3 +52,17 @@ def test_guide_dispatch_is_bitwise_cfg_and_cond():
         guide(preds, GuidanceScales(5.0, 2.0)),
         temporal_guidance(preds["image_uncond"], preds["video_uncond"], preds["video_cond"], 5.0, 2.0),
     )
+
+
+def test_image_model_guidance_is_cfg_of_the_image_branches():
+    """The per-frame baseline: mu_pi(0) + w (mu_pi(c) - mu_pi(0)), no video branch, w_t unused."""
+    assert GuidanceScales(7.5, image_model=True).branches() == ("image_uncond", "image_cond")
+    assert GuidanceScales(7.5, 0.0, image_model=True).branches() == ("image_uncond", "image_cond")
+    assert GuidanceScales(1.0, 1.5, image_model=True).branches() == ("image_cond",)
+    g = torch.Generator().manual_seed(2)
+    preds = {k: torch.randn(1, 4, 2, 3, 3, generator=g) for k in ("image_uncond", "image_cond")}
+    assert torch.equal(
+        guide(preds, GuidanceScales(5.0, 0.0, image_model=True)),
+        classifier_free_guidance(preds["image_uncond"], preds["image_cond"], 5.0),
+    )
+    assert torch.equal(guide(preds, GuidanceScales(1.0, image_model=True)), preds["image_cond"])

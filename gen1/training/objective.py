@@ -89,11 +89,10 @@ class UNetInputs:
 
     def model_input(self, z_t: torch.Tensor) -> torch.Tensor:
         """z_t (b, 4, f, h, w) -> the UNet input (b, 4 + extra, f, h, w)."""
-        if self.structure is None:
-            b, _, f, h, w = z_t.shape
-            return torch.cat([z_t, z_t.new_zeros(b, self.extra_channels, f, h, w)], dim=1)
-        from gen1.structure import conditioning_input
+        from gen1.structure import conditioning_input, unstructured_input
 
+        if self.structure is None:
+            return unstructured_input(z_t, self.extra_channels)
         return conditioning_input(z_t, self.structure, self.ts)
 
 

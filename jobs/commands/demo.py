@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         pre = run_preprocess(str(footage), str(features), PreprocessConfig(models="tiny", clips_per_video=1,
                                                                            progress=False))
         print(f"      {pre.line()}", flush=True)
-        print("[2/3] edit: our video model (w_t = 1) and the per-frame image model (w_t = 0)", flush=True)
+        print("[2/3] edit: our video model with eq. 8 at w_t = 1 (plain CFG) and at w_t = 0 (no temporal guidance; "
+              "not the image model alone)", flush=True)
         edit_cfg = EditJobConfig(
             src=str(footage), dst=str(edits), models="tiny", steps=args.steps, clips_per_video=1,
             grid=EditGrid(t_s=(3,), w=(7.5,), w_t=(1.0, 0.0), seeds=(0,)),
@@ -139,7 +140,7 @@ def _edit_lines(edits: Path) -> list[str]:
 
     lines = []
     for row in read_manifest(str(edits)).to_pylist():
-        what = "ours" if row["w_t"] else "per-frame image model"
+        what = "eq. 8" if row["w_t"] else "eq. 8 with w_t = 0"
         lines.append(f"edited video (w_t={row['w_t']:g}, {what}): {row['output_uri']}")
         if row["preview_uri"]:
             lines.append(f"  preview (input | depth | output): {row['preview_uri']}")

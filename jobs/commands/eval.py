@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_FAILED_VIDEOS = 1
 EXIT_REGRESSED = 3
+BASELINES = ("per_frame", "sdedit", "no_structure")  # pipelines.evaluate.BASELINES (not imported: a fast --help)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "eval",
         help="evaluate on DAVIS / LOVEU-TGVE (edits, baselines, metrics, MLflow)",
         description="Edit every sequence of a DAVIS 2017 or LOVEU-TGVE-2023 dataset (any fsspec URI) with every "
-        "setting of the grid, plus two baselines (per-frame editing: w_t = 0; per-frame SDEdit), compute frame "
+        "setting of the grid, plus the baselines (per_frame: the image model alone on each frame; sdedit: SDEdit "
+        "per frame, no structure; no_structure: SDEdit-style with the video model, no structure), compute frame "
         "consistency (consecutive and all pairs), prompt consistency, flow-warped MSE and depth fidelity, and log "
         "a run to MLflow: params, metrics (means, per method, per setting), a per-video table, the Fig. 4/6 "
         "plots and side-by-side sample videos. Tracking: --tracking-uri, else $MLFLOW_TRACKING_URI, else a "
@@ -57,15 +59,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                       "baseline of its experiment and exit: later evals are gated against it")
     p.add_argument("--config", metavar="YAML", help="eval settings (fields of pipelines.evaluate.EvalConfig), or a "
                    "job spec from jobs/specs/ (its 'config' section); command-line options override them")
-    p.add_argument("--out", metavar="URI", help="results folder (default gen1-eval): OUT/<run>/{edits,sdedit,"
+    p.add_argument("--out", metavar="URI", help="results folder (default gen1-eval): OUT/<run>/{edits,baselines,"
                    "samples,per_video.parquet}")
     p.add_argument("--steps", type=int, help="sampling steps (default 50)")
     p.add_argument("--sampler", choices=("ddim", "dpmpp"), help="ddim (the paper's, default) or dpmpp")
     p.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="our model's settings: ts=, w=, wt=, seed= "
-                   "(default ts=3 w=7.5 wt=1.0,1.5 seed=0); the per-frame baseline adds wt=0")
-    p.add_argument("--baselines", nargs="*", choices=("per_frame", "sdedit"),
-                   help="baselines to run (default both; give none for none)")
-    p.add_argument("--sdedit-strength", type=float, help="SDEdit noise strength in (0, 1] (default 0.6)")
+                   "(default ts=3 w=7.5 wt=1.0,1.5 seed=0); wt=0 is eq. 8 with w_t = 0, a point of the sweep")
+    p.add_argument("--baselines", nargs="*", choices=BASELINES,
+                   help="baselines to run (default all three; give none for none): per_frame (the image model "
+                   "alone, the grid's t_s), sdedit (SDEdit per frame), no_structure (the ~s ablation: SDEdit-style "
+                   "with the video model); the last two with empty structure channels")
+    p.add_argument("--sdedit-strength", type=float, help="noise strength in (0, 1] of sdedit and no_structure "
+                   "(default 0.6)")
     p.add_argument("--split", help="DAVIS split from ImageSets/2017 (train | val)")
     p.add_argument("--sequences", nargs="+", metavar="NAME", help="only these sequences")
     p.add_argument("--limit", type=int, help="only the first N sequences")

@@ -39,7 +39,7 @@ Modules: `clips` (what is edited), `keys` (grid, edit keys, task rows), `config`
 
 from pipelines.edit.clips import EditClip, read_source_table
 from pipelines.edit.config import EditJobConfig
-from pipelines.edit.keys import EditGrid, edit_key, model_key, plan_tasks, sdedit_key
+from pipelines.edit.keys import EditGrid, baseline_key, edit_key, model_key, plan_tasks
 from pipelines.edit.run import EditRun, EditSummary, run_edit
 from pipelines.edit.stages import PROMPT_PLAN_SCHEMA, RESULT_SCHEMA, CaptionStage, EditStage, PromptStage
 from pipelines.edit.tables import read_manifest, read_prompts
@@ -55,6 +55,7 @@ __all__ = [
     "EditStage",
     "EditSummary",
     "PromptStage",
+    "baseline_key",
     "edit_key",
     "model_key",
     "plan_tasks",
@@ -62,5 +63,4 @@ __all__ = [
     "read_prompts",
     "read_source_table",
     "run_edit",
-    "sdedit_key",
 ]

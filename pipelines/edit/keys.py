@@ -1,5 +1,5 @@
 """What an edit is: the settings grid (`EditGrid`), the stable keys that name an output (`edit_key`, and
-`sdedit_key` for the SDEdit baseline of `pipelines.evaluate`), and the task rows of a run (`plan_tasks`).
+`baseline_key` for the baselines of `pipelines.evaluate`), and the task rows of a run (`plan_tasks`).
 
 A key hashes everything that determines an output's pixels, so a rerun finds the outputs already made.
 """
@@ -113,10 +113,10 @@ def edit_key(
     )
 
 
-def sdedit_key(
+def baseline_key(
+    method: str,
     clip_id: str,
     content: str,
-    strength: float,
     w: float,
     seed: int,
     steps: int,
@@ -124,15 +124,20 @@ def sdedit_key(
     models: Mapping[str, str],
     size: tuple[int, int],
     mask: str,
+    *,
+    t_s: int | None = None,
+    strength: float | None = None,
 ) -> str:
-    """Stable id of one per-frame SDEdit (`gen1.baselines`): like `edit_key`, with the SDEdit strength in
-    place of t_s and w_t, and a leading ``"sdedit"`` so the two never collide."""
+    """Stable id of one baseline output (`gen1.baselines`, run by `pipelines.evaluate`): like `edit_key`, led
+    by the method's name (``per_frame``, ``sdedit``, ``no_structure``) so no two methods, nor our edits,
+    collide; ``t_s`` for the per-frame baseline, the SDEdit ``strength`` for the SDEdit-style methods."""
     return _output_key(
-        "sdedit",
+        method,
         clip_id,
         content,
         mask,
-        float(strength),
+        None if t_s is None else int(t_s),
+        None if strength is None else float(strength),
         float(w),
         int(seed),
         int(steps),

@@ -1,54 +1,62 @@
-"""Evaluation: edit a dataset with our video model and two baselines, measure, and log to MLflow.
+"""Evaluation: edit a dataset with our video model and the baselines, measure, and log to MLflow.
 
 `run_eval` (``gen1 eval --dataset davis:URI``)::
 
     read_dataset (driver: DAVIS / TGVE sequences) -> SequenceClips (with object masks if asked)
-      -> pipelines.edit.run_edit over the grid   t_s x w x w_t (ours)  +  w_t = 0 (per-frame baseline)
-      -> SDEditStage (actor pool: per-frame SDEdit, gen1.baselines)  on the same clips and prompts
+      -> pipelines.edit.run_edit over the grid   t_s x w x w_t (ours, method gen1)
+      -> BaselineStage (actor pool: gen1.baselines, one task per method)  on the same clips and prompts
       -> MetricsStage (actor pool: CLIP + depth, batched)  on every output video
       -> per-video table (Parquet under OUT/<run>/) -> MLflow run: params, metrics, table, plots, samples
 
 `evaluate_edits` (``gen1 eval --edits DST``, and `gen1 demo`) runs only the last two steps over the manifest
-of an earlier `gen1 edit` job.
+of an earlier `gen1 edit` job (every row method ``gen1``).
 
-Methods in the table: ``gen1`` (our video model, every w_t != 0 of the grid), ``per_frame`` (eq. 8 with
-w_t = 0: the image model applied to each frame, structure kept) and ``sdedit`` (per-frame SDEdit, no
-structure conditioning). Metrics (`gen1.metrics.video_metrics`), measured on the written videos for every
-method alike: ``frame_consistency`` (consecutive frames, the paper's), ``frame_consistency_all_pairs``
-(TGVE's), ``prompt_consistency``, ``flow_warp_error`` (Fig. 4; also of the input, for reference) and
-``depth_fidelity``.
+Methods in the table (``--baselines`` picks the baselines, default all three):
+
+- ``gen1``: our video model at every point of the grid, eq. 8 with its w_t; a w_t of 0 in the grid is a
+  point of that sweep (setting ``...-wt0``: eq. 8 with w_t = 0, whose content term is still the video
+  model's), not a baseline;
+- ``per_frame``: the image model alone on every frame, ``mu_pi(0) + w (mu_pi(c) - mu_pi(0))``, temporal
+  layers off, depth structure at the grid's t_s (`gen1.baselines.per_frame_video`; setting ``ts3-w7.5``);
+- ``sdedit``: SDEdit per frame with the image model, the input noised to ``sdedit_strength``, structure
+  channels empty as in training stages 1-2 (`gen1.baselines.sdedit_video`; setting ``s0.6-w7.5``);
+- ``no_structure``: the ~s ablation, the same SDEdit-style denoising of the whole clip with the video model,
+  temporal layers on, structure channels empty (`gen1.baselines.no_structure_video`).
+
+Metrics (`gen1.metrics.video_metrics`), measured on the written videos for every method alike:
+``frame_consistency`` (consecutive frames, the paper's), ``frame_consistency_all_pairs`` (TGVE's),
+``prompt_consistency``, ``flow_warp_error`` (Fig. 4; also of the input, for reference) and ``depth_fidelity``.
 
 Layout under ``OUT/<run_name>/``::
 
-    edits/                  the edit pipeline's DST for our model and the per-frame baseline (pipelines.edit)
-    sdedit/outputs/<clip_id>/<key>.mp4   SDEdit baseline outputs
+    edits/                  the edit pipeline's DST for our model (pipelines.edit)
+    baselines/outputs/<clip_id>/<key>.mp4   baseline outputs (every method; keys: pipelines.edit.baseline_key)
     per_video.parquet       one row per measured output video (TABLE_COLUMNS)
-    errors/part-*.parquet   one row per output that failed (SDEdit, reading it, measuring it; ERRORS_SCHEMA),
+    errors/part-*.parquet   one row per output that failed (a baseline, reading it, measuring it; ERRORS_SCHEMA),
                             counted in the summary's ``failed``
-    samples/*.mp4           side-by-side sample videos (input | ours | per-frame | SDEdit)
+    samples/*.mp4           side-by-side sample videos (input | ours | per-frame | SDEdit | no structure)
 
-Modules: `config` (`EvalConfig`, methods, metrics), `stages` (`SDEditStage`, `MetricsStage`), `run` (the
+Modules: `config` (`EvalConfig`, methods, metrics), `stages` (`BaselineStage`, `MetricsStage`), `run` (the
 driver, the per-video table), `report` (MLflow logging via `pipelines.tracking`, the gate, samples, plots).
 """
 
 from pipelines.evaluate.config import BASELINES, METHODS, METRICS, EvalConfig
 from pipelines.evaluate.report import EvalSummary, consistency_scatter, consistency_vs_wt, log_run
-from pipelines.evaluate.run import evaluate_edits, method_of, per_video_table, run_eval, setting_label
-from pipelines.evaluate.stages import MetricsStage, SDEditStage, read_video
+from pipelines.evaluate.run import evaluate_edits, per_video_table, run_eval, setting_label
+from pipelines.evaluate.stages import BaselineStage, MetricsStage, read_video
 
 __all__ = [
     "BASELINES",
+    "BaselineStage",
     "METHODS",
     "METRICS",
     "EvalConfig",
     "EvalSummary",
     "MetricsStage",
-    "SDEditStage",
     "consistency_scatter",
     "consistency_vs_wt",
     "evaluate_edits",
     "log_run",
-    "method_of",
     "per_video_table",
     "read_video",
     "run_eval",

@@ -12,8 +12,10 @@ from gen1.config import ConfigError, config_from_mapping, read_yaml_mapping
 from pipelines.edit import EditGrid
 from pipelines.regression import GateConfig
 
-METHODS = ("gen1", "per_frame", "sdedit")
-BASELINES = ("per_frame", "sdedit")
+# gen1: our video model (every point of the grid, w_t = 0 included: eq. 8 with w_t = 0); the baselines of
+# gen1.baselines: per_frame (the image model alone), sdedit (SDEdit per frame), no_structure (~s ablation)
+METHODS = ("gen1", "per_frame", "sdedit", "no_structure")
+BASELINES = ("per_frame", "sdedit", "no_structure")
 METRICS = (
     "frame_consistency",
     "frame_consistency_all_pairs",
@@ -32,11 +34,11 @@ class EvalConfig:
 
     dataset: str | None = None  # "davis:URI" | "tgve:URI"
     edits: str | None = None  # or: the DST of an earlier `gen1 edit` job: evaluate its manifest only
-    out: str = "gen1-eval"  # results: OUT/<run_name>/{edits, sdedit, per_video.parquet, samples}
+    out: str = "gen1-eval"  # results: OUT/<run_name>/{edits, baselines, per_video.parquet, samples}
     models: str = "tiny"
     grid: dict[str, list] = field(default_factory=lambda: {"t_s": [3], "w": [7.5], "w_t": [1.0, 1.5], "seeds": [0]})
     baselines: tuple[str, ...] = BASELINES
-    sdedit_strength: float = 0.6
+    sdedit_strength: float = 0.6  # noise strength of the SDEdit-style baselines (sdedit, no_structure)
     steps: int = 50
     sampler: str = "ddim"
     # dataset selection and clips
@@ -62,9 +64,9 @@ class EvalConfig:
     # execution
     metrics_batch_size: int = 4
     metrics_concurrency: int = 1
-    sdedit_concurrency: int = 1
+    baseline_concurrency: int = 1  # actors of the baseline stage (every method of `baselines`)
     actor_num_cpus: float = 0.5
-    num_gpus: float = 0.5  # per metrics / SDEdit actor when the cluster has GPUs
+    num_gpus: float = 0.5  # per metrics / baseline actor when the cluster has GPUs
     edit_concurrency: int | None = None
     device: str | None = None
     ray_address: str | None = None
@@ -90,7 +92,7 @@ class EvalConfig:
             self.prompt_kinds = tuple(self.prompt_kinds)
         if self.size is not None:
             self.size = (int(self.size[0]), int(self.size[1]))
-        for name in ("steps", "stride", "metrics_batch_size", "metrics_concurrency", "sdedit_concurrency"):
+        for name in ("steps", "stride", "metrics_batch_size", "metrics_concurrency", "baseline_concurrency"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
         self.gate = GateConfig.from_value(self.gate)
@@ -105,13 +107,10 @@ class EvalConfig:
         return config_from_mapping(cls, data, path, overrides)
 
     def edit_grid(self) -> EditGrid:
-        """The edit pipeline's grid: ours, plus w_t = 0 when the per-frame baseline is on."""
-        grid = dict(self.grid)
-        grid["w_t"] = list(grid.get("w_t", [1.0]))
-        if "per_frame" in self.baselines and 0.0 not in [float(v) for v in grid["w_t"]]:
-            grid["w_t"].append(0.0)
+        """The edit pipeline's grid: our model's settings only (a w_t of 0 in it is eq. 8 with w_t = 0, a point
+        of our sweep; the per-frame baseline runs in the baseline stage)."""
         try:
-            return EditGrid(**grid)
+            return EditGrid(**self.grid)
         except TypeError as e:
             raise ConfigError(f"grid: expected keys t_s, w, w_t, seeds; found {sorted(self.grid)}") from e
 

@@ -28,7 +28,8 @@ from pipelines.evaluate.stages import input_clip, read_video
 log = logging.getLogger(__name__)
 
 TABLE_FILE = "per_video.parquet"
-SAMPLE_ORDER = ("gen1", "per_frame", "sdedit")
+SAMPLE_ORDER = ("gen1", "per_frame", "sdedit", "no_structure")
+METHOD_COLORS = {"gen1": "tab:blue", "per_frame": "tab:orange", "sdedit": "tab:green", "no_structure": "tab:purple"}
 
 
 def join_uri(base: str, *parts: str) -> str:
@@ -157,7 +158,7 @@ def _params(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame) -> dict[str
             prompts=list(cfg.prompts) or f"auto_prompts={cfg.auto_prompts}",
         )
     else:
-        ours = table[table["method"] != "sdedit"] if len(table) else table
+        ours = table[table["method"] == "gen1"] if len(table) else table
         params.update(
             sampler=values("sampler"), steps=values("steps"), guidance=sorted({float(v) for v in values("w")}),
             temporal_guidance=sorted({float(v) for v in ours["w_t"]}) if len(ours) else [],
@@ -167,7 +168,8 @@ def _params(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame) -> dict[str
 
 
 def _samples(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame, run_dir: str) -> list[str]:
-    """Up to ``cfg.sample_videos`` side-by-side videos: input | ours (first setting) | per-frame | SDEdit."""
+    """Up to ``cfg.sample_videos`` side-by-side videos: input | ours (first setting) | each baseline present
+    (per-frame, SDEdit, no structure)."""
     from gen1.preview import side_by_side
     from gen1.video import write_video
 
@@ -239,9 +241,8 @@ def consistency_scatter(table: pd.DataFrame, label: str):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    colors = {"gen1": "tab:blue", "per_frame": "tab:orange", "sdedit": "tab:green"}
     for (method, setting), group in table.groupby(["method", "setting"], sort=True):
-        color = colors.get(method, "tab:gray")
+        color = METHOD_COLORS.get(method, "tab:gray")
         ax.scatter(group["prompt_consistency"], group["frame_consistency"], s=10, alpha=0.3, color=color)
         ax.scatter(group["prompt_consistency"].mean(), group["frame_consistency"].mean(), s=70, color=color,
                    edgecolor="black", label=f"{method} {setting}")
@@ -256,24 +257,38 @@ def consistency_scatter(table: pd.DataFrame, label: str):
 
 
 def consistency_vs_wt(table: pd.DataFrame, label: str):
-    """Fig. 4: frame consistency and flow-warped MSE against temporal guidance w_t (w_t = 0 is the
-    per-frame image model), averaged over videos and the other settings."""
+    """Fig. 4: our model's frame consistency and flow-warped MSE against temporal guidance w_t, averaged over
+    videos and the other settings; a w_t = 0 point is labelled as what it is, eq. 8 with w_t = 0 (its content
+    term is the video model's; it is not the image model alone). The baselines have no w_t: each is a
+    horizontal line at its mean frame consistency."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ours = table[table["method"].isin(["gen1", "per_frame"])] if len(table) else table
+    ours = table[table["method"] == "gen1"] if len(table) else table
     fig, ax = plt.subplots(figsize=(6, 4.5))
+    twin = []
     if len(ours):
         means = ours.groupby("w_t", sort=True)[["frame_consistency", "flow_warp_error"]].mean()
         ax.plot(means.index, means["frame_consistency"], "o-", color="tab:blue", label="frame consistency")
+        if 0.0 in means.index:
+            ax.annotate("eq. 8, w_t = 0", (0.0, means.loc[0.0, "frame_consistency"]), textcoords="offset points",
+                        xytext=(4, -12), fontsize=7)
         ax2 = ax.twinx()
         ax2.plot(means.index, means["flow_warp_error"], "s--", color="tab:red", label="flow-warped MSE")
         ax2.set_ylabel("flow-warped MSE between consecutive frames", color="tab:red")
-        lines = ax.get_lines() + ax2.get_lines()
+        twin = ax2.get_lines()
+    baselines = table[table["method"] != "gen1"] if len(table) else table
+    for method, group in baselines.groupby("method", sort=True):
+        mean = group["frame_consistency"].mean()
+        if np.isfinite(mean):
+            ax.axhline(mean, color=METHOD_COLORS.get(method, "tab:gray"), ls=":",
+                       label=f"{method} frame consistency (no w_t)")
+    lines = ax.get_lines() + twin
+    if lines:
         ax.legend(lines, [ln.get_label() for ln in lines], fontsize=7, loc="best")
-    ax.set_xlabel("temporal guidance w_t (0 = image model per frame)")
+    ax.set_xlabel("temporal guidance w_t (eq. 8)")
     ax.set_ylabel("frame consistency", color="tab:blue")
     ax.set_title(_title("Consistency vs temporal guidance (Fig. 4)", label), fontsize=9)
     ax.grid(alpha=0.3)

@@ -1,6 +1,7 @@
-"""The evaluation driver: `run_eval` edits a dataset with our model and the baselines (or takes an edit
-job's manifest, `evaluate_edits`), measures every output on an actor pool, assembles the per-video table,
-records failed videos in ``OUT/<run_name>/errors/`` and hands the rest to `pipelines.evaluate.report`."""
+"""The evaluation driver: `run_eval` edits a dataset with our model (the edit pipeline) and the baselines
+(`BaselineStage`), or takes an edit job's manifest (`evaluate_edits`), measures every output on an actor pool,
+assembles the per-video table, records failed videos in ``OUT/<run_name>/errors/`` and hands the rest to
+`pipelines.evaluate.report`."""
 
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from gen1.config import ConfigError, ModelSpecs, load_model_specs
 from gen1.prompts import PromptSpec
 from pipelines.commits import Committer
 from pipelines.datasets import SequenceClip, read_dataset
-from pipelines.edit import EditJobConfig, model_key, read_manifest, run_edit, sdedit_key
+from pipelines.edit import EditJobConfig, baseline_key, model_key, read_manifest, run_edit
 from pipelines.evaluate.config import METRICS, EvalConfig
 from pipelines.evaluate.report import EvalSummary, join_uri, log_run
-from pipelines.evaluate.stages import MetricsStage, SDEditStage
+from pipelines.evaluate.stages import BaselineStage, MetricsStage
 from pipelines.failures import STATUS_OK, error_record, with_error_columns
 from pipelines.runtime import ActorPool, actor_pool, cluster_resources, init_ray, new_run_id, plan_resources
 from pipelines.schema import ERRORS_DIR, TableStore
@@ -35,8 +36,8 @@ TABLE_COLUMNS = (
     "seed", "steps", "sampler", "masked", "num_frames", "width", "height", "fps", "output_uri", "preview_uri",
     "source_uri", "start", "stride", "frame_indices", *METRICS, "seconds",
 )
-# What an SDEdit task takes over from the manifest row of our model's edit it mirrors.
-SDEDIT_ROW_COLUMNS = (
+# What a baseline task takes over from the manifest row of our model's edit it mirrors.
+BASELINE_ROW_COLUMNS = (
     "clip_id", "source_uri", "start", "stride", "frame_indices", "num_frames", "width", "height", "fps", "caption",
     "prompt", "image_uri", "prompt_tag", "masked", "w", "seed", "steps", "sampler",
 )
@@ -45,16 +46,13 @@ SDEDIT_ROW_COLUMNS = (
 # ------------------------------------------------------------------------------------------------ table
 
 
-def method_of(w_t: float, tag: str | None = None) -> str:
-    """The method of an edit-manifest row: w_t = 0 is eq. 8's image model per frame."""
-    if tag == "sdedit":
-        return "sdedit"
-    return "per_frame" if float(w_t) == 0.0 else "gen1"
-
-
-def setting_label(method: str, t_s: int, w: float, w_t: float, strength: float | None = None) -> str:
-    if method == "sdedit":
+def setting_label(method: str, t_s: int | None, w: float, w_t: float | None, strength: float | None = None) -> str:
+    """What varies within a method: ``ts3-w7.5-wt1.5`` (gen1: t_s, w, w_t; ``-wt0`` is eq. 8 with w_t = 0),
+    ``ts3-w7.5`` (per_frame: t_s, w), ``s0.6-w7.5`` (sdedit, no_structure: strength, w)."""
+    if method in ("sdedit", "no_structure"):
         return f"s{strength:g}-w{w:g}"
+    if method == "per_frame":
+        return f"ts{int(t_s)}-w{w:g}"
     return f"ts{int(t_s)}-w{w:g}-wt{w_t:g}"
 
 
@@ -66,8 +64,8 @@ def per_video_table(measured: pd.DataFrame) -> pd.DataFrame:
     for col in TABLE_COLUMNS:
         if col not in df:
             df[col] = None
-    df["method"] = [method_of(w_t, "sdedit" if pd.notna(s) else None)
-                    for w_t, s in zip(df["w_t"], df["sdedit_strength"], strict=True)]
+    # a row without a method is an edit-manifest row: our model's, whatever its w_t
+    df["method"] = [m if isinstance(m, str) and m else "gen1" for m in df["method"]]
     df["setting"] = [setting_label(m, t, w, wt, s) for m, t, w, wt, s in
                      zip(df["method"], df["t_s"], df["w"], df["w_t"], df["sdedit_strength"], strict=True)]
     df["video"] = [posixpath.basename(str(u).rstrip("/")) for u in df["source_uri"]]
@@ -126,7 +124,7 @@ def _actor_args(cfg: EvalConfig, name: str, concurrency: int) -> dict[str, Any]:
 
 
 def _run_ours(cfg: EvalConfig, clips: list[SequenceClip], edits_dir: str) -> pd.DataFrame:
-    """Our model and the per-frame baseline through the edit pipeline; returns its manifest rows."""
+    """Our model over the grid through the edit pipeline; returns its manifest rows."""
     edit_cfg = EditJobConfig(
         dst=edits_dir, clips=clips, models=cfg.models, grid=cfg.edit_grid(), steps=cfg.steps, sampler=cfg.sampler,
         prompts=tuple(PromptSpec.parse(p) for p in cfg.prompts), auto_prompts=0 if cfg.prompts else cfg.auto_prompts,
@@ -139,34 +137,43 @@ def _run_ours(cfg: EvalConfig, clips: list[SequenceClip], edits_dir: str) -> pd.
     return read_manifest(edits_dir, cfg.storage_options).to_pandas()
 
 
-def sdedit_tasks(cfg: EvalConfig, specs: ModelSpecs, clips: list[SequenceClip], ours: pd.DataFrame) -> list[dict]:
-    """One SDEdit task per (clip, prompt, w, seed) that our model edited, keyed by `sdedit_key`."""
+def baseline_tasks(cfg: EvalConfig, specs: ModelSpecs, clips: list[SequenceClip], ours: pd.DataFrame) -> list[dict]:
+    """One task per method of ``cfg.baselines`` and (clip, prompt, w, seed) that our model edited (and t_s,
+    for the per-frame baseline), keyed by `baseline_key`: the same key on a rerun."""
     by_id = {c.clip_id: c for c in clips}
+    blobs: dict[str, bytes] = {}
+    models = model_key(specs)
     tasks: dict[str, dict[str, Any]] = {}
     for row in ours.to_dict("records"):
         clip = by_id.get(row["clip_id"])
         if clip is None:
             continue
         content = row["prompt"] if row["prompt"] else f"image:{row['image_uri']}"
-        key = sdedit_key(row["clip_id"], content, cfg.sdedit_strength, row["w"], row["seed"], row["steps"],
-                         row["sampler"], model_key(specs), (clip.width, clip.height), clip.mask_key)
-        tasks.setdefault(key, {
-            **{k: row[k] for k in SDEDIT_ROW_COLUMNS}, "frame_indices": list(row["frame_indices"]),
-            "edit_key": key, "clip": pickle.dumps(clip), "t_s": 7, "w_t": 0.0,
-            "sdedit_strength": cfg.sdedit_strength, "preview_uri": None,
-        })
+        for method in cfg.baselines:
+            t_s = int(row["t_s"]) if method == "per_frame" else None  # the SDEdit-style methods have no structure
+            strength = None if method == "per_frame" else cfg.sdedit_strength
+            key = baseline_key(method, row["clip_id"], content, row["w"], row["seed"], row["steps"], row["sampler"],
+                               models, (clip.width, clip.height), clip.mask_key, t_s=t_s, strength=strength)
+            if key not in tasks:
+                blob = blobs.setdefault(clip.clip_id, pickle.dumps(clip))
+                tasks[key] = {
+                    **{k: row[k] for k in BASELINE_ROW_COLUMNS}, "frame_indices": list(row["frame_indices"]),
+                    "method": method, "edit_key": key, "clip": blob, "t_s": t_s, "w_t": None,
+                    "sdedit_strength": strength, "preview_uri": None,
+                }
     return list(tasks.values())
 
 
-def _run_sdedit(cfg: EvalConfig, specs: ModelSpecs, tasks: list[dict], out_dir: str) -> pd.DataFrame:
-    """The SDEdit baseline of ``tasks`` on an actor pool."""
+def _run_baselines(cfg: EvalConfig, specs: ModelSpecs, tasks: list[dict], out_dir: str) -> pd.DataFrame:
+    """The baseline ``tasks`` (every method) on one actor pool."""
     import ray
 
-    log.info("SDEdit baseline: %d edits (strength %.2f)", len(tasks), cfg.sdedit_strength)
+    counts = {m: sum(t["method"] == m for t in tasks) for m in cfg.baselines}
+    log.info("baselines: %s edits (SDEdit strength %.2f)", counts, cfg.sdedit_strength)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(
-        SDEditStage, fn_constructor_kwargs={"specs": specs, "out": out_dir, "device": cfg.device},
-        batch_size=1, batch_format="pandas", **_actor_args(cfg, "sdedit", cfg.sdedit_concurrency),
+        BaselineStage, fn_constructor_kwargs={"specs": specs, "out": out_dir, "device": cfg.device},
+        batch_size=1, batch_format="pandas", **_actor_args(cfg, "baselines", cfg.baseline_concurrency),
     )
     return pd.DataFrame(ds.take_all())
 
@@ -194,16 +201,17 @@ def _outputs(cfg: EvalConfig, specs: ModelSpecs, run_dir: str) -> list[dict[str,
             raise ConfigError(f"{cfg.dataset}: no sequences selected")
         ours = _run_ours(cfg, clips, join_uri(run_dir, "edits"))
         by_id = {c.clip_id: pickle.dumps(c) for c in clips}
-        rows = [{**r, "clip": by_id.get(r["clip_id"]), "sdedit_strength": None} for r in ours.to_dict("records")]
-        tasks = sdedit_tasks(cfg, specs, clips, ours) if "sdedit" in cfg.baselines else []
+        rows = [{**r, "clip": by_id.get(r["clip_id"]), "method": "gen1", "sdedit_strength": None}
+                for r in ours.to_dict("records")]
+        tasks = baseline_tasks(cfg, specs, clips, ours)
         if tasks:
-            sd = _run_sdedit(cfg, specs, tasks, join_uri(run_dir, "sdedit"))
-            rows += [{**r, "clip": by_id.get(r["clip_id"])} for r in sd.to_dict("records")]
+            done = _run_baselines(cfg, specs, tasks, join_uri(run_dir, "baselines"))
+            rows += [{**r, "clip": by_id.get(r["clip_id"])} for r in done.to_dict("records")]
     else:
         ours = read_manifest(cfg.edits, cfg.storage_options).to_pandas()
         if ours.empty:
             raise ConfigError(f"{cfg.edits}: no edit manifest rows to evaluate")
-        rows = [{**r, "clip": None, "sdedit_strength": None} for r in ours.to_dict("records")]
+        rows = [{**r, "clip": None, "method": "gen1", "sdedit_strength": None} for r in ours.to_dict("records")]
     return [with_error_columns(r) for r in _plain(rows)]
 
 

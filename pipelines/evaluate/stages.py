@@ -1,10 +1,11 @@
 """The evaluation's stages: plain classes, ``__call__(batch) -> pandas.DataFrame``, callable without Ray.
 
-- `SDEditStage` (actor pool): the per-frame SDEdit baseline (`gen1.baselines.sdedit_video`) of task rows;
+- `BaselineStage` (actor pool): the baselines of `gen1.baselines` on task rows, dispatched on each row's
+  ``method`` (``per_frame``, ``sdedit``, ``no_structure``; `run_baseline`);
 - `MetricsStage` (actor pool): `gen1.metrics.video_metrics` of written output videos, batched.
 
 Failures follow `pipelines.failures`: a row that fails gets ``status`` ``error`` and the error columns
-(stage ``sdedit``, ``read_output`` or ``metrics``), and later stages pass it through.
+(stage: the baseline's method, ``read_output`` or ``metrics``), and later stages pass it through.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from gen1.config import ModelSpecs
 from gen1.video import read_image
 from pipelines.cache import LRUCache
 from pipelines.edit import EditClip
-from pipelines.evaluate.config import METRICS
+from pipelines.evaluate.config import BASELINES, METRICS
 from pipelines.failures import healthy, mark_failed, stage_rows
 
 
@@ -54,11 +55,31 @@ def input_clip(row: Mapping[str, Any]) -> EditClip:
     return EditClip(**common)
 
 
-class SDEditStage:
-    """Per-frame SDEdit (`gen1.baselines.sdedit_video`) of task rows; one `Gen1Models` per actor.
+def run_baseline(models: Any, row: Mapping[str, Any], frames: np.ndarray, mask: np.ndarray | None) -> Any:
+    """The `gen1.baselines` method of task ``row`` (its ``method`` and settings) on ``frames`` uint8 (f, h, w, 3)
+    -> its `gen1.sampling.EditResult`."""
+    from gen1 import baselines
+    from gen1.sampling import Content, EditSettings
 
-    A task row carries the pickled clip (``clip``), its prompt and settings; the output video is written to
-    ``OUT/outputs/<clip_id>/<key>.mp4``. A task that fails becomes an error row of stage ``sdedit``.
+    method = row["method"]
+    content = Content(text=row["prompt"]) if row.get("prompt") else Content(image=read_image(row["image_uri"]))
+    common = dict(guidance=float(row["w"]), steps=int(row["steps"]), seed=int(row["seed"]), sampler=row["sampler"])
+    if method == "per_frame":
+        settings = EditSettings(structure_strength=int(row["t_s"]), **common)
+        return baselines.per_frame_video(models, frames, content, settings, mask=mask)
+    sdedit_style = {"sdedit": baselines.sdedit_video, "no_structure": baselines.no_structure_video}
+    if method not in sdedit_style:
+        raise ValueError(f"baseline method: expected one of {BASELINES}, found {method!r}")
+    settings = baselines.SDEditSettings(strength=float(row["sdedit_strength"]), **common)
+    return sdedit_style[method](models, frames, content, settings, mask=mask)
+
+
+class BaselineStage:
+    """The baselines (`run_baseline`) of task rows, whatever their method; one `Gen1Models` per actor.
+
+    A task row carries the pickled clip (``clip``), its ``method``, prompt and settings; the output video is
+    written to ``OUT/outputs/<clip_id>/<key>.mp4``. A task that fails becomes an error row whose stage is
+    its method.
     """
 
     def __init__(self, specs: ModelSpecs, out: str, device: str | None = None, models: Any = None):
@@ -74,25 +95,20 @@ class SDEditStage:
         for row in rows:
             if healthy(row):
                 try:
-                    row.update(self.sdedit(row))
+                    row.update(self.edit(row))
                 except Exception as e:  # failures are data: the row says why, the job goes on
-                    mark_failed(row, "sdedit", e)
+                    mark_failed(row, str(row.get("method")), e)
                     row.update(output_uri=None, seconds=None)
             row.pop("clip", None)
         return pd.DataFrame(rows)
 
-    def sdedit(self, row: Mapping[str, Any]) -> dict[str, Any]:
+    def edit(self, row: Mapping[str, Any]) -> dict[str, Any]:
         """One task -> its output's ``output_uri`` and ``seconds``."""
-        from gen1.baselines import SDEditSettings, sdedit_video
-        from gen1.sampling import Content
         from gen1.video import write_video
 
         clip = pickle.loads(row["clip"])
         frames, mask = self._clips.get(row["clip_id"], clip.load)
-        settings = SDEditSettings(strength=float(row["sdedit_strength"]), guidance=float(row["w"]),
-                                  steps=int(row["steps"]), seed=int(row["seed"]), sampler=row["sampler"])
-        content = Content(text=row["prompt"]) if row.get("prompt") else Content(image=read_image(row["image_uri"]))
-        result = sdedit_video(self.models, frames, content, settings, mask=mask)
+        result = run_baseline(self.models, row, frames, mask)
         uri = posixpath.join(self.out, "outputs", row["clip_id"], f"{row['edit_key']}.mp4")
         write_video(result.frames, uri, clip.fps)
         return {"output_uri": uri, "seconds": float(result.seconds)}
