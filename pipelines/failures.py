@@ -153,6 +153,14 @@ def error_record(row: Row) -> Row:
     }
 
 
+def missing_record(clip_id: str, uri: str, start: int | None, message: str, error: str | None = None) -> Row:
+    """The error record of work the pipeline lost: stage ``pipeline``, error type the exception that stopped
+    the stream (``error``, "Type: message"), else ``MissingOutput``."""
+    return {"clip_id": clip_id, "uri": uri, "start": start, "stage": "pipeline",
+            "error_type": error.split(":", 1)[0] if error else "MissingOutput", "message": message,
+            "traceback": None}
+
+
 def error_table(records: Sequence[Row], run_id: str) -> pa.Table:
     """Error records -> an ERRORS_SCHEMA table.
 

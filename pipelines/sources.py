@@ -97,13 +97,15 @@ def list_videos(
 
 
 def read_manifest_rows(
-    uri: str, resolve: Sequence[str] = ("uri",), storage_options: Mapping[str, Any] | None = None
+    uri: str, resolve: Sequence[str] = ("uri",), storage_options: Mapping[str, Any] | None = None,
+    verbatim_urls: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """The rows of a CSV or Parquet manifest, in file order, as dicts (empty strings read as None).
 
     The columns named in ``resolve`` hold URIs: stripped, relative ones resolved against the manifest's
-    own directory, all normalised (`normalize_uri`). Rows whose first ``resolve`` column is empty are
-    dropped. `ValueError` when that column is missing.
+    own directory, all normalised (`normalize_uri`), except URLs (``scheme://``) of the ``verbatim_urls``
+    columns, kept as written. Rows whose first ``resolve`` column is empty are dropped. `ValueError` when
+    that column is missing.
     """
     fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
     with fs.open(path, "rb") as f:
@@ -125,6 +127,9 @@ def read_manifest_rows(
         for col in resolve:
             entry = row.get(col)
             entry = str(entry).strip() if entry is not None else ""
+            if entry and "://" in entry and col in verbatim_urls:
+                row[col] = entry
+                continue
             if entry and "://" not in entry and not os.path.isabs(entry):
                 entry = posixpath.join(base, entry)
             row[col] = normalize_uri(entry) if entry else None

@@ -206,9 +206,7 @@ class MlflowTracker:
 
     def start(self, run_id: str | None = None) -> str:
         """Create a run in the experiment (``run_id`` None), or continue run ``run_id``."""
-        from mlflow.tracking import MlflowClient
-
-        self._client = MlflowClient(tracking_uri=self.uri)
+        self._client = client(self.uri)
         if run_id is None:
             exp = self._client.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)

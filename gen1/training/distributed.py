@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from gen1.config import ConfigError
+from gen1.devices import default_device
 from gen1.training.config import TrainConfig
 
 FSDP_MIN_UNIT_PARAMS = 10_000_000  # FSDP shards units of at least this many parameters
@@ -33,7 +34,7 @@ class Runtime:
     def current(cls, device: str | torch.device | None = None, report: Callable[[dict], None] | None = None) -> Runtime:
         """This process's runtime: rank and world size from torch.distributed when it is initialised."""
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = default_device()
         initialised = dist.is_available() and dist.is_initialized()
         return cls(
             device=torch.device(device),

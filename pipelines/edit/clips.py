@@ -104,7 +104,7 @@ def read_source_table(
     each. Relative URIs resolve against the manifest's directory.
     """
     out: dict[str, dict[str, Any]] = {}
-    for row in read_manifest_rows(uri, ("uri", "image", "mask"), storage_options):
+    for row in read_manifest_rows(uri, ("uri", "image", "mask"), storage_options, verbatim_urls=("image",)):
         entry = out.setdefault(row["uri"], {"prompts": [], "caption": None, "mask_uri": None})
         text = (row.get("prompt") or "").strip()
         if text:

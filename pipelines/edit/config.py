@@ -60,7 +60,7 @@ class EditJobConfig:
     max_failure_fraction: float = 0.1  # `gen1 edit` exits non-zero above this
     # Time limits (seconds; 0 or None: none). A call past its limit fails its clip or edit task alone with
     # error_type "timeout" (`pipelines.timeouts`) and the run goes on.
-    decode_timeout_s: float | None = 120.0  # per clip decode (the edit's frames, the caption's middle frame)
+    decode_timeout_s: float | None = 120.0  # per probe (planning) and per clip decode (the edit's frames, the caption's middle frame)
     caption_timeout_s: float | None = 600.0  # per BLIP call (a batch, or one clip's on retry)
     edit_timeout_s: float | None = 3600.0  # per edit task: decode, sampling, metrics, writing
     ray_address: str | None = None

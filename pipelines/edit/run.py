@@ -22,8 +22,8 @@ from pipelines.edit.clips import EditClip, read_source_table
 from pipelines.edit.config import EditJobConfig
 from pipelines.edit.keys import plan_tasks
 from pipelines.edit.stages import CaptionStage, EditStage, PromptStage, prompt_plan_row, written_prompt_rows
-from pipelines.edit.tables import committed_prompts, read_manifest
-from pipelines.failures import STATUS_ERROR, STATUS_OK, error_record
+from pipelines.edit.tables import committed_prompts
+from pipelines.failures import STATUS_ERROR, STATUS_OK, error_record, missing_record
 from pipelines.runtime import (
     ActorPool,
     actor_pool,
@@ -119,7 +119,7 @@ class EditRun:
         self.prompts = Committer(self.store, PROMPTS_DIR, run_id, key=None)
         self.resources: dict[str, dict[str, Any]] = {}
 
-    def plan_resources(self) -> None:
+    def size_pools(self) -> None:
         """Size the edit pool, and the caption pool when prompts are written. The two passes are separate
         datasets, never running at once, so each is planned alone."""
         cfg = self.config
@@ -178,7 +178,7 @@ class EditRun:
             return []
         ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=min(len(uris), 200))
         ds = ds.map_batches(
-            PlanStage(frames, cfg.stride, cfg.clips_per_video, size),
+            PlanStage(frames, cfg.stride, cfg.clips_per_video, size, cfg.decode_timeout_s),
             batch_size=1,
             batch_format="pandas",
             num_cpus=cfg.task_num_cpus,
@@ -285,7 +285,7 @@ class EditRun:
 
     # ------------------------------------------------------------------------------------------ edits
 
-    def run_edits(self, todo: list[dict[str, Any]], done: set[str]) -> None:
+    def run_edits(self, todo: list[dict[str, Any]]) -> None:
         """Stream ``todo`` through the edit actors, committing manifest rows and errors as they come; an edit
         that never comes back becomes a ``pipeline`` error."""
         cfg = self.config
@@ -296,7 +296,7 @@ class EditRun:
                 now = dt.datetime.now(dt.UTC)
                 for row in batch.to_pylist():
                     key = row["edit_key"]
-                    if key in done or key in finished:
+                    if key in finished:
                         logger.warning("edit %s came back twice; keeping the first", key)
                         continue
                     finished.add(key)
@@ -317,14 +317,7 @@ class EditRun:
         if missing:
             message = f"the pipeline ended without this edit: {self.summary.error or 'no result came back'}"
             self.errors.add(
-                {
-                    "clip_id": t["clip_id"],
-                    "uri": t["source_uri"],
-                    "start": None,
-                    "stage": "pipeline",
-                    "error_type": "MissingOutput",
-                    "message": f"edit {t['edit_key']}: {message}",
-                }
+                missing_record(t["clip_id"], t["source_uri"], None, f"edit {t['edit_key']}: {message}")
                 for t in missing
             )
             self.errors.flush()
@@ -402,7 +395,7 @@ def run_edit(config: EditJobConfig) -> EditSummary:
     started = init_ray(config.ray_address, config.num_cpus)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = config.progress
-        run.plan_resources()
+        run.size_pools()
         clips = run.plan_clips(size, frames)
         summary.clips = len(clips)
         if config.auto_prompts:
@@ -414,7 +407,7 @@ def run_edit(config: EditJobConfig) -> EditSummary:
                 "%d clips have no prompts and are not edited (first: %s)", len(unprompted), unprompted[0]
             )
         tasks = plan_tasks(clips, prompts_for, config.grid, config.steps, config.sampler, specs)
-        done = set(read_manifest(config.dst, config.storage_options).column("edit_key").to_pylist())
+        done = run.manifest.refresh()  # the committed edit keys (only that column of each part is read)
         todo = [t for t in tasks if t["edit_key"] not in done]
         summary.tasks, summary.skipped = len(tasks), len(tasks) - len(todo)
         logger.info(
@@ -426,7 +419,7 @@ def run_edit(config: EditJobConfig) -> EditSummary:
             config.dst,
         )
         if todo:
-            run.run_edits(todo, done)
+            run.run_edits(todo)
     finally:
         summary.seconds = time.monotonic() - t0
         run.remove_tmp()

@@ -22,13 +22,12 @@ import pandas as pd
 
 from gen1.config import ModelSpecs
 from pipelines import tracking
-from pipelines.evaluate.config import METRICS, EvalConfig
+from pipelines.evaluate.config import METHODS, METRICS, EvalConfig
 from pipelines.evaluate.stages import input_clip, read_video
 
 log = logging.getLogger(__name__)
 
 TABLE_FILE = "per_video.parquet"
-SAMPLE_ORDER = ("gen1", "per_frame", "sdedit", "no_structure")
 METHOD_COLORS = {"gen1": "tab:blue", "per_frame": "tab:orange", "sdedit": "tab:green", "no_structure": "tab:purple"}
 
 
@@ -182,7 +181,7 @@ def _samples(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame, run_dir: s
         try:
             first = group.iloc[0].to_dict()
             panels = [_label(input_clip(first).load_frames(), "input")]
-            for method in SAMPLE_ORDER:
+            for method in METHODS:
                 rows = group[group["method"] == method]
                 if len(rows):
                     row = rows.iloc[0]

@@ -24,7 +24,7 @@ list and its run record, ``DST/runs/<run_id>.json``.
 
 Resources (`pipelines.runtime.plan_resources`): model actors take ``num_gpus`` when the cluster has GPUs,
 and a fraction of a CPU otherwise. CPU tasks (plan, decode, write) claim no CPU by default and are capped
-in number instead (``concurrency``, `pipelines.runtime.task_concurrency`), so they are never starved by
+in number instead (``task_concurrency``, `pipelines.runtime.task_pool`), so they are never starved by
 actors that hold every CPU (which hangs Ray Data): measured on 2 CPUs, and after a worker node dies and
 its actors restart on the head.
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.commits import Committer
-from pipelines.failures import STATUS_OK, error_record
+from pipelines.failures import STATUS_OK, error_record, missing_record
 from pipelines.preprocess.config import PreprocessConfig, ResolvedConfig
 from pipelines.preprocess.stages import ClipStage, DecodeStage, DepthStage, LatentsStage, ShardWriter
 from pipelines.quarantine import QUARANTINE_AFTER, Quarantine, load_quarantine, write_quarantine
@@ -285,16 +285,14 @@ def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: s
 
 def _record_missing(todo: list[dict[str, Any]], shards: Committer, errors: Committer, error: str | None) -> None:
     """Planned clips neither written nor in errors (the stream broke, or lost them) -> `pipeline` errors."""
-    missing = [p for p in todo if p["clip_id"] not in shards.written | errors.written]
+    ended = shards.written | errors.written
+    missing = [p for p in todo if p["clip_id"] not in ended]
     if not missing:
         return
     message = f"the pipeline ended without this clip: {error}" if error else "the pipeline ended without this clip"
     logger.error("%d planned clips were neither written nor failed; recording them as errors", len(missing))
-    errors.commit_errors([
-        {"clip_id": p["clip_id"], "uri": p["source_uri"], "start": int(p["start"]), "stage": "pipeline",
-         "error_type": error.split(":", 1)[0] if error else "MissingOutput", "message": message, "traceback": None}
-        for p in missing
-    ])
+    errors.commit_errors([missing_record(p["clip_id"], p["source_uri"], int(p["start"]), message, error)
+                          for p in missing])
 
 
 def _update_quarantine(store: TableStore, shards: Committer, summary: PreprocessSummary) -> None:

@@ -273,11 +273,10 @@ class LatentsStage(ModelStage):
     name = "latents"
 
     def load(self, device: str | None) -> None:
-        import torch
-
+        from gen1.devices import default_device
         from gen1.weights import load_vae
 
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or default_device()
         self.vae = load_vae(self.spec, device=self.device).eval()
         self.scale = float(getattr(self.vae.config, "scaling_factor", 1.0))
 
