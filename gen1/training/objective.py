@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gen1.structure import conditioning_input, unstructured_input
+
 
 def draw_image_step(image_batch_prob: float, generator: torch.Generator) -> bool:
     """Whether the next optimizer step is an image step. Workers drawing from generators seeded alike agree."""
@@ -89,7 +91,6 @@ class UNetInputs:
 
     def model_input(self, z_t: torch.Tensor) -> torch.Tensor:
         """z_t (b, 4, f, h, w) -> the UNet input (b, 4 + extra, f, h, w)."""
-        from gen1.structure import conditioning_input, unstructured_input
 
         if self.structure is None:
             return unstructured_input(z_t, self.extra_channels)
