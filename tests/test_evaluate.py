@@ -30,6 +30,7 @@ from pipelines.evaluate import (
     per_video_table,
     setting_label,
 )
+from tests.fixtures.clips import tiny_square_video
 from tests.fixtures.mlflow_server import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,15 +175,7 @@ def models(tiny_models):
 
 @pytest.fixture(scope="module")
 def video() -> np.ndarray:
-    """A bright square moving over a gradient: uint8 (4, 64, 64, 3)."""
-    f, h, w = TINY.frames, TINY.height, TINY.width
-    yy, xx = np.mgrid[0:h, 0:w]
-    frames = np.zeros((f, h, w, 3), np.uint8)
-    for i in range(f):
-        frames[i, ..., 0] = (xx * 4) % 256
-        frames[i, ..., 1] = (yy * 4) % 256
-        frames[i, 16 + 4 * i : 32 + 4 * i, 16:32] = 255
-    return frames
+    return tiny_square_video()
 
 
 def test_metrics_stage_matches_gen1_metrics_batched_or_not(models, video, tmp_path):

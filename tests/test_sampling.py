@@ -20,6 +20,7 @@ from gen1.sampling import (
 )
 from gen1.schedule import make_sampler
 from gen1.structure import conditioning_input
+from tests.fixtures.clips import tiny_square_video
 
 STEPS = 4
 
@@ -42,15 +43,7 @@ def models(tiny_models) -> Gen1Models:
 
 @pytest.fixture(scope="module")
 def video() -> np.ndarray:
-    """A moving bright square on a gradient: (4, 64, 64, 3) uint8."""
-    f, h, w = TINY.frames, TINY.height, TINY.width
-    yy, xx = np.mgrid[0:h, 0:w]
-    frames = np.zeros((f, h, w, 3), np.uint8)
-    for i in range(f):
-        frames[i, ..., 0] = (xx * 4) % 256
-        frames[i, ..., 1] = (yy * 4) % 256
-        frames[i, 16 + 4 * i : 32 + 4 * i, 16:32] = 255
-    return frames
+    return tiny_square_video()
 
 
 @pytest.fixture(scope="module")
