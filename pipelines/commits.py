@@ -39,7 +39,7 @@ class Committer:
                  track: Sequence[str] = ()):
         self.store, self.table, self.run_id, self.key = store, table, run_id, key
         self.track = tuple(track)
-        self.seen: dict[str, int] = {}  # committed part path -> rows
+        self.seen: set[str] = set()  # committed part paths already read or written
         self.committed: set[str] = set()
         self.values: dict[str, set[Any]] = {c: set() for c in self.track}
         self.written: set[str] = set()
@@ -56,7 +56,7 @@ class Committer:
             if path not in self.seen:
                 part = self.store.read(path, [self.key, *self.track])
                 keys = part.column(self.key).to_pylist()
-                self.seen[path] = len(keys)
+                self.seen.add(path)
                 self.committed.update(keys)
                 for col in self.track:
                     self.values[col].update(part.column(col).to_pylist())
@@ -85,7 +85,7 @@ class Committer:
                 tmp_path = self.store.write_tmp(self.table, data.filter(pa.array(keep)), self.run_id)
                 keys = [k for k in keys if k not in dup]
         final = self.store.commit(self.table, tmp_path, self._name())
-        self.seen[final] = len(keys)
+        self.seen.add(final)
         if self.key is not None:
             self.committed.update(keys)
         self.written.update(keys)
