@@ -18,7 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
 from gen1.depth import as_frames
-from gen1.devices import default_device, encoder_dtype
+from gen1.devices import default_device, encoder_dtype, to_device
 from gen1.weights import load_clip_model
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class ClipEmbedder:
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (n, h, w, 3) -> (n, 3, S, S) normalised, on the model's device and dtype."""
-        x = frames.to(self.device).permute(0, 3, 1, 2)
+        x = to_device(frames, self.device).permute(0, 3, 1, 2)
         if self.resize_mode == "squash":
             x = tvF.resize(x, list(self.image_size), interpolation=self.interpolation, antialias=True)
         else:  # shortest side to S, then the central S x S, as open_clip's eval transform

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gen1.devices import default_device, encoder_dtype
+from gen1.devices import default_device, encoder_dtype, to_device
 from gen1.structure import normalise_per_clip
 from gen1.weights import load_depth_model
 
@@ -104,7 +104,7 @@ class DepthEstimator:
 
     def preprocess(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (n, h, w, 3) -> pixel_values (n, 3, H, W) on the model's device and dtype."""
-        images = list(frames.to(self.device).permute(0, 3, 1, 2))
+        images = list(to_device(frames, self.device).permute(0, 3, 1, 2))
         pixel_values = self.processor(
             images=images, keep_aspect_ratio=True, ensure_multiple_of=self.multiple, return_tensors="pt"
         )["pixel_values"]

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gen1.video import ImageDecodeError, VideoDecodeError, read_frames, read_image, resize_center_crop
+from gen1.decoding import read_frames
+from gen1.video import ImageDecodeError, VideoDecodeError, read_image, resize_center_crop
 
 
 def mask_from_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:

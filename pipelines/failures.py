@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.schema import ERRORS_SCHEMA, SCHEMA_VERSION
-from pipelines.timeouts import StageTimeout, call_with_timeout
+from pipelines.timeouts import call_with_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,10 @@ def with_error_columns(row: Row) -> Row:
 
 
 def error_type(exc: BaseException) -> str:
-    """The ``error_type`` recorded for ``exc``: its class name, or ``"timeout"`` for a `StageTimeout`."""
-    return exc.error_type if isinstance(exc, StageTimeout) else type(exc).__name__
+    """The ``error_type`` recorded for ``exc``: its class's ``error_type`` where it names a kind of failure
+    (``"timeout"`` for a `StageTimeout`, ``"crash"`` for a `pipelines.child_worker.ChildCrashed`), else its
+    class name."""
+    return getattr(type(exc), "error_type", None) or type(exc).__name__
 
 
 def mark_failed(row: Row, stage: str, exc: BaseException) -> Row:

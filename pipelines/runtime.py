@@ -147,11 +147,14 @@ def task_pool(configured: int | None, cap: int | None = None):
     return ray.data.TaskPoolStrategy(size=min(size, cap) if cap else size)
 
 
-def actor_pool(size: int):
-    """``compute=`` of a model stage: ``size`` actors, each loading its model once."""
+def actor_pool(size: int, tasks_per_actor: int | None = None):
+    """``compute=`` of a model stage: ``size`` actors, each loading its model once, with at most
+    ``tasks_per_actor`` tasks queued on each (None: Ray Data's default)."""
     import ray
 
-    return ray.data.ActorPoolStrategy(size=size)
+    if tasks_per_actor is None:
+        return ray.data.ActorPoolStrategy(size=size)
+    return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=tasks_per_actor)
 
 
 # -------------------------------------------------------------------------------------------- run records

@@ -25,7 +25,8 @@ import pandas as pd
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from gen1.video import VideoInfo, clip_id, clip_starts, probe, sample_indices, target_size
+from gen1.decoding import probe
+from gen1.video import VideoInfo, clip_id, clip_starts, sample_indices, target_size
 from pipelines.failures import ERROR_COLUMNS, mark_failed, with_error_columns
 from pipelines.timeouts import call_with_timeout
 

@@ -1,4 +1,5 @@
-"""Time limits for calls that can hang: video decoders, model forwards, probes.
+"""Time limits for calls that can hang: model forwards, probes (decodes run in a child process that is
+killed instead: `pipelines.child_worker`).
 
 `call_with_timeout` runs a function in a daemon worker thread and waits at most ``timeout_s`` for it.
 When the function does not finish in time the caller gets a `StageTimeout` (a `TimeoutError`) and moves
@@ -38,13 +39,18 @@ def check_time_limits(config: Any, names: tuple[str, ...]) -> None:
 
 
 class StageTimeout(TimeoutError):
-    """``what`` did not finish within ``timeout_s`` seconds (its thread was abandoned, still running)."""
+    """``what`` did not finish within ``timeout_s`` seconds: its process was killed (``killed``), or its
+    thread abandoned, still running."""
 
     error_type = TIMEOUT_ERROR_TYPE
 
-    def __init__(self, what: str, timeout_s: float):
-        self.what, self.timeout_s = what, timeout_s
-        super().__init__(f"{what}: expected to finish within {timeout_s:g}s; still running, abandoned")
+    def __init__(self, what: str, timeout_s: float, killed: bool = False):
+        self.what, self.timeout_s, self.killed = what, timeout_s, killed
+        fate = "killed" if killed else "still running, abandoned"
+        super().__init__(f"{what}: expected to finish within {timeout_s:g}s; {fate}")
+
+    def __reduce__(self):  # keep the fields across pickling (Ray)
+        return (type(self), (self.what, self.timeout_s, self.killed))
 
 
 def call_with_timeout(fn: Callable[..., T], timeout_s: float | None, *args: Any, what: str = "",

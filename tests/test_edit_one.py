@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from gen1.config import TINY
-from gen1.video import load_clip, probe, target_size
+from gen1.decoding import load_clip, probe
+from gen1.video import target_size
 from jobs.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

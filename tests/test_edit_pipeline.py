@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from gen1.config import TINY, ConfigError
+from gen1.decoding import load_clip, probe
 from gen1.prompts import PromptSpec
-from gen1.video import load_clip, probe
 from pipelines.datasets import SequenceClip
 from pipelines.edit import (
     PROMPT_PLAN_SCHEMA,

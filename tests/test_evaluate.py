@@ -387,7 +387,7 @@ def test_davis_eval_is_logged_to_an_mlflow_server(tiny_models, davis_root, tmp_p
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         samples = [a.path for a in client.list_artifacts(summary.run_id, "samples")]
         assert len(samples) == 1 and samples[0].endswith(".mp4")
-        from gen1.video import probe
+        from gen1.decoding import probe
 
         sample = probe(client.download_artifacts(summary.run_id, samples[0], str(tmp_path)))
         assert sample.width == 5 * TINY.width  # input | ours | per-frame | SDEdit | no structure

@@ -4,8 +4,8 @@ Hung decoders and model calls (time limits), a kill between the clips of one vid
 inputs failing run after run (quarantine), shard files sized by bytes, bounded in-flight decodes.
 
 Ray workers of this module's cluster run `install_test_decoders` at start (a ``worker_process_setup_hook``):
-it stands in a decoder that hangs for one clip of files named ``hang*`` and one that logs its busy
-intervals for files named ``paced*``, and a depth model that raises on any batch holding an all-black clip.
+it stands in a decoder (`faulty_decode_clips`) that hangs, aborts, hogs memory or logs its busy intervals
+for files so named, and a depth model that raises on any batch holding an all-black clip.
 Every other file decodes normally, and the driver is not hooked.
 """
 
@@ -46,27 +46,39 @@ DECODE_LOG_ENV = "GEN1_TEST_DECODE_LOG"
 POISON_MEAN = 8.0  # the hooked depth model raises on a batch holding a clip this dark (mean grey level)
 
 
-def install_test_decoders() -> None:
-    """Ray worker setup hook: `gen1.video.read_frames` hangs (``hang*`` files, clip at HANG_START) or logs
-    ``pid start end`` of each call to ``$GEN1_TEST_DECODE_LOG/<pid>`` (``paced*`` files)."""
-    from gen1 import video
+def faulty_decode_clips(uri, requests, storage_options=None, threads=0):
+    """`gen1.decoding.decode_clips` with this module's faults, by file name: ``hang*`` sleeps before the
+    clip that starts at HANG_START, ``paced*`` sleeps PACE_SECONDS a clip and logs ``pid start end`` of the
+    video to ``$GEN1_TEST_DECODE_LOG/<pid>``, ``abort*`` aborts its process at any clip but the one at frame 0 and
+    ``hog*`` allocates 256 MiB, writes its pid to ``<video>.pid`` and sleeps forever.
+    Runs in the decode child process (a module-level function: pickled there by reference)."""
+    from gen1.decoding import decode_clips
 
-    real = video.read_frames
-
-    def read_frames(uri, indices):
-        name = os.path.basename(str(uri))
-        if name.startswith("hang") and int(indices[0]) == HANG_START:
+    name, t0 = os.path.basename(str(uri)), time.time()
+    if name.startswith("hog"):
+        hog = np.ones(256 * 2**20, np.uint8)  # touched: resident
+        with open(f"{uri}.pid", "w") as f:
+            f.write(f"{os.getpid()} {int(hog.sum())}\n")
+        time.sleep(10 * HANG_SECONDS)
+    for i, frames in decode_clips(uri, requests, storage_options, threads):
+        if name.startswith("hang") and int(requests[i].indices[0]) == HANG_START:
             time.sleep(HANG_SECONDS)
+        if name.startswith("abort") and int(requests[i].indices[0]) > 0:
+            os.abort()
         if name.startswith("paced"):
-            t0 = time.time()
             time.sleep(PACE_SECONDS)
-            out = real(uri, indices)
-            with open(os.path.join(os.environ[DECODE_LOG_ENV], str(os.getpid())), "a") as f:
-                f.write(f"{t0} {time.time()}\n")
-            return out
-        return real(uri, indices)
+        yield i, frames
+    if name.startswith("paced"):
+        with open(os.path.join(os.environ[DECODE_LOG_ENV], str(os.getpid())), "a") as f:
+            f.write(f"{t0} {time.time()}\n")
 
-    video.read_frames = read_frames
+
+def install_test_decoders() -> None:
+    """Ray worker setup hook: decode stages use `faulty_decode_clips`; the depth model raises on a batch
+    holding a black clip."""
+    from gen1 import decoding
+
+    decoding.decode_clips = faulty_decode_clips
 
     from pipelines import preprocess
 
@@ -145,36 +157,54 @@ def test_call_with_timeout_returns_raises_and_abandons_a_hung_call():
     assert isinstance(info.value, TimeoutError) and info.value.error_type == "timeout"
 
 
-def test_a_hung_decode_fails_only_its_clip(monkeypatch, make_synthetic_clip, tmp_path):
-    from gen1 import video
-
-    uri = make_synthetic_clip(tmp_path / "v.mp4", frames=28, width=64, height=48)
+def test_a_hung_decode_is_killed_and_fails_only_its_clip(make_synthetic_clip, tmp_path):
+    uri = make_synthetic_clip(tmp_path / "hang.mp4", frames=28, width=64, height=48)
     rows = _plan_rows([uri], _cfg())
     assert list(rows.start) == [0, 7, 14, 21]
-    real, release = video.read_frames, threading.Event()
-
-    def hanging(path, indices):
-        if indices[0] == HANG_START:
-            release.wait(60)
-        return real(path, indices)
-
-    monkeypatch.setattr(video, "read_frames", hanging)
+    stage = DecodeStage(timeout_s=0.5, decoder=faulty_decode_clips)
     t0 = time.monotonic()
-    try:
-        out = DecodeStage(timeout_s=0.5)(rows)
-    finally:
-        release.set()
+    out = stage.decode(rows)
     assert time.monotonic() - t0 < 10
     assert list(out.status) == [STATUS_OK, STATUS_ERROR, STATUS_OK, STATUS_OK]
     bad = out.iloc[1]
     assert (bad.error_stage, bad.error_type, bad.frames_raw) == ("decode", "timeout", b"")
-    assert "within 0.5s" in bad.error_message and bad.clip_id in bad.error_message
+    assert "within 0.5s; killed" in bad.error_message and bad.clip_id in bad.error_message
     assert all(len(b) == 4 * 48 * 64 * 3 for b in out.frames_raw[out.status == STATUS_OK])
+    stage.worker.close()
+
+
+def test_a_decoder_sleeping_forever_is_killed_and_its_memory_returned(make_synthetic_clip, tmp_path):
+    import psutil
+
+    uris = [make_synthetic_clip(tmp_path / "hog.mp4", frames=14, width=64, height=48),
+            make_synthetic_clip(tmp_path / "ok.mp4", frames=14, width=64, height=48)]
+    stage = DecodeStage(timeout_s=2.0, decoder=faulty_decode_clips)
+    out = stage.decode(_plan_rows(uris, _cfg()))
+    hog = out[out.source_uri.str.endswith("hog.mp4")]
+    assert (hog.status == STATUS_ERROR).all() and set(hog.error_type) == {"timeout"}  # both its clips
+    assert (out[out.source_uri.str.endswith("ok.mp4")].status == STATUS_OK).all()
+    pid, total = map(int, Path(f"{uris[0]}.pid").read_text().split())
+    assert total == 256 * 2**20  # the stand-in did hold its 256 MiB
+    assert pid != os.getpid() and not psutil.pid_exists(pid)  # killed and reaped: its memory is back
+    stage.worker.close()
+
+
+def test_a_decoder_that_aborts_fails_the_rest_of_its_video_as_a_crash(make_synthetic_clip, tmp_path):
+    uris = [make_synthetic_clip(tmp_path / "abort.mp4", frames=28, width=64, height=48),
+            make_synthetic_clip(tmp_path / "ok.mp4", frames=14, width=64, height=48)]
+    stage = DecodeStage(timeout_s=30, decoder=faulty_decode_clips)
+    out = stage.decode(_plan_rows(uris, _cfg()))
+    aborted = out[out.source_uri.str.endswith("abort.mp4")]
+    assert list(aborted.status) == [STATUS_OK, STATUS_ERROR, STATUS_ERROR, STATUS_ERROR]  # 1st clip came out
+    assert set(aborted.error_type.iloc[1:]) == {"crash"} and set(aborted.error_stage.iloc[1:]) == {"decode"}
+    assert "SIGABRT" in aborted.error_message.iloc[1] and uris[0] in aborted.error_message.iloc[1]
+    assert (out[out.source_uri.str.endswith("ok.mp4")].status == STATUS_OK).all()  # a fresh child decoded it
+    stage.worker.close()
 
 
 def test_a_hung_model_call_fails_only_its_clip(make_synthetic_clip, tmp_path):
     uri = make_synthetic_clip(tmp_path / "v.mp4", frames=21, width=64, height=48)
-    rows = DecodeStage()(_plan_rows([uri], _cfg()))
+    rows = DecodeStage().decode(_plan_rows([uri], _cfg()))
     assert len(rows) == 3 and (rows.status == STATUS_OK).all()
     victim = np.frombuffer(rows.frames_raw.iloc[1], np.uint8).reshape(4, 48, 64, 3)
     stage = DepthStage(TINY.depth, device="cpu", timeout_s=1.0)
@@ -231,6 +261,29 @@ def test_pipeline_records_a_hung_decoder_as_a_timeout_and_goes_on(hooked_ray, ma
     assert len(ids) == len(set(ids)) == 5 and set(ids) == {p.clip_id for p in plans} - {victim}
 
 
+@pytest.mark.timeout(240)
+def test_a_decoder_crashing_its_process_fails_that_video_and_counts_toward_quarantine(hooked_ray,
+                                                                                     make_synthetic_clip, tmp_path):
+    src = tmp_path / "src"
+    uris = [make_synthetic_clip(src / "abort.mp4", frames=28, width=64, height=48),  # 4 clips; 3 abort
+            make_synthetic_clip(src / "ok1.mp4", frames=14, width=64, height=48),
+            make_synthetic_clip(src / "ok2.mp4", frames=21, width=64, height=48)]
+    cfg, dst = _cfg(decode_timeout_s=30.0, max_concurrent_decodes=1), str(tmp_path / "dst")
+    plans = _plans(uris, cfg)
+    crashed = {p.clip_id for p in plans if p.source_uri.endswith("abort.mp4") and p.start > 0}
+    first = run_preprocess(str(src), dst, cfg)
+    assert (first.ok, first.failed, first.planned) == (6, 3, 9), first
+    errors = read_errors(dst).to_pylist()
+    assert {e["clip_id"] for e in errors} == crashed
+    assert {(e["stage"], e["error_type"]) for e in errors} == {("decode", "crash")}
+    assert all("SIGABRT" in e["message"] for e in errors)
+    ids = read_shards(dst, ["clip_id"]).column("clip_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 6 and set(ids) == {p.clip_id for p in plans} - crashed  # each once
+    second = run_preprocess(str(src), dst, cfg)  # only the crashed clips are left; they crash again
+    assert (second.ok, second.failed, second.skipped) == (0, 3, 6), second
+    assert {e["clip_id"] for e in read_quarantine(dst).to_pylist()} == crashed
+
+
 # ------------------------------------------------------------------- 3. per-clip resume, quarantine
 
 
@@ -240,10 +293,12 @@ def test_a_run_killed_between_the_clips_of_one_video_resumes_at_the_missing_clip
                                                                                 tmp_path):
     from tests.test_preprocess import _kill_after_first_shard, _streaming_config
 
-    n = 12
+    n = 24
     src = tmp_path / "src"
-    uri = make_synthetic_clip(src / "long.mp4", frames=7 * n, width=64, height=48)  # 12 clips of 7 frames
-    config = _streaming_config(tmp_path / "pp.yaml", frames_format="raw")
+    # 24 clips of 7 frames, decoded in one pass in well under a second: frames this size keep the tiny
+    # models busy long enough after the first commit for the kill to land mid-video.
+    uri = make_synthetic_clip(src / "long.mp4", frames=7 * n, width=320, height=240)
+    config = _streaming_config(tmp_path / "pp.yaml", frames_format="raw", size="[320, 240]")
     cfg = PreprocessConfig.from_yaml(config)
     expected = {p.clip_id for p in _plans([uri], cfg)}
     assert len(expected) == n
@@ -253,7 +308,7 @@ def test_a_run_killed_between_the_clips_of_one_video_resumes_at_the_missing_clip
     first = read_shards(str(dst), ["clip_id"]).column("clip_id").to_pylist()
     assert 0 < len(first) < n, f"expected a half-finished video, found {len(first)} of {n} clips committed"
 
-    rerun_cfg = dataclasses.replace(cfg, decode_batch_size=4, depth_batch_size=4, clip_batch_size=4)
+    rerun_cfg = dataclasses.replace(cfg, decode_batch_size=4, depth_batch_frames=16, clip_batch_frames=16)
     summary = run_preprocess(str(src), str(dst), rerun_cfg)  # same clips, fewer and larger batches
     assert (summary.skipped, summary.ok, summary.failed) == (len(first), n - len(first), 0), summary
     table = read_shards(str(dst), ["clip_id", "run_id"])
@@ -385,9 +440,10 @@ def test_shards_are_sized_by_bytes_and_decodes_in_flight_are_bounded(hooked_ray,
 
     spans = sorted(tuple(map(float, line.split())) for f in decode_log.iterdir() for line in f.read_text().split("\n")
                    if line)
-    assert len(spans) == 8  # every paced decode logged its busy interval
+    assert len(spans) == 2  # each paced video logged its busy interval (4 clips x PACE_SECONDS)
+    assert all(b - a >= 4 * PACE_SECONDS for a, b in spans)
     overlaps = [(a, b) for a, b in zip(spans, spans[1:], strict=False) if b[0] < a[1]]
-    assert not overlaps, f"decodes ran concurrently despite max_concurrent_decodes=1: {overlaps}"
+    assert not overlaps, f"videos decoded concurrently despite max_concurrent_decodes=1: {overlaps}"
 
 
 # ------------------------------------------------------------- 2. one bad sample does not kill its batch
@@ -402,7 +458,7 @@ def test_a_model_raising_on_one_clip_of_a_batched_actor_call_fails_only_that_cli
     src.mkdir()
     frames = synthetic_frames(24, *SIZE)
     (src / "plain.mp4").write_bytes(encode_mp4(frames))
-    cfg = _cfg(decode_batch_size=6, depth_batch_size=6, shard_size=6)  # all 6 clips in one depth call
+    cfg = _cfg(decode_batch_size=6, depth_batch_frames=24, shard_size=6)  # all 6 clips (4 frames each) in one depth call
     middle = _plans([str(src / "plain.mp4")], cfg)[1]  # 3 clips a video; black out the middle one's frames:
     frames[min(middle.frame_indices) : max(middle.frame_indices) + 1] = 0  # the hooked depth model raises on it
     (src / "dark.mp4").write_bytes(encode_mp4(frames))
@@ -434,7 +490,7 @@ def test_the_last_model_stage_drops_the_frames_when_they_are_not_stored(make_syn
     from pipelines.preprocess import ShardWriter
 
     cfg = _cfg()
-    rows = DecodeStage()(_plan_rows([make_synthetic_clip(tmp_path / "a.mp4", frames=16, width=64, height=48)], cfg))
+    rows = DecodeStage().decode(_plan_rows([make_synthetic_clip(tmp_path / "a.mp4", frames=16, width=64, height=48)], cfg))
     kept = ClipStage(TINY.clip, device="cpu")(DepthStage(TINY.depth, device="cpu")(rows))
     dropped = ClipStage(TINY.clip, device="cpu", drop_frames=True)(DepthStage(TINY.depth, device="cpu")(rows))
     assert len(rows) == 2 and all(len(b) == 4 * 48 * 64 * 3 for b in kept.frames_raw)
@@ -519,9 +575,10 @@ def test_decoded_frames_several_object_stores_big_stream_in_bounded_memory_witho
         # 2 frames at stride 1: 16 clips a video. Blocks of one clip (2.6 MiB of frames, 4.4 MiB with depth:
         # under 1/16 of the store, see PreprocessConfig). No frames stored: small writes, frames leave after CLIP.
         # One clip per shard: a writer batch of 8 clips (14 MiB of full-size depth) starves this small store's
-        # budgets and the run takes 5x as long (measured), though it stays as bounded.
+        # budgets and the run takes 5x as long (measured), though it stays as bounded. One decode actor: each
+        # streams a video's clips, and two of them into this store spilled 80-140 MB (measured; see config).
         cfg = _cfg(size=BIG_SIZE, frames=2, stride=1, store_frames=False, shard_size=1, decode_batch_size=1,
-                   depth_batch_size=1, clip_batch_size=2, max_concurrent_decodes=2)
+                   depth_batch_frames=2, clip_batch_frames=4)  # one decode actor (the default on 2 CPUs)
         clip_bytes = 2 * BIG_SIZE[0] * BIG_SIZE[1] * 3
         runs = {}
         for name in ("small", "big"):

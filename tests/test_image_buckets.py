@@ -131,7 +131,7 @@ def write_corpus(folder: Path, uri: str, n: int) -> Path:
     """``n`` frames of a real clip as PNG files at mixed aspect ratios (`CORPUS_SIZES`, in turn)."""
     from PIL import Image
 
-    from gen1.video import load_clip
+    from gen1.decoding import load_clip
 
     folder.mkdir(parents=True, exist_ok=True)
     frames = load_clip(uri, n=n, stride=3, size=None).frames

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pytest
 
 from gen1.config import TINY
-from gen1.video import VideoDecodeError, load_clip
+from gen1.decoding import load_clip
+from gen1.video import VideoDecodeError
 from pipelines.failures import STATUS_ERROR, STATUS_OK
 from pipelines.preprocess import (
     ClipStage,
@@ -105,14 +106,18 @@ def local_ray(s3_endpoint):
 
 
 def _assert_matches_wrappers(table: pa.Table, depth_model, clip_model) -> None:
-    """Stored frames equal a fresh `load_clip`; stored depth/embeddings equal the wrappers on them."""
+    """Stored frames equal a fresh `load_clip` (which may take the other decoder: a one-clip read of a long
+    video seeks with decord where the pipeline's pass over all its clips uses PyAV, and the two convert
+    YUV to RGB differently by at most 2 grey levels on a few pixels); stored depth/embeddings equal the
+    wrappers on them."""
     for row in table.to_pylist():
         size = (row["width"], row["height"]) if row["width"] >= row["height"] else (row["height"], row["width"])
         clip = load_clip(row["source_uri"], row["num_frames"], row["stride"], row["start"], size=size)
         assert clip.clip_id == row["clip_id"]
         assert row["frame_indices"] == clip.indices
         frames = row_frames(row)
-        np.testing.assert_array_equal(frames, clip.frames)
+        diff = np.abs(frames.astype(int) - clip.frames)
+        assert diff.max() <= 2 and (diff > 0).mean() < 1e-3, (row["source_uri"], diff.max(), (diff > 0).mean())
         want_depth = depth_model(frames).numpy()
         got_depth = row_depth(row)
         assert got_depth.shape == (row["num_frames"], row["height"], row["width"]) == want_depth.shape
@@ -166,7 +171,7 @@ def test_plan_and_decode_stages_match_load_clip_and_turn_failures_into_rows(corp
 
     rows = ok.copy()
     missing = rows.iloc[[0]].assign(source_uri=str(corpus / "gone.mp4"), clip_id="gone")
-    out = DecodeStage()(pd.concat([rows, missing], ignore_index=True))
+    out = DecodeStage().decode(pd.concat([rows, missing], ignore_index=True))
     assert list(out.status) == [STATUS_OK] * 4 + [STATUS_ERROR]
     assert out.error_stage.iloc[-1] == "decode" and "gone.mp4" in out.error_message.iloc[-1]
     for _, r in out.iloc[:4].iterrows():
@@ -180,7 +185,7 @@ def test_plan_and_decode_stages_match_load_clip_and_turn_failures_into_rows(corp
 
 def test_model_stages_equal_the_single_machine_wrappers(corpus, depth_model, clip_model):
     cfg = _cfg()
-    rows = DecodeStage()(_plan_rows([str(corpus / "land.mp4"), str(corpus / "sub" / "port.mp4")], cfg))
+    rows = DecodeStage().decode(_plan_rows([str(corpus / "land.mp4"), str(corpus / "sub" / "port.mp4")], cfg))
     out = ClipStage(TINY.clip, device="cpu")(DepthStage(TINY.depth, device="cpu")(rows))
     assert (out.status == STATUS_OK).all()
     for _, r in out.iterrows():
@@ -195,7 +200,7 @@ def test_model_stages_equal_the_single_machine_wrappers(corpus, depth_model, cli
 
 def test_a_stage_exception_for_one_clip_fails_only_that_clip(corpus, tmp_path):
     cfg = _cfg(clips_per_video=3)
-    rows = DecodeStage()(_plan_rows([str(corpus / "land.mp4")], cfg))
+    rows = DecodeStage().decode(_plan_rows([str(corpus / "land.mp4")], cfg))
     assert len(rows) == 3
     victim = rows.clip_id.iloc[1]
     stage = DepthStage(TINY.depth, device="cpu")
@@ -234,7 +239,7 @@ def test_a_stage_exception_for_one_clip_fails_only_that_clip(corpus, tmp_path):
 
 def test_committer_never_commits_a_clip_id_twice(corpus, tmp_path):
     cfg = _cfg(clips_per_video=3)
-    rows = ClipStage(TINY.clip, "cpu")(DepthStage(TINY.depth, "cpu")(DecodeStage()(_plan_rows([str(corpus / "land.mp4")], cfg))))
+    rows = ClipStage(TINY.clip, "cpu")(DepthStage(TINY.depth, "cpu")(DecodeStage().decode(_plan_rows([str(corpus / "land.mp4")], cfg))))
     dst = str(tmp_path / "dst")
     writer = ShardWriter(dst, "run1", MODELS, store_frames=False)
     first, overlapping, same = writer(rows.iloc[:2]), writer(rows.iloc[1:]), writer(rows.iloc[:2])
@@ -406,8 +411,9 @@ def big_corpus(tmp_path, make_synthetic_clip) -> tuple[list[str], Path]:
 
 def _streaming_config(path: Path, **extra) -> Path:
     """One clip per batch and per shard: shards commit one by one while the rest is still in flight."""
-    lines = ["shard_size: 1", "decode_batch_size: 1", "depth_batch_size: 1", "clip_batch_size: 1",
-             "size: [64, 48]", "progress: false", *(f"{k}: {v}" for k, v in extra.items())]
+    settings = {"shard_size": 1, "decode_batch_size": 1, "depth_batch_frames": 4, "clip_batch_frames": 4,
+                "size": "[64, 48]", "progress": "false", **extra}
+    lines = [f"{k}: {v}" for k, v in settings.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -461,13 +467,29 @@ def test_two_node_cluster_survives_losing_the_worker(ray_cluster, big_corpus, tm
     assert f"of {BIG} clips" in output  # the summary line
 
 
-def test_failed_decode_message_names_the_uri(tmp_path):
-    """A VideoDecodeError from a temp copy of a remote file names the original URI (not the temp path)."""
-    from pipelines.preprocess.stages import _rename_decode_errors
+def test_remote_videos_stream_and_their_errors_name_the_uri(tmp_path, make_synthetic_clip, monkeypatch):
+    """A remote video is read through fsspec (one pass) or a temporary copy (seeks) that is gone
+    afterwards; the frames agree, and a decode error names the remote URI, not a local path."""
+    import glob
+    import tempfile
 
-    def boom(path, *args):
-        raise VideoDecodeError(path, "no video stream")
+    import fsspec
 
-    with pytest.raises(VideoDecodeError, match="s3://b/v.mp4") as info:
-        _rename_decode_errors("s3://b/v.mp4", str(tmp_path / "tmp.mp4"), boom)
-    assert info.value.reason == "no video stream"
+    from gen1 import decoding
+
+    local = make_synthetic_clip(tmp_path / "v.mp4", frames=28, width=64, height=48)
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file("/b/v.mp4", open(local, "rb").read())
+    fs.pipe_file("/b/bad.mp4", b"\x00" * 4096)
+    requests = [decoding.ClipRequest((0, 2, 4, 6), (32, 24)), decoding.ClipRequest((20, 22), None)]
+    passed = dict(decoding.decode_clips("memory://b/v.mp4", requests))
+    monkeypatch.setattr(decoding, "use_seeks", lambda requests: True)
+    sought = dict(decoding.decode_clips("memory://b/v.mp4", requests))
+    assert passed[0].shape == (4, 24, 32, 3) and passed[1].shape == (2, 48, 64, 3)
+    for i in (0, 1):
+        assert np.abs(passed[i].astype(int) - sought[i]).max() <= 2
+    assert not glob.glob(f"{tempfile.gettempdir()}/gen1-video-*")  # the seek path's copy is removed
+    with pytest.raises(VideoDecodeError, match="memory://b/bad.mp4") as info:
+        list(decoding.decode_clips("memory://b/bad.mp4", requests))
+    assert "not a readable video" in info.value.reason and str(tmp_path) not in str(info.value)
+    fs.rm("/b", recursive=True)

@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from gen1.video import VideoDecodeError, VideoInfo, clip_id, probe
+from gen1.decoding import probe
+from gen1.video import VideoDecodeError, VideoInfo, clip_id
 from pipelines.sources import list_videos, normalize_uri, plan_clips, plan_video, read_manifest
 
 

@@ -388,7 +388,8 @@ def shard_rows_from_clips(
     uris: list[str], features: dict, latents: bool = True, captions: list[str] | None = None, start: int = 0
 ) -> list[dict]:
     """Feature-shard rows (SHARD_SCHEMA) for the first clip of each video, as `gen1 preprocess` writes them."""
-    from gen1.video import frames_to_tensor, load_clip
+    from gen1.decoding import load_clip
+    from gen1.video import frames_to_tensor
     from pipelines.schema import SCHEMA_VERSION, encode_array, encode_frames
 
     rows = []
@@ -677,7 +678,7 @@ def write_images(folder: Path, uri: str, n: int, captions: bool = False) -> Path
     """``n`` frames of a real clip as PNG files (and ``.txt`` captions) in ``folder``."""
     from PIL import Image
 
-    from gen1.video import load_clip
+    from gen1.decoding import load_clip
 
     folder.mkdir(parents=True, exist_ok=True)
     frames = load_clip(uri, n=n, stride=3, size=(80, 64)).frames  # not the training size: resized on read

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from gen1 import decoding as D
 from gen1 import video as V
 from tests.fixtures.clips import synthetic_frames
 
@@ -53,11 +54,11 @@ def test_real_clips_probe_and_decode_the_right_frames(real_clips):
     assert sorted(Path(p).name for p in real_clips) == sorted(REAL_CLIP_FACTS)
     for path in real_clips:
         frames, width, height = REAL_CLIP_FACTS[Path(path).name]
-        info = V.probe(path)
+        info = D.probe(path)
         assert (info.num_frames, info.width, info.height, info.rotation) == (frames, width, height, 0), path
         assert 5 < info.fps < 31
         indices = [3, 37, 50, 66] + ([100, 150, frames - 1] if frames > 150 else [])
-        got = V.read_frames(path, indices)
+        got = D.read_frames(path, indices)
         want = pyav_frames(path, indices)
         assert got.shape == want.shape == (len(indices), height, width, 3)
         assert got.dtype == np.uint8
@@ -66,7 +67,7 @@ def test_real_clips_probe_and_decode_the_right_frames(real_clips):
 
 
 def test_load_clip_real_footage_resized(real_clips):
-    clip = V.load_clip(clip_path(real_clips, "vtest.avi"), n=8, stride=4, start=16)
+    clip = D.load_clip(clip_path(real_clips, "vtest.avi"), n=8, stride=4, start=16)
     assert clip.frames.shape == (8, 256, 448, 3)
     assert clip.indices == [16, 20, 24, 28, 32, 36, 40, 44]
     assert clip.fps == pytest.approx(10.0)
@@ -77,15 +78,15 @@ def test_load_clip_real_footage_resized(real_clips):
 
 def test_same_frames_via_file_and_memory_uris(real_clips):
     path = clip_path(real_clips, "tree.avi")
-    local = V.load_clip(path, n=4, stride=8, start=2)
+    local = D.load_clip(path, n=4, stride=8, start=2)
     memory_uri = "memory://test_video/tree.avi"
     fsspec.filesystem("memory").pipe_file("/test_video/tree.avi", Path(path).read_bytes())
     try:
         for uri in (f"file://{path}", memory_uri):
-            other = V.load_clip(uri, n=4, stride=8, start=2)
+            other = D.load_clip(uri, n=4, stride=8, start=2)
             assert other.source_uri == uri
             np.testing.assert_array_equal(other.frames, local.frames)
-            assert V.probe(uri).num_frames == 68
+            assert D.probe(uri).num_frames == 68
     finally:
         fsspec.filesystem("memory").rm("/test_video", recursive=True)
 
@@ -100,16 +101,16 @@ def test_decode_and_write_via_s3(s3_endpoint, real_clips, tmp_path):
     with V.open_uri(uri, "wb") as f:
         f.write(Path(path).read_bytes())
 
-    clip = V.load_clip(uri, n=4, stride=8, start=2)
-    np.testing.assert_array_equal(clip.frames, V.load_clip(path, n=4, stride=8, start=2).frames)
+    clip = D.load_clip(uri, n=4, stride=8, start=2)
+    np.testing.assert_array_equal(clip.frames, D.load_clip(path, n=4, stride=8, start=2).frames)
 
     out = f"{bucket}/edits/clip.mp4"
     V.write_video(clip.frames, out, fps=clip.fps)
-    back = V.read_frames(out, range(4))
+    back = D.read_frames(out, range(4))
     assert back.shape == clip.frames.shape
 
     with pytest.raises(V.VideoDecodeError, match="no such file") as e:
-        V.probe(f"{bucket}/raw/missing.avi")
+        D.probe(f"{bucket}/raw/missing.avi")
     assert f"{bucket}/raw/missing.avi" in str(e.value)
 
 
@@ -153,13 +154,13 @@ def test_clip_starts():
 
 def test_too_short_clip_raises_naming_uri(bad_videos):
     short = str(bad_videos / "short.mp4")
-    assert V.probe(short).num_frames == 3
-    assert V.load_clip(short, n=3, stride=1).frames.shape[0] == 3
+    assert D.probe(short).num_frames == 3
+    assert D.load_clip(short, n=3, stride=1).frames.shape[0] == 3
     with pytest.raises(V.VideoDecodeError, match="clip too short") as e:
-        V.load_clip(short, n=4, stride=1)
+        D.load_clip(short, n=4, stride=1)
     assert short in str(e.value)
     with pytest.raises(V.VideoDecodeError, match="out of range"):
-        V.read_frames(short, [0, 3])
+        D.read_frames(short, [0, 3])
 
 
 # ---------------------------------------------------------------------------------------- size, crop
@@ -191,19 +192,19 @@ def test_resize_center_crop_keeps_the_centre():
 
 
 def test_load_clip_landscape_and_portrait(synthetic_clip, synthetic_portrait_clip):
-    land = V.load_clip(synthetic_clip, n=8, stride=2)
+    land = D.load_clip(synthetic_clip, n=8, stride=2)
     assert land.frames.shape == (8, 256, 448, 3)
-    portrait = V.load_clip(synthetic_portrait_clip, n=8, stride=2)
+    portrait = D.load_clip(synthetic_portrait_clip, n=8, stride=2)
     assert portrait.frames.shape == (8, 448, 256, 3)
-    native = V.load_clip(synthetic_portrait_clip, n=2, stride=1, size=None)
+    native = D.load_clip(synthetic_portrait_clip, n=2, stride=1, size=None)
     assert native.frames.shape == (2, 96, 64, 3)
-    small = V.load_clip(synthetic_clip, n=2, stride=1, size=(64, 32))
+    small = D.load_clip(synthetic_clip, n=2, stride=1, size=(64, 32))
     assert small.frames.shape == (2, 32, 64, 3)
 
 
 def test_synthetic_clip_frames_match_what_was_encoded(synthetic_clip):
     indices = [0, 1, 5, 23, 5]
-    got = V.read_frames(synthetic_clip, indices)
+    got = D.read_frames(synthetic_clip, indices)
     want = synthetic_frames(24)[indices]
     assert got.shape == (5, 64, 96, 3)
     assert np.abs(got.astype(int) - want).mean() < 3
@@ -212,19 +213,19 @@ def test_synthetic_clip_frames_match_what_was_encoded(synthetic_clip):
 
 
 @pytest.mark.parametrize("rotation", [90, 270])
-@pytest.mark.parametrize("sequential", [False, True])
-def test_display_rotation_is_applied(make_synthetic_clip, tmp_path, monkeypatch, rotation, sequential):
-    """Phones store portrait video as landscape + a display matrix: frames come back upright."""
-    if sequential:  # the PyAV path (used for timestamp-less files) must agree with decord's
-        monkeypatch.setattr(V._Source, "_read_decord", lambda self, indices: None)
+@pytest.mark.parametrize("seek", [False, True])
+def test_display_rotation_is_applied(make_synthetic_clip, tmp_path, monkeypatch, rotation, seek):
+    """Phones store portrait video as landscape + a display matrix: frames come back upright, whether
+    read in one pass (PyAV) or by seeks (decord)."""
+    monkeypatch.setattr(D, "use_seeks", lambda requests: seek)
     path = make_synthetic_clip(tmp_path / f"rot{rotation}.mp4", frames=6, rotation=rotation)
-    info = V.probe(path)
+    info = D.probe(path)
     assert (info.width, info.height, info.rotation) == (64, 96, rotation)
-    got = V.read_frames(path, [0, 4])
+    got = D.read_frames(path, [0, 4])
     want = np.rot90(synthetic_frames(6)[[0, 4]], k=rotation // 90, axes=(1, 2))
     assert got.shape == (2, 96, 64, 3)
     assert np.abs(got.astype(int) - want).mean() < 3
-    assert V.load_clip(path, n=2, stride=1).frames.shape == (2, 448, 256, 3)
+    assert D.load_clip(path, n=2, stride=1).frames.shape == (2, 448, 256, 3)
 
 
 # -------------------------------------------------------------------------------------------- tensors
@@ -258,9 +259,9 @@ def test_tensor_range_and_round_trip():
 def test_bad_files_raise_video_decode_error(bad_videos, name, reason):
     path = str(bad_videos / name)
     for call in (
-        lambda: V.probe(path),
-        lambda: V.load_clip(path, n=2, stride=1),
-        lambda: V.read_frames(path, [0]),
+        lambda: D.probe(path),
+        lambda: D.load_clip(path, n=2, stride=1),
+        lambda: D.read_frames(path, [0]),
     ):
         with pytest.raises(V.VideoDecodeError, match=reason) as e:
             call()
@@ -272,13 +273,13 @@ def test_bad_files_raise_video_decode_error(bad_videos, name, reason):
 def test_bad_uris_raise_video_decode_error(tmp_path):
     missing = str(tmp_path / "missing.mp4")
     with pytest.raises(V.VideoDecodeError, match="no such file") as e:
-        V.load_clip(missing, n=1, stride=1)
+        D.load_clip(missing, n=1, stride=1)
     assert missing in str(e.value)
     with pytest.raises(V.VideoDecodeError, match="cannot open this URI") as e:
-        V.probe("nosuchscheme://bucket/clip.mp4")
+        D.probe("nosuchscheme://bucket/clip.mp4")
     assert "nosuchscheme://bucket/clip.mp4" in str(e.value)
     with pytest.raises(V.VideoDecodeError, match="no such file"):
-        V.probe("memory://test_video/missing.mp4")
+        D.probe("memory://test_video/missing.mp4")
 
 
 def test_video_decode_error_pickles():
@@ -294,10 +295,10 @@ def test_write_mp4_round_trip(tmp_path):
     frames = synthetic_frames(20, 96, 64)
     uri = str(tmp_path / "out" / "edit.mp4")  # parent directory created
     V.write_video(frames, uri, fps=12)
-    info = V.probe(uri)
+    info = D.probe(uri)
     assert (info.num_frames, info.width, info.height) == (20, 96, 64)
     assert info.fps == pytest.approx(12)
-    back = V.read_frames(uri, range(20))
+    back = D.read_frames(uri, range(20))
     assert back.shape == frames.shape
     assert np.abs(back.astype(int) - frames).mean() < 3
     with av.open(uri) as c:
@@ -307,7 +308,7 @@ def test_write_mp4_round_trip(tmp_path):
 def test_write_mp4_odd_size_is_padded_to_even(tmp_path):
     frames = synthetic_frames(4, 96, 64)[:, :63, :95]
     V.write_video(frames, str(tmp_path / "odd.mp4"), fps=8)
-    back = V.read_frames(str(tmp_path / "odd.mp4"), range(4))
+    back = D.read_frames(str(tmp_path / "odd.mp4"), range(4))
     assert back.shape == (4, 64, 96, 3)
     assert np.abs(back[:, :63, :95].astype(int) - frames).mean() < 3
 
@@ -319,9 +320,9 @@ def test_write_gif_round_trip_via_memory():
     try:
         V.write_video(frames, uri, fps=10)
         assert fsspec.open(uri).open().read(6) == b"GIF89a"
-        info = V.probe(uri)
+        info = D.probe(uri)
         assert (info.num_frames, info.width, info.height) == (10, 96, 64)
-        back = V.read_frames(uri, range(10))
+        back = D.read_frames(uri, range(10))
         assert back.shape == frames.shape
         assert np.abs(back.astype(int) - frames).mean() < 2  # an adaptive palette per frame
     finally:

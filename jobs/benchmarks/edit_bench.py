@@ -38,7 +38,7 @@ OPENCV_CLIP = Path("/usr/share/doc/opencv-doc/examples/data/Megamind.avi")
 
 def load_input(uri: str | None, frames: int, stride: int, size: tuple[int, int]) -> np.ndarray:
     """uint8 (f, h, w, 3): a real clip when available, else a synthetic moving gradient (labelled)."""
-    from gen1.video import load_clip
+    from gen1.decoding import load_clip
 
     if uri is None and OPENCV_CLIP.exists():
         uri = str(OPENCV_CLIP)

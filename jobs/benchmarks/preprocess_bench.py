@@ -39,7 +39,8 @@ def _plans(uris, frames, stride, clips_per_video, size):
 
 
 def _decode(plan) -> np.ndarray:
-    from gen1.video import read_frames, resize_center_crop
+    from gen1.decoding import read_frames
+    from gen1.video import resize_center_crop
 
     return resize_center_crop(read_frames(plan.source_uri, plan.frame_indices), plan.width, plan.height)
 

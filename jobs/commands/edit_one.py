@@ -52,11 +52,12 @@ def preview_uri(out: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gen1.config import ConfigError, load_model_specs
+    from gen1.decoding import load_clip, probe
     from gen1.masks import read_mask
     from gen1.models import Gen1Models
     from gen1.preview import depth_to_rgb, side_by_side
     from gen1.sampling import Content, EditSettings, edit_video
-    from gen1.video import load_clip, probe, read_image, target_size, write_video
+    from gen1.video import read_image, target_size, write_video
 
     specs = load_model_specs(args.models)
     try:

@@ -52,7 +52,8 @@ class EditClip:
 
     def load_frames(self) -> np.ndarray:
         """uint8 (f, height, width, 3)."""
-        from gen1.video import read_frames, resize_center_crop
+        from gen1.decoding import read_frames
+        from gen1.video import resize_center_crop
 
         frames = resize_center_crop(read_frames(self.source_uri, self.frame_indices), self.width, self.height)
         if len(frames) != self.num_frames:
@@ -63,7 +64,8 @@ class EditClip:
 
     def middle_frame(self) -> np.ndarray:
         """uint8 (height, width, 3): the frame captions are made from (only that frame is decoded)."""
-        from gen1.video import read_frames, resize_center_crop
+        from gen1.decoding import read_frames
+        from gen1.video import resize_center_crop
 
         index = self.frame_indices[len(self.frame_indices) // 2]
         return resize_center_crop(read_frames(self.source_uri, [index]), self.width, self.height)[0]

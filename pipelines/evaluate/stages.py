@@ -28,7 +28,7 @@ from pipelines.failures import healthy, mark_failed, stage_rows
 
 def read_video(uri: str) -> np.ndarray:
     """Every frame of a written video: uint8 (f, h, w, 3)."""
-    from gen1.video import probe, read_frames
+    from gen1.decoding import probe, read_frames
 
     return read_frames(uri, list(range(probe(uri).num_frames)))
 

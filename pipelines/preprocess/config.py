@@ -50,10 +50,12 @@ class PreprocessConfig:
     # test runs 4.4 MiB blocks in 80 MiB) or blocks spill to disk. Frames leave the stream after the last
     # model stage unless store_frames is set. The writer's batch (shard_size rows, or target_shard_bytes)
     # also waits in the store: keep it a small part of the store too, or the stages starve each other.
-    decode_batch_size: int = 4  # clips per decode task
-    depth_batch_size: int = 4  # clips per depth call
-    clip_batch_size: int = 8  # clips per CLIP call
-    latents_batch_size: int = 4
+    decode_batch_size: int = 4  # clips per block out of the decode stage
+    # Model calls are sized in frames: a call takes as many whole clips as fit (at least one), and the
+    # model's forwards take that many frames at most.
+    depth_batch_frames: int = 16  # frames per depth call
+    clip_batch_frames: int = 32  # frames per CLIP call
+    latents_batch_frames: int = 16
     depth_concurrency: int = 1  # actors per model pool
     clip_concurrency: int = 1
     latents_concurrency: int = 1
@@ -69,10 +71,18 @@ class PreprocessConfig:
     device: str | None = None  # None: cuda when the actor got a GPU, else cpu
     max_failure_fraction: float = 0.1  # exit non-zero when failed / (ok + failed) exceeds this
     # time limits (`pipelines.timeouts`; None or 0: none). A clip over the limit becomes an error row of its
-    # stage with error_type "timeout"; the hung thread is abandoned, not killed.
+    # stage with error_type "timeout". A late decode's child process is killed; a hung model call's thread is
+    # abandoned.
     decode_timeout_s: float | None = 120.0  # per probe (plan) and per clip decode
     model_timeout_s: float | None = 600.0  # per model call (a batch forward, or one clip's on retry)
-    max_concurrent_decodes: int | None = None  # decode tasks in flight at once (None: the task pool's size)
+    # Decoding: each decode actor owns one child process that decodes one video at a time (a decoder that
+    # hangs is killed, one that crashes fails only its video) and streams its clips out as they complete, so
+    # Ray Data bounds each actor's output more loosely than a task's: on a tiny store (80 MiB, 2.6 MiB blocks)
+    # two actors spilled where one did not. None: half the cluster's CPUs, at least 1.
+    max_concurrent_decodes: int | None = None  # decode actors, hence videos decoding at once
+    decode_threads: int = 0  # FFmpeg threads per decode (0: FFmpeg's choice)
+    # CPU threads of each model actor on a CPU-only cluster (None: Ray's default, one per claimed CPU)
+    model_threads: int | None = None
     # inputs that failed in 2 runs are skipped (pipelines.quarantine) unless this is set
     retry_quarantined: bool = False
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started here
@@ -86,16 +96,18 @@ class PreprocessConfig:
         self.extensions = tuple(self.extensions)
         if self.frames_format not in ("jpeg", "raw"):
             raise ConfigError(f"frames_format: expected 'jpeg' or 'raw'; found {self.frames_format!r}")
-        for name in ("shard_size", "plan_batch_size", "decode_batch_size", "depth_batch_size",
-                     "clip_batch_size", "latents_batch_size", "depth_concurrency", "clip_concurrency",
+        for name in ("shard_size", "plan_batch_size", "decode_batch_size", "depth_batch_frames",
+                     "clip_batch_frames", "latents_batch_frames", "depth_concurrency", "clip_concurrency",
                      "latents_concurrency"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1; found {getattr(self, name)!r}")
         if self.target_shard_bytes is not None and int(self.target_shard_bytes) < 1:
             raise ConfigError(f"target_shard_bytes: expected bytes >= 1 or None; found {self.target_shard_bytes!r}")
-        if self.max_concurrent_decodes is not None and int(self.max_concurrent_decodes) < 1:
-            raise ConfigError(f"max_concurrent_decodes: expected an integer >= 1 or None; found "
-                              f"{self.max_concurrent_decodes!r}")
+        for name in ("max_concurrent_decodes", "model_threads"):
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name}: expected an integer >= 1 or None; found {getattr(self, name)!r}")
+        if int(self.decode_threads) < 0:
+            raise ConfigError(f"decode_threads: expected an integer >= 0; found {self.decode_threads!r}")
         check_time_limits(self, ("decode_timeout_s", "model_timeout_s"))
         if not 0 <= self.max_failure_fraction <= 1:
             raise ConfigError(f"max_failure_fraction: expected a value in [0, 1]; found {self.max_failure_fraction}")

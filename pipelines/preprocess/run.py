@@ -18,11 +18,19 @@ from typing import Any
 from pipelines.commits import Committer
 from pipelines.failures import STATUS_OK, error_record, missing_record
 from pipelines.preprocess.config import PreprocessConfig, ResolvedConfig
-from pipelines.preprocess.stages import ClipStage, DecodeStage, DepthStage, LatentsStage, ShardWriter
+from pipelines.preprocess.stages import (
+    ClipStage,
+    DecodeStage,
+    DepthStage,
+    LatentsStage,
+    ShardWriter,
+    video_rows,
+)
 from pipelines.quarantine import QUARANTINE_AFTER, Quarantine, load_quarantine, write_quarantine
 from pipelines.runtime import (
     ActorPool,
     actor_pool,
+    cluster_resources,
     init_ray,
     new_run_id,
     plan_resources,
@@ -204,25 +212,32 @@ def _unique_clips(plans: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class _ModelPass:
-    """One model stage of the dataset: its class, weight spec, clips per call and actor pool."""
+    """One model stage of the dataset: its class, weight spec, frames per call and actor pool."""
 
     stage: type
     spec: str
-    batch_size: int
+    batch_frames: int
     pool: ActorPool
 
 
 def _model_passes(cfg: PreprocessConfig, res: ResolvedConfig) -> list[_ModelPass]:
     passes = [
-        _ModelPass(DepthStage, res.depth_model, cfg.depth_batch_size,
+        _ModelPass(DepthStage, res.depth_model, cfg.depth_batch_frames,
                    ActorPool("depth", cfg.depth_concurrency, cfg.depth_num_gpus)),
-        _ModelPass(ClipStage, res.clip_model, cfg.clip_batch_size,
+        _ModelPass(ClipStage, res.clip_model, cfg.clip_batch_frames,
                    ActorPool("clip", cfg.clip_concurrency, cfg.clip_num_gpus)),
     ]
     if res.vae_model:
-        passes.append(_ModelPass(LatentsStage, res.vae_model, cfg.latents_batch_size,
+        passes.append(_ModelPass(LatentsStage, res.vae_model, cfg.latents_batch_frames,
                                  ActorPool("latents", cfg.latents_concurrency, cfg.latents_num_gpus)))
     return passes
+
+
+def decode_actors(cfg: PreprocessConfig, videos: int) -> int:
+    """How many decode actors (each decoding one video at a time): max_concurrent_decodes, else half the
+    cluster's CPUs; at least 1 and at most one per video."""
+    wanted = cfg.max_concurrent_decodes or max(1, int(cluster_resources()[0]) // 2)
+    return max(1, min(wanted, videos))
 
 
 def estimated_row_bytes(cfg: PreprocessConfig, res: ResolvedConfig) -> int:
@@ -246,18 +261,27 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
 
     passes = _model_passes(cfg, res)
     resources = plan_resources([p.pool for p in passes], cfg.actor_num_cpus, cfg.task_num_cpus)
-    blocks = max(1, math.ceil(len(todo) / cfg.decode_batch_size))
-    ds = ray.data.from_items(todo, override_num_blocks=blocks)
-    ds = ds.map_batches(DecodeStage(cfg.decode_timeout_s), batch_size=cfg.decode_batch_size,
-                        batch_format="pandas", num_cpus=cfg.task_num_cpus,
-                        compute=task_pool(cfg.task_concurrency, cfg.max_concurrent_decodes))
+    videos = video_rows(todo)
+    # A generator stage's clips leave in blocks of about decode_batch_size clips (Ray Data cuts a
+    # generator's output at the target block size).
+    ds = ray.data.from_items(videos, override_num_blocks=len(videos))
+    clip_bytes = res.frames * res.size[0] * res.size[1] * 3
+    ds.context.target_max_block_size = max(2**20, cfg.decode_batch_size * clip_bytes)  # this run's datasets only
+    ds = ds.map_batches(
+        DecodeStage,
+        fn_constructor_kwargs={"timeout_s": cfg.decode_timeout_s, "batch_clips": cfg.decode_batch_size,
+                               "storage_options": cfg.storage_options, "threads": cfg.decode_threads},
+        batch_size=1, batch_format="pandas", num_cpus=cfg.task_num_cpus,
+        compute=actor_pool(decode_actors(cfg, len(videos)), tasks_per_actor=1),
+    )
     for i, p in enumerate(passes):
         last = i == len(passes) - 1  # the last reader of the frames: it drops them unless they are stored
         ds = ds.map_batches(  # a class: Ray Data runs it in a pool of `concurrency` actors
             p.stage,
             fn_constructor_kwargs={"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s,
-                                   "drop_frames": last and not cfg.store_frames},
-            batch_size=p.batch_size,
+                                   "drop_frames": last and not cfg.store_frames, "batch_frames": p.batch_frames,
+                                   "threads": cfg.model_threads},
+            batch_size=max(1, p.batch_frames // res.frames),  # whole clips: as many as fit in batch_frames
             batch_format="pandas",
             compute=actor_pool(p.pool.concurrency),
             **resources[p.pool.name],

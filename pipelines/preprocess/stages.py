@@ -1,8 +1,8 @@
 """The stages of the preprocess stream: plain classes with ``__call__(batch: pandas.DataFrame) -> DataFrame``,
 callable without Ray.
 
-- `DecodeStage` (CPU tasks): planned clips (`pipelines.sources.PLAN_SCHEMA` rows) -> their decoded,
-  resized frames in ``frames_raw``.
+- `DecodeStage` (an actor pool, each actor with a child process that decodes): videos (`video_rows`: a
+  video's planned clips) -> one row per clip with its decoded, resized frames in ``frames_raw``.
 - `ModelStage`, the base of `DepthStage`, `ClipStage` and `LatentsStage` (actor pools): the frames ->
   ``depth``; ``clip_embedding`` and ``clip_dim``; ``latents`` and ``lat_c``, ``lat_h``, ``lat_w``.
 - `ShardWriter` (CPU tasks): the healthy rows of a batch -> shard files, its error rows -> an errors file,
@@ -15,9 +15,8 @@ clip that fails in a stage becomes an error row, which later stages pass through
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ import pyarrow as pa
 
 from pipelines.failures import (
     STATUS_ERROR,
+    STATUS_OK,
     apply_per_clip,
     batch_rows,
     error_record,
@@ -44,7 +44,7 @@ from pipelines.schema import (
     encode_frames,
 )
 from pipelines.sources import PLAN_COLUMNS
-from pipelines.timeouts import call_with_timeout
+from pipelines.timeouts import StageTimeout
 
 # Added by the stages (bytes are b"" and ints 0 where a stage did not run, so types never vary).
 FEATURE_COLUMNS = ("frames_raw", "depth", "clip_embedding", "clip_dim", "latents", "lat_c", "lat_h", "lat_w")
@@ -96,93 +96,113 @@ def _by_shape(inputs: list[np.ndarray], fn: Callable[[np.ndarray], np.ndarray]) 
     return out  # type: ignore[return-value]
 
 
-class DecodeStage:
-    """Decode and resize the frames of each planned clip into ``frames_raw`` (uint8 (f, h, w, 3) bytes).
+def video_rows(plans: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Planned clips (`pipelines.sources.PLAN_SCHEMA` rows) -> one `DecodeStage` input row per video, in
+    first-seen order: ``source_uri`` and ``plans``, the video's plan rows as JSON."""
+    by_uri: dict[str, list[dict[str, Any]]] = {}
+    for p in plans:
+        row = {c: p[c] for c in PLAN_COLUMNS if c in p}
+        row["frame_indices"] = [int(i) for i in row["frame_indices"]]
+        by_uri.setdefault(str(p["source_uri"]), []).append(row)
+    return [{"source_uri": uri, "plans": json.dumps(rows, default=_json_scalar)} for uri, rows in by_uri.items()]
 
-    A remote video is fetched once per batch (into a temp file) however many of its clips the batch
-    holds; sparse reads go through `gen1.video.read_frames`. Each clip's decode runs under ``timeout_s``
-    (`pipelines.timeouts.call_with_timeout`): a clip whose decode hangs becomes an error row (stage
-    ``decode``, error type ``timeout``) and the next clip goes on. The fetch itself is not limited here
-    (fsspec's own timeouts apply).
+
+def _json_scalar(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a video row")
+
+
+class DecodeStage:
+    """Videos -> their planned clips, decoded and resized into ``frames_raw`` (uint8 (f, h, w, 3) bytes).
+
+    A generator stage: each input row is one video (`video_rows`), decoded once by `gen1.decoding.decode_clips`
+    (one pass, or seeks for sparse plans) in a child process (`pipelines.child_worker.ChildWorker`), and its
+    clips come out as they complete, ``batch_clips`` rows per yielded batch. A clip whose decode takes longer
+    than ``timeout_s`` gets an error row (stage ``decode``, error type ``timeout``); the child is killed and the
+    video's other clips are decoded again by a fresh one (after a second timeout in the same video, its
+    remaining clips fail with ``timeout`` too). A child that dies (segfault, abort, OOM kill) turns the clips
+    of its video not yet out into error rows of error type ``crash``. Other decode errors fail the clips they
+    reach. ``decoder`` stands in for `gen1.decoding.decode_clips` (a module-level function: it is pickled to
+    the child by reference).
     """
 
-    def __init__(self, timeout_s: float | None = None):
-        self.timeout_s = timeout_s
+    def __init__(self, timeout_s: float | None = None, batch_clips: int = 4,
+                 storage_options: Mapping[str, Any] | None = None, threads: int = 0,
+                 decoder: Callable[..., Any] | None = None):
+        from pipelines.child_worker import ChildWorker
 
-    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
-        from gen1 import video
+        self.timeout_s, self.batch_clips, self.threads = timeout_s, max(1, int(batch_clips)), int(threads)
+        self.storage_options = dict(storage_options or {})
+        self.decoder = decoder
+        self.worker = ChildWorker(preload=("gen1.decoding",))
 
-        rows = _rows(batch)
-        by_uri: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            if healthy(row):
-                by_uri.setdefault(row["source_uri"], []).append(row)
-        for uri, group in by_uri.items():
-            with _local_copy(uri) as (local, fetch_error):
-                for row in group:
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> Iterator[pd.DataFrame]:
+        for video in batch_rows(batch):
+            rows = _rows(pd.DataFrame([{**p, "status": STATUS_OK} for p in json.loads(video["plans"])]))
+            yield from self.decode_video(str(video["source_uri"]), rows)
+
+    def decode_video(self, uri: str, rows: list[dict[str, Any]]) -> Iterator[pd.DataFrame]:
+        """Decode the clips ``rows`` of video ``uri``; yields batches of stage rows, every row once."""
+        from gen1.decoding import ClipRequest, decode_clips
+
+        decoder = self.decoder or decode_clips
+        pending = {i: r for i, r in enumerate(rows) if healthy(r)}
+        out = [r for r in rows if not healthy(r)]
+        timeouts = 0
+        while pending:
+            order = list(pending)
+            requests = [ClipRequest(tuple(int(i) for i in pending[k]["frame_indices"]),
+                                    (int(pending[k]["width"]), int(pending[k]["height"]))) for k in order]
+            what = f"decode of {uri}"
+            try:
+                for j, frames in self.worker.run(decoder, (uri, requests, self.storage_options, self.threads),
+                                                 self.timeout_s, what=what):
+                    row = pending.pop(order[j])
                     try:
-                        if fetch_error is not None:
-                            raise fetch_error
-                        row["frames_raw"] = call_with_timeout(
-                            self._decode, self.timeout_s, video, uri, local, row,
-                            what=f"decode of clip {row['clip_id']} (start {row['start']}) of {uri}",
-                        )
+                        row["frames_raw"] = _checked_frames(row, frames)
                     except Exception as e:
                         mark_failed(row, "decode", e)
-        return _frame(rows)
+                    out.append(row)
+                    if len(out) >= self.batch_clips:
+                        yield _frame(out)
+                        out = []
+                break
+            except StageTimeout:
+                timeouts += 1
+                late = [min(pending, key=lambda k: max(pending[k]["frame_indices"]))] if timeouts < 2 else list(pending)
+                for k in late:  # the clip the pass was working on (after a second timeout: all that are left)
+                    row = pending.pop(k)
+                    out.append(mark_failed(row, "decode", StageTimeout(
+                        f"decode of clip {row['clip_id']} (start {row['start']}) of {uri}", self.timeout_s, killed=True)))
+            except Exception as e:  # a crash of the child, or a decode error: the clips not yet out fail
+                for k in list(pending):
+                    out.append(mark_failed(pending.pop(k), "decode", e))
+        if out:
+            yield _frame(out)
 
-    @staticmethod
-    def _decode(video: Any, uri: str, local: str, row: Mapping[str, Any]) -> bytes:
-        # `video.read_frames` is looked up at call time so a test can stand in a hanging decoder
-        indices = [int(i) for i in row["frame_indices"]]
-        frames = _rename_decode_errors(uri, local, video.read_frames, indices)
-        frames = video.resize_center_crop(frames, int(row["width"]), int(row["height"]))
-        if len(frames) != int(row["num_frames"]):
-            raise RuntimeError(f"expected {row['num_frames']} frames; decoded {len(frames)}")
-        return np.ascontiguousarray(frames).tobytes()
+    def decode(self, plans: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        """Every clip of ``plans`` (PLAN_SCHEMA rows, any videos) decoded, in their order, as one frame: the
+        stage without Ray, for tests and single-machine tools. Plan error rows pass through."""
+        rows = _rows(plans)
+        videos = video_rows([r for r in rows if healthy(r)])
+        out = pd.concat([*(self(pd.DataFrame(videos)) if videos else []), _frame([r for r in rows if not healthy(r)])],
+                        ignore_index=True)
+        position = {r["clip_id"]: i for i, r in enumerate(rows)}
+        return out.iloc[sorted(range(len(out)), key=lambda i: position[out.clip_id.iloc[i]])].reset_index(drop=True)
 
-
-class _local_copy:
-    """Context manager: (a local path for ``uri``, or the error fetching it). Local files are used as is."""
-
-    def __init__(self, uri: str):
-        self.uri, self.tmp = uri, None
-
-    def __enter__(self) -> tuple[str, Exception | None]:
-        import fsspec
-        from fsspec.implementations.local import LocalFileSystem
-
-        from gen1.video import VideoDecodeError
-
-        try:
-            fs, path = fsspec.core.url_to_fs(self.uri)
-            if isinstance(fs, LocalFileSystem):
-                return self.uri, None
-            suffix = os.path.splitext(path)[1]
-            fd, self.tmp = tempfile.mkstemp(prefix="gen1-preprocess-", suffix=suffix)
-            os.close(fd)
-            fs.get_file(path, self.tmp)
-            return self.tmp, None
-        except Exception as e:
-            err = VideoDecodeError(self.uri, f"cannot fetch: {type(e).__name__}: {e}")
-            err.__cause__ = e
-            return self.uri, err
-
-    def __exit__(self, *exc: object) -> None:
-        if self.tmp is not None and os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+    def __del__(self) -> None:
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()
 
 
-def _rename_decode_errors(uri: str, local: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Call ``fn(local, *args)``; a VideoDecodeError about the temp copy names ``uri`` instead."""
-    from gen1.video import VideoDecodeError
-
-    try:
-        return fn(local, *args)
-    except VideoDecodeError as e:
-        if local == uri:
-            raise
-        raise VideoDecodeError(uri, e.reason) from e
+def _checked_frames(row: Mapping[str, Any], frames: np.ndarray) -> bytes:
+    """The decoded frames of ``row``'s clip as ``frames_raw`` bytes, once their shape matches the plan."""
+    expected = (int(row["num_frames"]), int(row["height"]), int(row["width"]), 3)
+    if tuple(frames.shape) != expected:
+        raise RuntimeError(f"clip {row['clip_id']}: expected decoded frames of shape {expected}; got {frames.shape}")
+    return np.ascontiguousarray(frames, dtype=np.uint8).tobytes()
 
 
 class ModelStage:
@@ -193,16 +213,30 @@ class ModelStage:
     """
 
     name: str  # the stage of its error rows
+    device: str  # where `load` put the model
 
     def __init__(self, spec: str, device: str | None = None, timeout_s: float | None = None,
-                 drop_frames: bool = False):
+                 drop_frames: bool = False, batch_frames: int = 16, threads: int | None = None):
         self.spec, self.timeout_s = spec, timeout_s  # timeout_s: per model call (`apply_per_clip`)
         self.drop_frames = drop_frames  # the last stage that needs the frames, and they are not stored
+        self.batch_frames = int(batch_frames)  # frames per forward
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
         self.load(device)
 
     def load(self, device: str | None) -> None:
-        """Load the model of ``self.spec`` onto ``device`` (None: the stage's default)."""
+        """Load the model of ``self.spec`` onto ``device`` (None: the stage's default); set ``self.device``."""
         raise NotImplementedError
+
+    def infer(self, clips: list[np.ndarray]) -> list[np.ndarray]:
+        """`predict` under `gen1.devices.inference` (inference mode; autocast on CUDA). Entered here, in
+        the thread that runs the call, since both are per thread."""
+        from gen1.devices import inference
+
+        with inference(self.device):
+            return self.predict(clips)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
         """clips: uint8 (f, h, w, 3) each -> one output array each."""
@@ -214,7 +248,7 @@ class ModelStage:
 
     def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
         rows = _rows(batch)
-        apply_per_clip(rows, self.name, self.predict, clip_frames, self.store, self.timeout_s)
+        apply_per_clip(rows, self.name, self.infer, clip_frames, self.store, self.timeout_s)
         return _frame(_without_frames(rows) if self.drop_frames else rows)
 
 
@@ -226,7 +260,8 @@ class DepthStage(ModelStage):
     def load(self, device: str | None) -> None:
         from gen1.depth import DepthEstimator
 
-        self.estimator = DepthEstimator(self.spec, device=device)
+        self.estimator = DepthEstimator(self.spec, device=device, batch_size=self.batch_frames)
+        self.device = str(self.estimator.device)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
         """clips: uint8 (f, h, w, 3) each -> float32 (f, h, w) each, as `DepthEstimator.__call__` computes
@@ -253,7 +288,8 @@ class ClipStage(ModelStage):
     def load(self, device: str | None) -> None:
         from gen1.clip import ClipEmbedder
 
-        self.embedder = ClipEmbedder(self.spec, device=device)
+        self.embedder = ClipEmbedder(self.spec, device=device, batch_size=self.batch_frames)
+        self.device = str(self.embedder.device)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
         """clips: uint8 (f, h, w, 3) each -> float32 (f, dim) each; one forward per frame shape."""
@@ -282,14 +318,15 @@ class LatentsStage(ModelStage):
 
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """frames uint8 (n, h, w, 3) -> float32 (n, c, h/8, w/8)."""
-        import torch
-
+        from gen1.devices import to_device
         from gen1.video import frames_to_tensor
 
-        x = frames_to_tensor(frames).to(self.device, next(self.vae.parameters()).dtype)
-        with torch.no_grad():
-            z = self.vae.encode(x).latent_dist.mean * self.scale
-        return z.float().cpu().numpy()
+        dtype = next(self.vae.parameters()).dtype
+        out = []
+        for chunk in np.array_split(frames, max(1, -(-len(frames) // self.batch_frames))):
+            x = to_device(frames_to_tensor(chunk), self.device).to(dtype)
+            out.append((self.vae.encode(x).latent_dist.mean * self.scale).float().cpu().numpy())
+        return np.concatenate(out)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
         """clips: uint8 (f, h, w, 3) each -> float32 (c, f, h/8, w/8) each."""
