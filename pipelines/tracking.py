@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gen1.destinations import destination
 from gen1.urls import redact_url
 
 log = logging.getLogger(__name__)
@@ -210,7 +211,7 @@ def log_remote_file(uri: str, artifact_path: str) -> None:
     import fsspec
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / Path(uri.rstrip("/")).name
+        local = destination(Path(tmp), Path(uri.rstrip("/")).name, source=uri)  # not '..'
         with fsspec.open(uri, "rb") as src, open(local, "wb") as dst:
             dst.write(src.read())
         log_file(local, artifact_path)
