@@ -7,7 +7,8 @@ Two `PromptWriter`s:
   the same prompts, which is what lets a rerun of a job find the edits it already made;
 - `ChatWriter`: any OpenAI-compatible ``/chat/completions`` endpoint (base URL, model and API key from
   `ChatConfig` or the environment), with timeouts and retries with exponential backoff. The API key is
-  sent in the ``Authorization`` header only: it is never logged, printed, or put in an error message.
+  sent in the ``Authorization`` header only, and only over https or to this machine: it is never logged,
+  printed, or put in an error message; the base URL is logged and recorded redacted (`gen1.urls`).
 
 `make_prompt_writer` picks the chat writer only when an endpoint is configured, else the template writer.
 User-supplied prompts bypass both (see `read_prompt_file`), and a prompt may name a reference image
@@ -25,6 +26,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
+
+from gen1.config import ConfigError
+from gen1.urls import is_loopback, redact_url, with_path_suffix
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +278,12 @@ class ChatConfig:
         if isinstance(self.api_key, str):
             object.__setattr__(self, "api_key", Secret(self.api_key))
         if not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http(s) URL, got {self.base_url!r}")
+            raise ConfigError(f"base_url must be an http(s) URL, got {redact_url(self.base_url)!r}")
+        if self.api_key is not None and self.base_url.startswith("http://") and not is_loopback(self.base_url):
+            raise ConfigError(
+                f"refusing to send the API key over plain http to {redact_url(self.base_url)}: use an https "
+                "base_url, or http only to this machine (localhost, 127.0.0.1, ::1)"
+            )
         if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0:
             raise ValueError(
                 f"expected timeout_s > 0, max_retries >= 0, backoff_s >= 0; got {self.timeout_s}, "
@@ -302,10 +311,13 @@ class ChatConfig:
             return None
         return cls(**values)
 
+    def __repr__(self) -> str:  # the dataclass repr would show the base URL verbatim
+        return f"ChatConfig({self.describe()})"
+
     def describe(self) -> dict:
-        """For logs and run records: everything but the key (only whether one is set)."""
+        """For logs and run records: everything but the key (only whether one is set), the URL redacted."""
         return {
-            "base_url": self.base_url,
+            "base_url": redact_url(self.base_url),
             "model": self.model,
             "api_key_set": self.api_key is not None,
             "timeout_s": self.timeout_s,
@@ -374,7 +386,8 @@ class ChatWriter:
 
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        url = self.config.base_url.rstrip("/") + "/chat/completions"
+        url = with_path_suffix(self.config.base_url, "/chat/completions")  # a query (?api-version=) stays last
+        shown = redact_url(url)  # for messages: the URL may hold a password or a token
         body = {
             "model": self.config.model,
             "temperature": self.config.temperature,
@@ -412,7 +425,7 @@ class ChatWriter:
                     problem = f"HTTP {resp.status_code}: {detail}"
                     if resp.status_code not in RETRY_STATUS:
                         raise PromptWriterError(
-                            f"chat endpoint {url} (model {self.config.model!r}) refused the request: {problem}"
+                            f"chat endpoint {shown} (model {self.config.model!r}) refused the request: {problem}"
                         )
                     retry_after = resp.headers.get("Retry-After")
             problems.append(problem)
@@ -420,7 +433,7 @@ class ChatWriter:
                 delay = self._delay(attempt, retry_after)
                 log.warning(
                     "chat endpoint %s: %s; retry %d/%d in %.1fs",
-                    url,
+                    shown,
                     problem,
                     attempt + 1,
                     self.config.max_retries,
@@ -428,7 +441,7 @@ class ChatWriter:
                 )
                 self.sleep(delay)
         raise PromptWriterError(
-            f"chat endpoint {url} (model {self.config.model!r}) failed {len(problems)} times: "
+            f"chat endpoint {shown} (model {self.config.model!r}) failed {len(problems)} times: "
             + "; ".join(problems)
         )
 

@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from gen1.config import COMPONENTS
+from gen1.destinations import destination
 from gen1.tiny import ensure_tiny
+from gen1.urls import redact_url
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, PriorTransformer, UNet2DConditionModel
@@ -222,13 +224,15 @@ def _filesystem(uri: str):
 
 
 def _download_dir(fs, root: str, dest: Path) -> list[str]:
-    """Copy every file under ``root`` on ``fs`` into ``dest`` (keeping relative paths); return them."""
+    """Copy every file under ``root`` on ``fs`` into ``dest`` (keeping relative paths); return them.
+    `gen1.destinations.UnsafeDestinationError` before anything is copied when a key (``../``) leaves ``dest``."""
     files = sorted(fs.find(root, withdirs=False))
     rel = [posixpath.relpath(f, root) for f in files]
-    for r in rel:
-        (dest / r).parent.mkdir(parents=True, exist_ok=True)
+    targets = [destination(dest, r, source=f) for f, r in zip(files, rel, strict=True)]
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
     if files:
-        fs.get(files, [str(dest / r) for r in rel])
+        fs.get(files, [str(t) for t in targets])
     return rel
 
 
@@ -242,7 +246,7 @@ def resolve_uri(uri: str, cache_dir: Path | None = None, component: str | None =
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else weights_cache_dir()
     target = cache_dir / uri_cache_name(uri)
     if _non_empty_dir(target):
-        log.info("%s -> cached copy %s", uri, target)
+        log.info("%s -> cached copy %s", redact_url(uri), target)
         return target
     root = root.rstrip("/")
     if not fs.isdir(root):
@@ -256,11 +260,11 @@ def resolve_uri(uri: str, cache_dir: Path | None = None, component: str | None =
             raise _not_found(uri, [f"local cache {target} (absent)", f"{uri} (empty directory)"], component)
         try:
             tmp.rename(target)
-            log.info("downloaded %s (%d files) -> %s", uri, len(files), target)
+            log.info("downloaded %s (%d files) -> %s", redact_url(uri), len(files), target)
         except OSError:
             if not _non_empty_dir(target):
                 raise
-            log.info("%s was downloaded concurrently to %s; using that copy", uri, target)
+            log.info("%s was downloaded concurrently to %s; using that copy", redact_url(uri), target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

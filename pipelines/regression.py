@@ -26,6 +26,7 @@ from typing import Any
 import pandas as pd
 
 from gen1.config import ConfigError
+from gen1.urls import redact_url
 from pipelines import tracking
 
 log = logging.getLogger(__name__)
@@ -253,7 +254,7 @@ def accept_baseline(tracking_uri: str, run_id: str) -> None:
     client.set_tag(run_id, BASELINE_TAG, BASELINE_ACCEPTED)
     client.set_tag(run_id, ACCEPTED_AT_TAG, dt.datetime.now(dt.UTC).isoformat(timespec="microseconds"))
     log.info("run %s (%s) accepted as the baseline of experiment %s at %s", run_id, run.info.run_name,
-             run.info.experiment_id, tracking_uri)
+             run.info.experiment_id, redact_url(tracking_uri))
 
 
 def load_run_table(client, run_id: str, artifact: str = TABLE_ARTIFACT) -> pd.DataFrame | None:

@@ -11,6 +11,10 @@ Metric names follow ``<metric>`` for the headline (our video model, all settings
 ``<metric>/<method>`` per method and ``<metric>/<method>/<setting>`` per setting.
 
 Training runs report through `MlflowTracker`, the `gen1.training.Tracker` that `gen1 train` hands in.
+
+A tracking URI may carry a password or a token (``https://user:pass@host?token=...``): it is used to connect
+and logged or recorded only through `gen1.urls.redact_url`; MLflow's own "View run at <URL>" line, which
+would print it verbatim, is suppressed for such a URI.
 """
 
 from __future__ import annotations
@@ -29,8 +33,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gen1.destinations import destination
+from gen1.urls import redact_url
+
 log = logging.getLogger(__name__)
 
+SUPPRESS_URL_ENV = "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"  # read by MLflow when a run ends
 LOCAL_DB = "mlflow.db"
 LOCAL_ARTIFACTS = "mlartifacts"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value is 6000 characters
@@ -61,6 +69,23 @@ def resolve_tracking_uri(configured: str | None, local_dir: str | Path) -> tuple
 
 
 @contextlib.contextmanager
+def _no_url_printing(tracking_uri: str) -> Iterator[None]:
+    """While a run ends, keep MLflow from printing a URI that carries secrets (it prints it verbatim)."""
+    if redact_url(tracking_uri) == tracking_uri:
+        yield
+        return
+    previous = os.environ.get(SUPPRESS_URL_ENV)
+    os.environ[SUPPRESS_URL_ENV] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(SUPPRESS_URL_ENV, None)
+        else:
+            os.environ[SUPPRESS_URL_ENV] = previous
+
+
+@contextlib.contextmanager
 def start_run(
     tracking_uri: str, artifact_location: str | None, experiment: str, run_name: str, tags: Mapping[str, str]
 ) -> Iterator[Any]:
@@ -80,8 +105,10 @@ def start_run(
             experiment_id = mlflow.create_experiment(experiment, artifact_location=artifact_location)
         else:
             experiment_id = found.experiment_id
-        log.info("MLflow: tracking %s, experiment %r (%s)", tracking_uri, experiment, experiment_id)
-        with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
+        log.info("MLflow: tracking %s, experiment %r (%s)", redact_url(tracking_uri), experiment, experiment_id)
+        with _no_url_printing(tracking_uri), mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name, tags=dict(tags)
+        ) as run:
             yield run
     finally:
         mlflow.set_tracking_uri(previous)
@@ -184,7 +211,7 @@ def log_remote_file(uri: str, artifact_path: str) -> None:
     import fsspec
 
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / Path(uri.rstrip("/")).name
+        local = destination(Path(tmp), Path(uri.rstrip("/")).name, source=uri)  # not '..'
         with fsspec.open(uri, "rb") as src, open(local, "wb") as dst:
             dst.write(src.read())
         log_file(local, artifact_path)
@@ -229,4 +256,5 @@ class MlflowTracker:
         self._client.log_batch(self.run_id, metrics=items)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._client.set_terminated(self.run_id, status=status)
+        with _no_url_printing(self.uri):
+            self._client.set_terminated(self.run_id, status=status)

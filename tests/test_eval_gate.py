@@ -204,3 +204,35 @@ def test_accept_needs_a_tracking_uri(monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert main(["--accept", "abc"]) == 2
     assert "--tracking-uri" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_tracking_uri_with_credentials_is_never_logged_printed_or_stored_verbatim(
+    mlflow_server_uri, fake_eval, tmp_path, capsys, caplog
+):
+    """Issue 17, item 6: ``user:pass@`` in the tracking URI reaches the server (requests sends it as basic
+    auth) but no log line, printed line, JSON summary, MLflow param or tag; nor does a query token."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from jobs.commands.eval import main
+    from pipelines.evaluate import EvalConfig
+
+    uri = mlflow_server_uri.replace("://", "://gen1-user:pw-4k2j@")
+    fake_eval["secret"] = _measured()
+    with caplog.at_level(logging.INFO):
+        assert _eval(uri, tmp_path, "redact-test", "secret", "--json") == 0
+        run = _run(MlflowClient(mlflow_server_uri), "redact-test", "secret")
+        assert main(["--accept", run.info.run_id, "--tracking-uri", uri]) == 0
+    out = capsys.readouterr()
+    summary = json.loads(next(line for line in out.out.splitlines() if line.startswith("{")))
+    stored = json.dumps({"params": run.data.params, "tags": run.data.tags})
+    for text in (caplog.text, out.out, out.err, stored):
+        assert "pw-4k2j" not in text and "gen1-user" not in text
+    assert summary["tracking_uri"] == mlflow_server_uri.replace("://", "://***@")
+    assert "://***@127.0.0.1" in json.loads(run.data.params["config"])["tracking_uri"]
+    assert "MLflow: tracking http://***@127.0.0.1" in caplog.text
+    queried = EvalConfig(edits="e", tracking_uri="https://u:p@mlflow.example.com/api?token=tok-9&ws=a").as_dict()
+    assert queried["tracking_uri"] == "https://***@mlflow.example.com/api?token=***&ws=***"

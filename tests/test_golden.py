@@ -50,10 +50,7 @@ PIXEL_ATOL = 1  # uint8 pixels after JPEG decoding
 # flow-warp error by 1.2e-3 (relative). The edit manifest's metrics, computed before encoding, repeat to 1e-4.
 EVAL_RTOL, EVAL_ATOL = 5e-3, 5e-4
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not OPENCV_DATA_DIR.is_dir(), reason="needs Debian's opencv-doc clips"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("real_clips")]  # skips, or fails in CI, without opencv-doc
 
 
 @pytest.fixture(scope="module")

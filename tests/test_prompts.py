@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from gen1.config import ConfigError
 from gen1.prompts import (
     ChatConfig,
     ChatWriter,
@@ -263,3 +264,45 @@ def test_chat_config_from_env():
     assert ChatConfig.from_env({}, base_url="http://x/v1").api_key is None
     with pytest.raises(ValueError, match="http"):
         ChatConfig(base_url="127.0.0.1:8000")
+
+
+# ------------------------------------------------------------------- secrets in the URL (issue 17, item 6)
+
+
+def test_chat_writer_never_logs_or_records_the_base_url_verbatim(caplog):
+    """A base URL's userinfo and query values stay out of logs, errors and the edit job's run record; the
+    request itself goes to the real URL, the query after the endpoint path."""
+    from pipelines.edit import EditJobConfig
+
+    with FakeChatServer([("status", 500), ("ok", ["a", "b"])]) as server:
+        host_and_path = server.url.split("://", 1)[1]  # 127.0.0.1:PORT/v1
+        cfg = ChatConfig(base_url=f"http://user:pass-9x7@{host_and_path}?token=tok-5q2", api_key=API_KEY)
+        with caplog.at_level(logging.INFO):  # (urllib3's own DEBUG lines show the request path and query)
+            writer = make_prompt_writer(cfg)
+            writer.sleep = lambda s: None
+            assert writer.write(CAPTION, 2) == ["a", "b"]
+        with pytest.raises(PromptWriterError) as err:  # the server is down: the error names the URL
+            server.httpd.shutdown()
+            server.httpd.server_close()
+            ChatWriter(ChatConfig(base_url=cfg.base_url, max_retries=0, timeout_s=1)).write(CAPTION, 2)
+    assert [r[2] for r in server.requests] == ["/v1/chat/completions?token=tok-5q2"] * 2
+    record = json.dumps(EditJobConfig(src="s", dst="d", auto_prompts=2, llm=cfg).as_dict(), default=str)
+    for text in (caplog.text, str(err.value), record, repr(cfg), repr(writer)):
+        assert "pass-9x7" not in text and "tok-5q2" not in text and "user:" not in text
+    assert "http://***@127.0.0.1" in caplog.text and "token=***" in record
+
+
+@pytest.mark.parametrize("base_url", ["http://10.0.0.5:8000/v1", "http://api.example.com/v1", "http://[fe80::1]/v1"])
+def test_chat_config_refuses_an_api_key_over_plain_http_to_another_host(base_url):
+    with pytest.raises(ConfigError, match="refusing to send the API key over plain http"):
+        ChatConfig(base_url=base_url, api_key=API_KEY)
+    with pytest.raises(ConfigError, match="plain http"):
+        ChatConfig.from_env({"GEN1_LLM_BASE_URL": base_url, "OPENAI_API_KEY": API_KEY})
+    assert ChatConfig(base_url=base_url).api_key is None  # no key: nothing to leak
+
+
+@pytest.mark.parametrize(
+    "base_url", ["https://api.example.com/v1", "http://127.0.0.1:8000/v1", "http://localhost/v1", "http://[::1]:9/v1"]
+)
+def test_chat_config_sends_an_api_key_over_https_or_to_this_machine(base_url):
+    assert ChatConfig(base_url=base_url, api_key=API_KEY).api_key.value == API_KEY

@@ -113,7 +113,7 @@ def test_two_worker_ray_train_run_logs_to_mlflow(real_clips, tiny_models, ray_cl
 
     from gen1.unet import VideoUNet
 
-    state = torch.load(ckpt / "step-00000004" / "state.pt", weights_only=False)
+    state = torch.load(ckpt / "step-00000004" / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and set(state["data"]) == {0, 1}
     VideoUNet.from_pretrained(output / "final")
 

@@ -361,6 +361,76 @@ def test_checkpoint_store_commits_by_rename_and_prunes(tmp_path):
     assert store.read_torch("checkpoints", "step-00000003", "state.pt") == {"step": 3}
 
 
+def test_random_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    """Issue 17, item 6: every random stream is stored as tensors and plain values, so ``weights_only=True``
+    loads it, and restoring it repeats the same draws (numpy's cached Gaussian included)."""
+    import random
+
+    from gen1.training.state import make_generators, rng_state, seed_everything, set_rng_state
+
+    def draws(gens):
+        return (torch.rand(3).tolist(), np.random.rand(2).tolist(), np.random.randn(1).tolist(), random.random(),
+                torch.randn(2, generator=gens["sample"]).tolist(), torch.rand(1, generator=gens["kind"]).tolist())
+
+    seed_everything(5)
+    gens = make_generators(5, rank=1)
+    np.random.randn(1)  # leaves a cached Gaussian in numpy's state
+    store = CheckpointStore(str(tmp_path / "run"))
+    store.write_torch(rng_state(gens), "checkpoints", "step-1", "rng-1.pt")
+    expected = draws(gens)
+    seed_everything(99)
+    fresh = make_generators(99, rank=0)
+    set_rng_state(store.read_torch("checkpoints", "step-1", "rng-1.pt"), fresh)
+    assert draws(fresh) == expected
+    torch.load(tmp_path / "run" / "checkpoints" / "step-1" / "rng-1.pt", weights_only=True)
+
+
+class _RunsCodeWhenLoaded:
+    """Pickles as a call of ``open(marker, "w")``: loading it with ``weights_only=False`` creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_checkpoint_holding_a_pickled_object_is_refused_without_running_it(tmp_path):
+    from gen1.training.checkpoints import UnsafeCheckpointError, load_checkpoint
+
+    marker = tmp_path / "code-ran"
+    store = CheckpointStore(str(tmp_path / "run"))
+    store.write_torch({"step": 3, "data": {0: _RunsCodeWhenLoaded(marker)}}, "checkpoints", "step-3", "state.pt")
+    store.set_latest("step-3")
+    with pytest.raises(UnsafeCheckpointError, match=r"refusing to load .*step-3/state\.pt: expected tensors"):
+        store.read_torch("checkpoints", "step-3", "state.pt")
+    with pytest.raises(UnsafeCheckpointError):  # the resume path reads through the same store
+        load_checkpoint(store, store.latest(), state=None, runtime=None)
+    assert not marker.exists()
+
+
+def test_copying_a_checkpoint_refuses_a_key_that_leaves_its_directory(tmp_path, monkeypatch):
+    """Issue 17, item 6: an object key with ``../`` under a checkpoint is not written outside the local copy."""
+    import tempfile
+
+    import fsspec
+
+    from gen1.destinations import UnsafeDestinationError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a" / "b"))  # where the local copy is made
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    root = f"memory://run-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    fs.pipe_file(f"{root}/checkpoints/step-1/model/config.json", b"{}")
+    fs.pipe_file(f"{root}/checkpoints/step-1/model/../../../escaped.txt", b"written outside")
+    store = CheckpointStore(root)
+    with pytest.raises(UnsafeDestinationError, match=r"refusing to download .*escaped\.txt.*expected a path inside"):
+        with store.local_dir("checkpoints", "step-1", "model"):
+            pass
+    assert not list(tmp_path.rglob("escaped.txt"))
+    fs.rm(root, recursive=True)
+
+
 # ------------------------------------------------------------------------------- tiny models, real footage
 
 FRAMES, STRIDE, SIZE = 4, 2, (64, 64)  # the tiny preset's clip: 4 frames, 64x64 -> 8x8 latents
@@ -604,7 +674,7 @@ def test_a_resumed_run_reports_to_the_run_its_checkpoint_names(real_shards, tmp_
     resumed = train_local(cfg, TINY, real_shards, output, resume=True, tracker=again)
     assert again.calls == [("start", "run-1"), ("metrics", 3, keys), ("finish", "FINISHED")]  # no params again
     assert resumed.run_id == "run-1"
-    state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000003" / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000003" / "state.pt", weights_only=True)
     assert state["mlflow_run_id"] == "run-1"
 
 

@@ -18,6 +18,7 @@ import torch
 
 from gen1 import tiny, weights
 from gen1.config import COMPONENTS, TINY
+from gen1.destinations import UnsafeDestinationError
 from gen1.weights import WeightsNotFoundError, WeightSpecError, resolve_spec
 
 LOADERS = {
@@ -249,6 +250,20 @@ def test_missing_memory_uri_names_the_uri_and_the_cache(tmp_path):
     message = str(info.value)
     assert repr(uri) in message and str(tmp_path) in message and "no such directory" in message
     assert not any(tmp_path.iterdir())
+
+
+def test_a_key_leaving_the_download_directory_is_refused_before_anything_is_copied(tmp_path):
+    """Issue 17, item 6: an object key with ``../`` under a weight directory is not written outside the cache."""
+    fs = fsspec.filesystem("memory")
+    uri = f"memory://models-{uuid.uuid4().hex}/depth"
+    fs.pipe_file(f"{uri}/config.json", b"{}")
+    fs.pipe_file(f"{uri}/../../escaped.txt", b"written outside")
+    cache = tmp_path / "a" / "cache"
+    with pytest.raises(UnsafeDestinationError, match=r"refusing to download .*\.\./\.\./escaped\.txt"):
+        resolve_spec(uri, cache_dir=cache, component="depth")
+    assert not list(tmp_path.rglob("escaped.txt")) and not list(tmp_path.rglob("config.json"))
+    assert list(cache.iterdir()) == []  # the temporary download directory is gone too
+    fs.rm(uri.rsplit("/", 1)[0], recursive=True)
 
 
 def test_s3_uri_loads_and_second_load_hits_the_cache(tiny_models, s3_endpoint):

@@ -2,6 +2,10 @@
 
 A checkpoint is written under ``checkpoints/.tmp-<name>`` and committed by renaming it and then updating
 ``latest``, so a reader never sees half a checkpoint.
+
+Checkpoints may sit in a shared bucket, so they are read with ``torch.load(..., weights_only=True)``: tensors
+and plain values only. A file holding any other pickled object (whose loading could run code) is refused
+with `UnsafeCheckpointError`. Files copied to local disk keep to their directory (`gen1.destinations`).
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import pickle
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,6 +23,7 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from gen1.destinations import destination
 from gen1.training.config import TrainConfig
 from gen1.training.distributed import Runtime, full_weights, gather_objects
 from gen1.training.state import TrainState
@@ -32,6 +38,10 @@ LATEST = "latest"
 FINAL = "final"
 MODEL_DIR = "model"
 STATE_FILE = "state.pt"
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint file holds pickled objects other than tensors and plain values: refused unloaded."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -84,8 +94,18 @@ class CheckpointStore:
         return sorted(n for n in names if n.startswith("step-"))
 
     def read_torch(self, *parts: str) -> Any:
+        """A file written by `write_torch`, loaded with ``weights_only=True``; `UnsafeCheckpointError` for one
+        holding anything else."""
         data = self.fs.cat_file(self.path(*parts))
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        try:
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UnsafeCheckpointError(
+                f"refusing to load {self.uri(*parts)}: expected tensors and plain values only, found other "
+                f"pickled objects, which loading could run as code (torch.load weights_only=True: {first}). "
+                "Checkpoints written by this version hold none; do not load files from untrusted writers"
+            ) from err
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
@@ -99,7 +119,7 @@ class CheckpointStore:
         with tempfile.TemporaryDirectory(prefix="gen1-ckpt-") as tmp:
             remote = self.path(*parts)
             for src in self.fs.find(remote):
-                dst = Path(tmp) / src[len(remote) :].lstrip("/")
+                dst = destination(Path(tmp), src[len(remote) :], source=src)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(src, str(dst))
             yield Path(tmp)

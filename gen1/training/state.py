@@ -3,7 +3,8 @@
 The state is the step, the optimizer, the LR schedule, the loss scaler, the EMA, the data position, every
 random stream a step draws from and the tracker's run id. `gen1.training.checkpoints` decides the files:
 ``state.pt`` holds the shared part with every worker's data position, ``rng-<rank>.pt`` each worker's
-random streams.
+random streams. Everything in it is tensors and plain Python values (numpy's and Python's random states
+are stored as integer tensors), so a checkpoint loads with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -48,22 +49,30 @@ def make_generators(seed: int, rank: int) -> dict[str, torch.Generator]:
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
-    """Every random state a step depends on."""
+    """Every random state a step depends on, as tensors and plain values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
         "generators": {k: g.get_state() for k, g in generators.items()},
     }
 
 
 def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    """Restore what `rng_state` returned."""
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
     for k, g in generators.items():
         g.set_state(state["generators"][k])
 

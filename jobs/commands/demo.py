@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from gen1.urls import redact_url
+
 log = logging.getLogger(__name__)
 
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         f"edit manifest (Parquet):       {edits / 'manifest'}",
         f"per-video metrics table:       {ev.table_uri}",
         *[f"side-by-side sample video:     {s}" for s in ev.samples],
-        f"MLflow run:                    {ev.run_id} (experiment gen1-demo) at {tracking_uri}",
+        f"MLflow run:                    {ev.run_id} (experiment gen1-demo) at {redact_url(tracking_uri)}",
         f"MLflow artifacts:              {ev.artifact_uri}",
     ]
     if db:

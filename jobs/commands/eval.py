@@ -19,6 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
+from gen1.urls import redact_url
 from jobs.cli import parse_size
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary.line())
         print(f"per-video table: {summary.table_uri}")
-        print(f"MLflow: tracking {summary.tracking_uri}, run {summary.run_id}, artifacts {summary.artifact_uri}")
+        print(f"MLflow: tracking {redact_url(summary.tracking_uri)}, run {summary.run_id}, artifacts {summary.artifact_uri}")
         for sample in summary.samples:
             print(f"sample: {sample}")
         print(summary.gate_line)
@@ -176,7 +177,7 @@ def accept(args: argparse.Namespace) -> int:
         print("--accept needs the MLflow server: pass --tracking-uri URI or set MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
     accept_baseline(uri, args.accept)
-    print(f"run {args.accept} accepted as baseline at {uri}")
+    print(f"run {args.accept} accepted as baseline at {redact_url(uri)}")
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gen1.config import ConfigError, config_from_mapping, read_yaml_mapping
+from gen1.urls import redact_url
 from pipelines.edit import EditGrid
 from pipelines.regression import GateConfig
 
@@ -117,4 +118,5 @@ class EvalConfig:
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["storage_options"] = sorted(self.storage_options)  # keys only: values may be secrets
+        d["tracking_uri"] = redact_url(self.tracking_uri) if self.tracking_uri else None
         return d

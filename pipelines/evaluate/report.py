@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from gen1.config import ModelSpecs
+from gen1.urls import redact_url
 from pipelines import tracking
 from pipelines.evaluate.config import METHODS, METRICS, EvalConfig
 from pipelines.evaluate.stages import input_clip, read_video
@@ -67,10 +68,11 @@ class EvalSummary:
                          if k in self.metrics)
         return (f"eval {self.run_name}: {self.videos} videos ({self.failed} failed; "
                 f"{', '.join(f'{m} {n}' for m, n in sorted(self.by_method.items()))}) in {self.seconds:.1f}s; "
-                f"{head}; MLflow run {self.run_id} at {self.tracking_uri}{tiny}")
+                f"{head}; MLflow run {self.run_id} at {redact_url(self.tracking_uri)}{tiny}")
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """For the job's JSON output and records: the tracking URI redacted."""
+        return {**dataclasses.asdict(self), "tracking_uri": redact_url(self.tracking_uri)}
 
 
 def log_run(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame, run_name: str, run_dir: str,
