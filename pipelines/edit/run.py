@@ -71,9 +71,18 @@ class EditSummary:
         return 60.0 * self.ok / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def committed(self) -> int:
+        """Edits committed in the manifest after this run: those skipped as done and those made now."""
+        return self.skipped + self.ok
+
+    @property
     def failure_fraction(self) -> float:
-        done = self.ok + self.failed + self.clips_failed
-        return (self.failed + self.clips_failed) / done if done else 0.0
+        """This run's failures (edits, and clips that failed planning or prompting) over the corpus:
+        failed / (committed + failed), so a rerun that retries only the broken ones of a mostly finished
+        library stays low."""
+        failed = self.failed + self.clips_failed
+        total = self.committed + failed
+        return failed / total if total else 0.0
 
     def line(self) -> str:
         tiny = " [TINY RANDOM MODELS]" if self.tiny_models else ""
@@ -87,6 +96,7 @@ class EditSummary:
         return {
             **dataclasses.asdict(self),
             "edits_per_minute": self.edits_per_minute,
+            "committed": self.committed,
             "failure_fraction": self.failure_fraction,
         }
 
