@@ -11,7 +11,11 @@ import argparse
 import importlib
 import logging
 import sys
+import textwrap
 from collections.abc import Callable
+from typing import NoReturn
+
+from jobs.exit_codes import EXIT_BAD_INPUT, help_epilog
 
 # Order is the order of `gen1 --help`.
 COMMAND_MODULES = (
@@ -63,8 +67,9 @@ def configure_logging(verbose: bool = False) -> None:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors that describe bad input (a video or image: `VideoDecodeError` and its `ImageDecodeError`; a
-    URI; missing weights; a config, a dataset's layout (`pipelines.datasets.DatasetError` is a `ConfigError`)), not a bug in gen1: a command that raises one ends with a message
-    naming the input and the reason, exit code 1."""
+    URI; missing weights; a config, a dataset's layout (`pipelines.datasets.DatasetError` is a
+    `ConfigError`)), not a bug in gen1: a command that raises one ends with a message naming the input and
+    the reason, exit code `EXIT_BAD_INPUT` (1)."""
     from gen1.config import ConfigError
     from gen1.prompts import PromptWriterError
     from gen1.video import VideoDecodeError
@@ -81,13 +86,33 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     )
 
 
-EXIT_USER_ERROR = 1
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, except that descriptions and epilogs keep their line breaks: each line is
+    wrapped alone, and an indented line (a table row such as the exit codes') is kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            if not line.strip() or line[:1].isspace():
+                lines.append(indent + line if line.strip() else "")
+            else:
+                lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent))
+        return "\n".join(lines)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose usage errors exit with `EXIT_BAD_INPUT` (1) instead of argparse's 2, so one
+    code means bad input or usage in every command (`jobs.exit_codes`). Subparsers inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
 def run_command(prog: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
     """``run(args)``; a `user_error_types` error ends the command with ``PROG: error: TYPE: message`` on
     stderr (the message as the error words it: a missing-weights message lists every location tried, one
-    per line) and exit code 1, without a traceback unless ``-v``. Any other exception propagates."""
+    per line) and `EXIT_BAD_INPUT`, without a traceback unless ``-v``. Any other exception propagates."""
     try:
         return int(run(args) or 0)
     except Exception as err:
@@ -96,7 +121,7 @@ def run_command(prog: str, args: argparse.Namespace, run: Callable[[argparse.Nam
         if getattr(args, "verbose", False):
             logging.getLogger(prog).exception("%s failed", prog)
         print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return EXIT_BAD_INPUT
 
 
 def standalone_main(
@@ -105,10 +130,11 @@ def standalone_main(
     add_arguments: Callable[[argparse.ArgumentParser], None],
     run: Callable[[argparse.Namespace], int],
     argv: list[str] | None = None,
+    epilog: str | None = None,
 ) -> int:
     """``python -m jobs.commands.<name>`` (what Ray Job entry points call): the command's own options
-    plus ``-v`` and ``--models`` (default: the command's config, else tiny)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    plus ``-v`` and ``--models`` (default: the command's config, else tiny); ``epilog``: its exit codes."""
+    parser = ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for input errors")
     add_arguments(parser)
     add_models_argument(parser)
@@ -125,15 +151,17 @@ where the code is:
   pipelines/preprocess/ gen1 preprocess      pipelines/edit/     gen1 edit (edit-one: gen1/sampling.py)
   pipelines/evaluate/   gen1 eval            pipelines/train.py  gen1 train
   pipelines/            runtime.py (Ray, resources), commits.py, failures.py, quarantine.py, tracking.py (MLflow)
-  jobs/commands/        one module per command; README.md's Layout section maps the rest"""
+  jobs/commands/        one module per command; README.md's Layout section maps the rest
+
+""" + help_epilog()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="gen1",
         description="Structure- and content-guided video diffusion (Gen-1) and its batch pipelines.",
         epilog=CODE_MAP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for input errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -148,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_BAD_INPUT
     return run_command(f"gen1 {args.command}", args, args.func)
 
 

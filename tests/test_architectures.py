@@ -9,6 +9,7 @@ from torch import nn
 from gen1.architectures import COMPONENTS, build_component, parameter_count
 from gen1.config import COMPONENT_CONFIGS, SD15, TINY
 from jobs.cli import main
+from jobs.exit_codes import EXIT_BAD_INPUT
 
 # Published counts. SD 1.5 UNet: diffusers' ModelMixin.num_parameters docstring (859520964 for
 # stable-diffusion-v1-5/unet). SD VAE: 83,653,863 (the usual SD 1.x budget: UNet 859,520,964 + VAE
@@ -179,7 +180,7 @@ def test_models_command_reports_a_missing_local_directory(tmp_path, capsys):
 
 
 def test_models_command_bad_preset(capsys):
-    assert main(["models", "--models", "sd99"]) == 2
+    assert main(["models", "--models", "sd99"]) == EXIT_BAD_INPUT
     assert "neither a preset" in capsys.readouterr().err
 
 

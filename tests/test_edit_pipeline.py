@@ -30,6 +30,7 @@ from pipelines.edit import (
     EditClip,
     EditGrid,
     EditJobConfig,
+    EditRun,
     EditStage,
     PromptStage,
     edit_key,
@@ -797,3 +798,48 @@ def test_edit_job_on_a_two_node_cluster(ray_cluster, library, tmp_path):
     assert "edit " in output and "4 ok, 0 failed" in output
     manifest = _check_outputs(dst, 4)
     assert {r["device"] for r in manifest.to_pylist()} == {"cpu"}
+
+
+# ------------------------------------------------------------------------- chat prompts: the breaker
+
+
+def test_with_the_chat_endpoint_down_the_prompts_fall_back_to_templates_and_the_run_says_so(tmp_path, caplog):
+    """The prompt pass's driver (`EditRun.write_prompts`) with the Ray dataset replaced by the real
+    `PromptStage` called row by row, as one prompt actor would: after 3 failed requests no more are sent,
+    every clip gets template prompts, the prompts table says ``template`` and the summary counts them."""
+    import logging
+
+    from gen1.prompts import ChatConfig
+    from pipelines.edit.tables import committed_prompts
+    from tests.fixtures.chat_server import FakeChatServer
+
+    clips = [
+        EditClip(f"c{i}", f"/v/{i}.mp4", 0, 1, (0, 1), 8.0, 64, 64, caption=f"a dog running on beach {i}")
+        for i in range(5)
+    ]
+    with FakeChatServer([("status", 503)]) as server, caplog.at_level(logging.WARNING):
+        llm = ChatConfig(base_url=server.url, backoff_s=0.0, max_retries=4, max_consecutive_failures=3)
+        cfg = EditJobConfig(dst=str(tmp_path / "dst"), src="unused", auto_prompts=2, llm=llm, progress=False)
+        run = EditRun(cfg, TINY, "run0")
+        stage = PromptStage(cfg.auto_prompts, llm, cfg.prompt_seed)
+
+        class OneActor:  # what `_prompt_pass` returns: batches of one clip through one stage
+            def __init__(self, rows, llm_):
+                assert llm_ is llm
+                self.rows = rows
+
+            def iter_batches(self, **kw):
+                for row in self.rows:
+                    yield stage(pa.Table.from_pylist([row], schema=PROMPT_PLAN_SCHEMA))
+
+        run._prompt_pass = OneActor
+        run.write_prompts(clips)
+    assert len(server.requests) == 3  # 3 in a row failed: none for the 4 other clips, no 5 retries each
+    assert stage.fell_back and run.summary.prompt_writer == "chat" and run.summary.prompt_fallbacks == 5
+    assert run.summary.clips_failed == 0
+    written = committed_prompts(cfg.dst)
+    assert sorted(written) == [c.clip_id for c in clips]
+    assert {r["writer"] for rows in written.values() for r in rows} == {"template"}
+    assert "failed 3 requests in a row" in caplog.text and "template writer wrote the prompts of 5 clips" in caplog.text
+    assert "5 clips got template prompts" in run.summary.line()
+    assert run.summary.as_dict()["prompt_fallbacks"] == 5

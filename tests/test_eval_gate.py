@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from gen1.config import ConfigError
+from jobs.exit_codes import EXIT_BAD_INPUT
 from pipelines import regression
 from pipelines.evaluate import per_video_table
 from pipelines.regression import GateConfig, Threshold, compare, worst_videos
@@ -146,7 +147,7 @@ def _run(client, experiment: str, run_name: str):
 def test_gate_fails_a_regressed_eval_against_the_accepted_baseline(mlflow_server_uri, fake_eval, tmp_path, capsys):
     from mlflow.tracking import MlflowClient
 
-    from jobs.commands.eval import EXIT_REGRESSED
+    from jobs.exit_codes import EXIT_REGRESSED
 
     uri, exp = mlflow_server_uri, "gate-test"
     client = MlflowClient(uri)
@@ -202,7 +203,7 @@ def test_accept_needs_a_tracking_uri(monkeypatch, capsys):
     from jobs.commands.eval import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert main(["--accept", "abc"]) == 2
+    assert main(["--accept", "abc"]) == EXIT_BAD_INPUT
     assert "--tracking-uri" in capsys.readouterr().err
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jobs.exit_codes import EXIT_BAD_INPUT
+
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
 IMAGE_ROOT = "/opt/gen1"  # the Dockerfile's WORKDIR: where the repository lives in the image
@@ -264,7 +266,7 @@ def test_bad_job_specs_are_refused(tmp_path):
     bad.write_text("name: x\n")
     with pytest.raises(SpecError, match="'entrypoint' must be a non-empty string"):
         load_spec(bad)
-    assert main([str(bad)]) == 2
+    assert main([str(bad)]) == EXIT_BAD_INPUT
     assert entrypoint_module("python -m jobs.entrypoints.eval --limit 1") == "jobs.entrypoints.eval"
     assert entrypoint_module("bash run.sh") is None
     with pytest.raises(ValueError, match="--no-such-flag"):

@@ -19,6 +19,7 @@ import pytest
 from gen1.config import TINY
 from gen1.decoding import load_clip
 from gen1.video import VideoDecodeError
+from jobs.exit_codes import EXIT_FAILED_FRACTION
 from pipelines.failures import STATUS_ERROR, STATUS_OK
 from pipelines.preprocess import (
     ClipStage,
@@ -341,7 +342,7 @@ def test_bad_files_land_in_errors_and_the_exit_code_follows_the_failure_fraction
         frames_format = progress = max_failure_fraction = None
         models, clips_per_video, size = "tiny", 2, SIZE
 
-    assert cli_run(Args) == 1  # 4 of 6 failed > 0.1
+    assert cli_run(Args) == EXIT_FAILED_FRACTION  # 4 failed, 2 committed: 4 / 6 > 0.1
     errors = read_errors(str(dst))
     names = sorted(os.path.basename(u) for u in errors.column("uri").to_pylist())
     assert names == ["corrupt.mp4", "empty.mp4", "short.mp4", "text.mp4"]

@@ -54,3 +54,12 @@ def test_every_test_the_readme_cites_exists():
     for path, name in cited:
         source = (ROOT / path).read_text()
         assert re.search(rf"^def {name}\(", source, flags=re.M), f"README cites {path}::{name}, which does not exist"
+
+
+def test_every_exit_code_is_documented():
+    from jobs.exit_codes import EXIT_CODES
+
+    rows = dict(re.findall(r"^\| `(\d+)` \| (.+) \|$", _section("Exit codes"), flags=re.M))
+    assert [int(c) for c in rows] == [e.code for e in EXIT_CODES], "README 'Exit codes' differs from jobs/exit_codes.py"
+    for e in EXIT_CODES:
+        assert rows[str(e.code)].split(":")[0].split(" (")[0] in e.meaning, e.name

@@ -17,12 +17,14 @@ import time
 from pathlib import Path
 
 from gen1.urls import redact_url
+from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_OK, help_epilog
 
 log = logging.getLogger(__name__)
 
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
 DEFAULT_CLIPS = ("vtest.avi", "tree.avi")
 DEFAULT_PROMPT = "a watercolor painting of the scene"
+DEMO_EXIT_NOTE = "\n(the demo's limit is 0: exit 4 when any step failed a clip, an edit or a video)"
 TINY_BANNER = "TINY RANDOM MODELS: every output below is a plumbing check, not a real edit"
 
 
@@ -31,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "demo",
         help="preprocess -> edit -> eval on real footage with tiny models (local, minutes)",
         description=__doc__,
+        epilog=help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION) + DEMO_EXIT_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_arguments(p)
@@ -133,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     if db:
         lines.append(f"browse it:                     mlflow ui --backend-store-uri sqlite:///{db}")
     print("\n".join(lines), flush=True)
-    return 0 if (pre.ok and ed.ok and ev.videos and not ev.failed) else 1
+    return EXIT_OK if (pre.ok and ed.ok and ev.videos and not ev.failed) else EXIT_FAILED_FRACTION
 
 
 def _edit_lines(edits: Path) -> list[str]:
@@ -150,8 +153,11 @@ def _edit_lines(edits: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="gen1 demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from jobs.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="gen1 demo", description=__doc__,
+                            epilog=help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION) + DEMO_EXIT_NOTE,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
     args = parser.parse_args(argv)
     from jobs.cli import configure_logging

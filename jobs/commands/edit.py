@@ -14,9 +14,13 @@ import json
 import logging
 import sys
 
-from jobs.cli import parse_size
+from jobs.cli import HelpFormatter, parse_size
+from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_OK, help_epilog
 
 log = logging.getLogger(__name__)
+
+
+EPILOG = help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,8 +34,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "per output in DST/manifest (Parquet: settings, metrics, model ids). Reruns skip finished edits; "
         "failures land in DST/errors. Prompts: --prompts FILE, --auto-prompts N (BLIP caption -> N prompts, "
         "by templates, or by an OpenAI-compatible endpoint when --llm-base-url or $GEN1_LLM_BASE_URL is "
-        "set), or 'prompt'/'image' columns of a SRC manifest. Exits 1 when the failed fraction exceeds "
-        "--max-failure-fraction.",
+        "set), or 'prompt'/'image' columns of a SRC manifest. Exits 4 when the failed fraction (this run's "
+        "failed edits and clips over the edits committed in DST plus those) exceeds --max-failure-fraction, "
+        "or when the edit stream stopped early.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
     )
     _add_arguments(p)
     add_models_argument(p)
@@ -112,7 +119,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "most this many finished edits (default 8)",
     )
     p.add_argument(
-        "--max-failure-fraction", type=float, help="exit 1 above this failed fraction (default 0.1)"
+        "--max-failure-fraction",
+        type=float,
+        help="exit 4 when failed / (committed in DST + failed) is above this (default 0.1)",
     )
     p.add_argument(
         "--decode-timeout",
@@ -199,22 +208,23 @@ def run(args: argparse.Namespace) -> int:
     print(summary.line())
     if summary.error:
         print(f"FAILED: the edit stream stopped early ({summary.error}); rerun to finish", file=sys.stderr)
-        return 1
+        return EXIT_FAILED_FRACTION
     if summary.failure_fraction > cfg.max_failure_fraction:
         print(
-            f"FAILED: {summary.failed} edits and {summary.clips_failed} clips failed "
+            f"FAILED: {summary.failed} edits and {summary.clips_failed} clips failed in this run, "
+            f"{summary.committed} edits are committed in {args.dst} "
             f"({summary.failure_fraction:.1%} > max {cfg.max_failure_fraction:.1%}); see {args.dst}/errors",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return EXIT_FAILED_FRACTION
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for `python -m jobs.commands.edit` (e.g. `ray job submit`)."""
     from jobs.cli import standalone_main
 
-    return standalone_main("gen1 edit", __doc__.splitlines()[0], _add_arguments, run, argv)
+    return standalone_main("gen1 edit", __doc__.splitlines()[0], _add_arguments, run, argv, EPILOG)
 
 
 if __name__ == "__main__":

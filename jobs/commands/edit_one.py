@@ -7,6 +7,9 @@ import json
 import logging
 import sys
 
+from jobs.cli import HelpFormatter
+from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_OK, help_epilog
+
 log = logging.getLogger(__name__)
 
 
@@ -18,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="edit one video (single machine)",
         description="Edit one video: depth keeps the structure, a text prompt (through the prior) or a "
         "reference image sets the content. Writes OUT and OUT's preview (input | depth | output).",
+        epilog=help_epilog(EXIT_OK, EXIT_BAD_INPUT),
+        formatter_class=HelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", help="video path or fsspec URI (s3://..., file://...)")
     what = p.add_mutually_exclusive_group(required=True)

@@ -5,8 +5,9 @@ with the same entry point::
 
     ray job submit --working-dir . -- python -m jobs.entrypoints.eval --config jobs/specs/eval-davis-nightly.yaml
 
-Exit codes: 0 ok; 1 too many videos failed; 3 the regression gate failed (a gated metric dropped beyond its
-threshold against the experiment's accepted baseline run; see `pipelines.regression`).
+Exit codes (`jobs.exit_codes`): 0 ok; 1 bad input or usage; 3 the regression gate failed (a gated metric
+dropped beyond its threshold against the experiment's accepted baseline run; see `pipelines.regression`);
+4 more than --max-failure-fraction of the videos failed.
 ``gen1 eval --accept RUN_ID`` accepts a reviewed run as the baseline and exits.
 """
 
@@ -20,13 +21,13 @@ import sys
 from pathlib import Path
 
 from gen1.urls import redact_url
-from jobs.cli import parse_size
+from jobs.cli import HelpFormatter, parse_size
+from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_OK, EXIT_REGRESSED, help_epilog
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-EXIT_FAILED_VIDEOS = 1
-EXIT_REGRESSED = 3
+EPILOG = help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_REGRESSED, EXIT_FAILED_FRACTION)
 BASELINES = ("per_frame", "sdedit", "no_structure")  # pipelines.evaluate.BASELINES (not imported: a fast --help)
 
 
@@ -43,7 +44,10 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "a run to MLflow: params, metrics (means, per method, per setting), a per-video table, the Fig. 4/6 "
         "plots and side-by-side sample videos. Tracking: --tracking-uri, else $MLFLOW_TRACKING_URI, else a "
         "local store (SQLite + artifact folder) under --out. With --edits DST, measures the outputs of an "
-        "earlier `gen1 edit` job instead.",
+        "earlier `gen1 edit` job instead. Exits 3 when the regression gate fails, 4 when more than "
+        "--max-failure-fraction of the videos failed (checked first).",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
     )
     _add_arguments(p)
     add_models_argument(p)
@@ -96,7 +100,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gate", action="store_true", help="skip the regression gate (no comparison with the "
                    "accepted baseline; the run is tagged gen1.regression=disabled)")
     p.add_argument("--max-failure-fraction", type=float, default=0.1,
-                   help="exit 1 when more than this fraction of videos failed (default 0.1)")
+                   help="exit 4 when more than this fraction of the videos failed (default 0.1)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -152,18 +156,18 @@ def run(args: argparse.Namespace) -> int:
         print(summary.gate_line)
     if summary.tiny_models:
         print("NOTE: TINY RANDOM MODELS - these numbers check the plumbing; they are not results.", file=sys.stderr)
-    fraction = summary.failed / summary.videos if summary.videos else 1.0
+    fraction = summary.failure_fraction
     if fraction > args.max_failure_fraction:
         print(f"FAILED: {summary.failed} of {summary.videos} videos failed ({fraction:.1%} > "
               f"{args.max_failure_fraction:.1%}); see the errors table {summary.out.rstrip('/')}/errors/", file=sys.stderr)
-        return EXIT_FAILED_VIDEOS
+        return EXIT_FAILED_FRACTION
     if summary.regressed:
         from pipelines.regression import WORST_ARTIFACT
 
         print(f"REGRESSED: {summary.gate_line}; worst videos in artifact {WORST_ARTIFACT} of run {summary.run_id}",
               file=sys.stderr)
         return EXIT_REGRESSED
-    return 0
+    return EXIT_OK
 
 
 def accept(args: argparse.Namespace) -> int:
@@ -175,7 +179,7 @@ def accept(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         print("--accept needs the MLflow server: pass --tracking-uri URI or set MLFLOW_TRACKING_URI", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     accept_baseline(uri, args.accept)
     print(f"run {args.accept} accepted as baseline at {redact_url(uri)}")
     return 0
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point for `python -m jobs.commands.eval` (e.g. `ray job submit`)."""
     from jobs.cli import standalone_main
 
-    return standalone_main("gen1 eval", __doc__.splitlines()[0], _add_arguments, run, argv)
+    return standalone_main("gen1 eval", __doc__.splitlines()[0], _add_arguments, run, argv, EPILOG)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ import argparse
 import logging
 import sys
 
+from jobs.cli import HelpFormatter
+from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_OK, help_epilog
+
 log = logging.getLogger(__name__)
 
 
@@ -18,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="list a preset's components, weights and parameter counts",
         description="For each component of a model preset: its class, weight spec, whether the weights "
         "are present locally (with how to provide missing ones) and its parameter count. Loads no weights.",
+        epilog=help_epilog(EXIT_OK, EXIT_BAD_INPUT),
+        formatter_class=HelpFormatter,
     )
     add_models_argument(p)
     p.set_defaults(func=run)
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         specs = load_model_specs(args.models)
     except ConfigError as err:
         print(f"gen1 models: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     rows, notes = describe(specs)
     print(f"models: {specs.label()}")
     if specs.is_tiny:
@@ -110,4 +115,4 @@ def run(args: argparse.Namespace) -> int:
     missing = {r["spec"] for r in rows if r["status"] == "missing"}
     if missing:
         print(f"\n{len(missing)} weight spec(s) not found locally: jobs using them fail before starting")
-    return 1 if any(r["status"] == "error" for r in rows) else 0
+    return EXIT_BAD_INPUT if any(r["status"] == "error" for r in rows) else EXIT_OK

@@ -12,9 +12,13 @@ import argparse
 import logging
 import sys
 
-from jobs.cli import parse_size
+from jobs.cli import HelpFormatter, parse_size
+from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_OK, help_epilog
 
 log = logging.getLogger(__name__)
+
+
+EPILOG = help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -26,8 +30,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Sample clips from every video under SRC (a directory or prefix at any fsspec location, "
         "one video, or a CSV/Parquet manifest with a 'uri' column), compute per-frame depth and CLIP image "
         "embeddings (and optionally VAE latents), and write Parquet shards under DST/shards. Failed videos "
-        "and clips go to DST/errors; a rerun over the same DST writes only the missing clips. Exits 1 when "
-        "the failed fraction exceeds --max-failure-fraction.",
+        "and clips go to DST/errors; a rerun over the same DST writes only the missing clips. Exits 4 when "
+        "the failed fraction (this run's failed clips over the clips committed in DST plus those; "
+        "quarantined ones not counted) exceeds --max-failure-fraction.",
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
     )
     _add_arguments(p)
     add_models_argument(p)
@@ -52,7 +59,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-frames", dest="store_frames", action="store_false", default=None,
                    help="do not store the resized frames")
     p.add_argument("--frames-format", choices=("jpeg", "raw"), help="how frames are stored (default jpeg)")
-    p.add_argument("--max-failure-fraction", type=float, help="exit 1 above this failed fraction (default 0.1)")
+    p.add_argument("--max-failure-fraction", type=float, help="exit 4 when failed / (committed in DST + failed) "
+                   "is above this (default 0.1)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                    help="no Ray Data progress bars")
     p.add_argument("--decode-timeout", dest="decode_timeout_s", type=float, metavar="S",
@@ -97,27 +105,19 @@ def run(args: argparse.Namespace) -> int:
     print(summary.line())
     if summary.failure_fraction > cfg.max_failure_fraction:
         print(
-            f"FAILED: {summary.failed} of {summary.ok + summary.failed} clips failed "
+            f"FAILED: {summary.failed} clips failed in this run, {summary.committed} are committed in {args.dst} "
             f"({summary.failure_fraction:.1%} > max {cfg.max_failure_fraction:.1%}); see {args.dst}/errors",
             file=sys.stderr,
         )
-        return 1
-    return 0
+        return EXIT_FAILED_FRACTION
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point for `python -m jobs.commands.preprocess` (e.g. `ray job submit`)."""
-    from jobs.cli import add_models_argument
+    from jobs.cli import standalone_main
 
-    parser = argparse.ArgumentParser(prog="gen1 preprocess", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    _add_arguments(parser)
-    add_models_argument(parser)
-    parser.set_defaults(models=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
+    return standalone_main("gen1 preprocess", __doc__.splitlines()[0], _add_arguments, run, argv, EPILOG)
 
 
 if __name__ == "__main__":

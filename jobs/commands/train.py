@@ -10,6 +10,9 @@ from pathlib import Path
 
 import yaml
 
+from jobs.cli import HelpFormatter
+from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_OK, help_epilog
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "train"
@@ -25,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--workers N runs a Ray Train TorchTrainer with N workers (DDP, or FSDP by config). Checkpoints go "
         "to OUTPUT/checkpoints (any fsspec URI), the exported weights to OUTPUT/final. Stages chain by "
         "init_from: train stage1 into RUNS/stage1, stage2 into RUNS/stage2, and so on.",
+        epilog=help_epilog(EXIT_OK, EXIT_BAD_INPUT),
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--config",

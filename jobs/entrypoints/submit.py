@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from jobs.entrypoints import SPEC_KEYS
+from jobs.exit_codes import EXIT_BAD_INPUT
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec)
     except (SpecError, OSError, yaml.YAMLError) as e:
         print(f"bad job spec: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return submit(spec, args.address, args.extra, wait=not args.no_wait)
 
 

@@ -7,7 +7,8 @@ without Ray)::
     plan     list videos (driver) -> PlanStage (CPU tasks: probe, pick clips)      [pipelines.sources]
              (or an injected clip list: `EditClip`s, e.g. DAVIS sequences with their masks)
     prompts  clips lacking prompts -> CaptionStage (actor pool: BLIP on the middle frame)
-             -> PromptStage (CPU tasks: template or chat writer) -> DST/prompts (driver commits)
+             -> PromptStage (CPU tasks: templates; actors for a chat endpoint, each with a circuit
+                breaker that falls back to templates) -> DST/prompts (driver commits)
     edits    clips x prompts x grid x seeds -> drop edit keys already in DST/manifest (driver)
              -> EditStage (actor pool, one Gen1Models per actor: edit, metrics, write mp4 + preview)
              -> DST/manifest and DST/errors (driver commits)

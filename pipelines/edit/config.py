@@ -47,7 +47,7 @@ class EditJobConfig:
     # execution
     caption_batch_size: int = 8
     caption_concurrency: int = 1
-    prompt_concurrency: int = 2  # chat requests in flight
+    prompt_concurrency: int = 2  # chat requests in flight (chat: that many actors, each with its own breaker)
     edit_batch_size: int = 1  # edits per actor call (the unit that is redone after a kill)
     edit_concurrency: int | None = None  # edit actors (None: one per GPU, else one per 4 CPUs)
     edit_num_gpus: float = 1.0  # per edit actor when the cluster has GPUs

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from gen1.config import ModelSpecs, load_model_specs
-from gen1.prompts import ChatConfig, PromptSpec
+from gen1.prompts import ChatConfig, PromptSpec, TemplateWriter
 from pipelines.commits import Committer, RowBuffer
 from pipelines.edit.clips import EditClip, read_source_table
 from pipelines.edit.config import EditJobConfig
@@ -58,6 +58,8 @@ class EditSummary:
     videos: int = 0
     clips: int = 0  # clips planned (ok)
     clips_failed: int = 0  # videos that failed planning + clips that failed captioning / prompting
+    prompt_writer: str = ""  # of the prompts written by this run: template | chat
+    prompt_fallbacks: int = 0  # clips whose prompts the template writer wrote after the chat endpoint was given up
     tasks: int = 0  # edits the job asks for (clips x prompts x grid)
     skipped: int = 0  # already in the manifest before this run
     ok: int = 0  # edits committed by this run
@@ -71,15 +73,29 @@ class EditSummary:
         return 60.0 * self.ok / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def committed(self) -> int:
+        """Edits committed in the manifest after this run: those skipped as done and those made now."""
+        return self.skipped + self.ok
+
+    @property
     def failure_fraction(self) -> float:
-        done = self.ok + self.failed + self.clips_failed
-        return (self.failed + self.clips_failed) / done if done else 0.0
+        """This run's failures (edits, and clips that failed planning or prompting) over the corpus:
+        failed / (committed + failed), so a rerun that retries only the broken ones of a mostly finished
+        library stays low."""
+        failed = self.failed + self.clips_failed
+        total = self.committed + failed
+        return failed / total if total else 0.0
 
     def line(self) -> str:
         tiny = " [TINY RANDOM MODELS]" if self.tiny_models else ""
+        fallback = (
+            f"; the chat endpoint failed, {self.prompt_fallbacks} clips got template prompts"
+            if self.prompt_fallbacks
+            else ""
+        )
         return (
             f"edit {self.run_id}: {self.ok} ok, {self.failed} failed, {self.skipped} skipped of {self.tasks} edits "
-            f"({self.clips} clips, {self.clips_failed} failed) in {self.seconds:.1f}s "
+            f"({self.clips} clips, {self.clips_failed} failed{fallback}) in {self.seconds:.1f}s "
             f"({self.edits_per_minute:.1f} edits/min) -> {self.dst}{tiny}"
         )
 
@@ -87,6 +103,7 @@ class EditSummary:
         return {
             **dataclasses.asdict(self),
             "edits_per_minute": self.edits_per_minute,
+            "committed": self.committed,
             "failure_fraction": self.failure_fraction,
         }
 
@@ -216,18 +233,36 @@ class EditRun:
             len(rows),
             sum(not r["caption"] for r in rows),
         )
+        llm = cfg.llm if cfg.llm is not None else ChatConfig.from_env()  # resolved here, not on workers
+        logger.info(
+            "prompt writer: %s", f"chat {llm.describe()}" if llm else f"templates (seed {cfg.prompt_seed})"
+        )
+        self.summary.prompt_writer = "chat" if llm else "template"
         buffer = RowBuffer(self._commit_prompts, PROMPTS_COMMIT_EVERY)
         now = dt.datetime.now(dt.UTC)
-        for batch in self._prompt_pass(rows).iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in self._prompt_pass(rows, llm).iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
                 if self.failed_clip(row):
                     continue
+                if llm is not None and row["writer"] == TemplateWriter.name:
+                    self.summary.prompt_fallbacks += 1
                 buffer.add(written_prompt_rows(row, self.run_id, now))
         buffer.flush()
         self.errors.flush()
+        if self.summary.prompt_fallbacks:
+            logger.warning(
+                "the chat endpoint was given up after %d failed requests in a row: the template writer wrote "
+                "the prompts of %d clips (writer 'template' in %s/prompts)",
+                llm.max_consecutive_failures,
+                self.summary.prompt_fallbacks,
+                cfg.dst,
+            )
 
-    def _prompt_pass(self, rows: list[dict[str, Any]]):
-        """The prompts dataset: CaptionStage (an actor pool, when a clip lacks a caption) -> PromptStage."""
+    def _prompt_pass(self, rows: list[dict[str, Any]], llm: ChatConfig | None):
+        """The prompts dataset: CaptionStage (an actor pool, when a clip lacks a caption) -> PromptStage:
+        CPU tasks with templates; with a chat endpoint ``prompt_concurrency`` actors, so that each keeps its
+        HTTP session and circuit breaker from clip to clip (a task would start both afresh). They wait on
+        HTTP, so they reserve no CPU."""
         import ray
 
         cfg = self.config
@@ -247,16 +282,21 @@ class EditRun:
                 batch_format="pyarrow",
                 **self.resources["caption"],
             )
-        llm = cfg.llm if cfg.llm is not None else ChatConfig.from_env()  # resolved here, not on workers
-        logger.info(
-            "prompt writer: %s", f"chat {llm.describe()}" if llm else f"templates (seed {cfg.prompt_seed})"
-        )
-        return ds.map_batches(  # CPU tasks; the pool's size bounds the requests in flight to a chat endpoint
-            PromptStage(cfg.auto_prompts, llm, cfg.prompt_seed),
+        if llm is None:
+            return ds.map_batches(
+                PromptStage(cfg.auto_prompts, None, cfg.prompt_seed),
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=cfg.task_num_cpus,
+                compute=task_pool(cfg.prompt_concurrency),
+            )
+        return ds.map_batches(  # the pool's size bounds the requests in flight
+            PromptStage,
+            fn_constructor_kwargs={"n": cfg.auto_prompts, "llm": llm, "seed": cfg.prompt_seed},
             batch_size=1,
             batch_format="pyarrow",
-            num_cpus=cfg.task_num_cpus,
-            compute=task_pool(cfg.prompt_concurrency),
+            num_cpus=0,
+            compute=actor_pool(cfg.prompt_concurrency),
         )
 
     def _commit_prompts(self, rows: list[dict[str, Any]]) -> None:

@@ -9,6 +9,7 @@ callable without Ray.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import time
@@ -20,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from gen1.config import ModelSpecs
-from gen1.prompts import ChatConfig, PromptWriterError, make_prompt_writer
+from gen1.prompts import ChatConfig, ChatEndpointDown, PromptWriterError, TemplateWriter, make_prompt_writer
 from pipelines.cache import LRUCache
 from pipelines.edit.clips import EditClip
 from pipelines.edit.keys import model_key
@@ -36,6 +37,8 @@ from pipelines.failures import (
 from pipelines.schema import EDIT_SCHEMA_VERSION, MANIFEST_SCHEMA, OUTPUTS_DIR, TMP_DIR, TableStore
 from pipelines.sources import normalize_uri
 from pipelines.timeouts import call_with_timeout
+
+logger = logging.getLogger(__name__)
 
 Batch = pa.Table | pd.DataFrame | Mapping[str, Any]
 
@@ -163,21 +166,35 @@ class CaptionStage:
 
 class PromptStage:
     """Write ``n`` prompts per clip from its caption (template or chat writer, `gen1.prompts`), keeping the
-    clip's ``existing`` prompts first. A failure becomes an error row of stage ``prompts``."""
+    clip's ``existing`` prompts first. A failure becomes an error row of stage ``prompts``.
+
+    With a chat endpoint, once the chat writer gives it up (`ChatEndpointDown`: ``max_consecutive_failures``
+    failed requests in a row) the stage writes this clip and every later one with the template writer,
+    says so in a warning, and sets ``fell_back``; those rows' ``writer`` is ``template``. The breaker lives
+    as long as the stage: the edit job runs it in actors for that (`EditRun._prompt_pass`)."""
 
     def __init__(self, n: int, llm: ChatConfig | None = None, seed: int = 0):
         self.n, self.llm, self.seed = n, llm, seed
         self._writer = None  # made where the stage runs (a chat writer holds an HTTP session)
+        self.fell_back = False
 
     @property
     def writer(self):
         if self._writer is None:
-            from gen1.prompts import TemplateWriter
-
             self._writer = (
                 make_prompt_writer(self.llm) if self.llm is not None else TemplateWriter(seed=self.seed)
             )
         return self._writer
+
+    def _write(self, caption: str) -> tuple[list[str], str]:
+        """``n`` prompts for ``caption`` and the name of the writer that wrote them."""
+        writer = self.writer
+        try:
+            return list(writer.write(caption, self.n)), writer.name
+        except ChatEndpointDown as e:
+            logger.warning("%s; the template writer (seed %d) writes the rest of the prompts", e, self.seed)
+            self._writer, self.fell_back = TemplateWriter(seed=self.seed), True
+            return self._writer.write(caption, self.n), self._writer.name
 
     def __call__(self, batch: Batch) -> pa.Table:
         rows = stage_rows(batch)
@@ -186,14 +203,14 @@ class PromptStage:
                 continue
             try:
                 existing = list(row.get("existing") or [])
-                written = self.writer.write(row["caption"], self.n)
-                merged = list(dict.fromkeys(existing + list(written)))[: self.n]
+                written, name = self._write(row["caption"])
+                merged = list(dict.fromkeys(existing + written))[: self.n]
                 if len(merged) < self.n:
                     raise PromptWriterError(
-                        f"{self.writer.name} writer gave {len(written)} prompts, {len(merged)} distinct with the "
+                        f"{name} writer gave {len(written)} prompts, {len(merged)} distinct with the "
                         f"{len(existing)} already committed; {self.n} needed"
                     )
-                row["prompts"], row["writer"] = merged, self.writer.name
+                row["prompts"], row["writer"] = merged, name
             except Exception as e:
                 mark_failed(row, "prompts", e)
         return pa.Table.from_pylist(rows, schema=PROMPT_PLAN_SCHEMA)

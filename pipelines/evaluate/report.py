@@ -62,6 +62,11 @@ class EvalSummary:
 
         return self.gate.get("status") == REGRESSED
 
+    @property
+    def failure_fraction(self) -> float:
+        """Failed over all videos of the dataset (each eval run edits all of them); 1.0 when there are none."""
+        return self.failed / self.videos if self.videos else 1.0
+
     def line(self) -> str:
         tiny = " [TINY RANDOM MODELS: plumbing check, not results]" if self.tiny_models else ""
         head = ", ".join(f"{k} {self.metrics[k]:.4f}" for k in ("frame_consistency", "prompt_consistency")
@@ -71,8 +76,9 @@ class EvalSummary:
                 f"{head}; MLflow run {self.run_id} at {redact_url(self.tracking_uri)}{tiny}")
 
     def as_dict(self) -> dict[str, Any]:
-        """For the job's JSON output and records: the tracking URI redacted."""
-        return {**dataclasses.asdict(self), "tracking_uri": redact_url(self.tracking_uri)}
+        """For the job's JSON output and records: the tracking URI redacted, the failed fraction added."""
+        return {**dataclasses.asdict(self), "tracking_uri": redact_url(self.tracking_uri),
+                "failure_fraction": self.failure_fraction}
 
 
 def log_run(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame, run_name: str, run_dir: str,

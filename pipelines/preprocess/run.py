@@ -64,9 +64,16 @@ class PreprocessSummary:
         return self.ok / self.seconds if self.seconds > 0 else 0.0
 
     @property
+    def committed(self) -> int:
+        """Clips of the corpus committed in DST after this run: those skipped as done and those written now."""
+        return self.skipped + self.ok
+
+    @property
     def failure_fraction(self) -> float:
-        done = self.ok + self.failed
-        return self.failed / done if done else 0.0
+        """This run's failures over the corpus: failed / (committed + failed). Quarantined inputs are in
+        neither, so a rerun that retries only the few broken clips of a mostly committed corpus stays low."""
+        total = self.committed + self.failed
+        return self.failed / total if total else 0.0
 
     def line(self) -> str:
         return (
@@ -77,7 +84,7 @@ class PreprocessSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "clips_per_second": self.clips_per_second,
-                "failure_fraction": self.failure_fraction}
+                "committed": self.committed, "failure_fraction": self.failure_fraction}
 
 
 def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> PreprocessSummary:

@@ -1,0 +1,54 @@
+"""The exit codes of every `gen1` command: one table, used by the commands, their ``--help`` and the README.
+
+A scheduler (cron, Airflow, a Ray Job's status) tells the outcomes apart by code alone:
+
+- 0: the run did what it was asked;
+- 1: bad input or usage: an unknown option, a bad config, a missing input or weights (nothing ran, or the
+  run stopped at the bad input);
+- 3: the eval's regression gate failed (`pipelines.regression`): a gated metric dropped beyond its threshold;
+- 4: the run finished but too much of the corpus failed: the failed fraction (this run's failures over the
+  clips committed in DST plus those failures; quarantined ones excluded) exceeds ``max_failure_fraction``.
+
+An uncaught exception (a bug, not bad input) ends with Python's traceback and its exit code 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 1
+EXIT_REGRESSED = 3
+EXIT_FAILED_FRACTION = 4
+
+
+@dataclass(frozen=True)
+class ExitCode:
+    """One row of the table: the code, its constant's name, and what it means."""
+
+    code: int
+    name: str
+    meaning: str
+
+
+EXIT_CODES = (
+    ExitCode(EXIT_OK, "EXIT_OK", "success"),
+    ExitCode(EXIT_BAD_INPUT, "EXIT_BAD_INPUT", "bad input or usage (an option, a config, a missing input or "
+             "missing weights)"),
+    ExitCode(EXIT_REGRESSED, "EXIT_REGRESSED", "eval regression: a gated metric dropped beyond its threshold "
+             "against the accepted baseline"),
+    ExitCode(EXIT_FAILED_FRACTION, "EXIT_FAILED_FRACTION", "failed fraction exceeded: failed / (committed in "
+             "DST + failed in this run) > max_failure_fraction"),
+)
+
+
+def help_epilog(*codes: int) -> str:
+    """The ``exit codes:`` block of a command's ``--help``: the rows of ``codes`` (default: all), in order.
+    Needs ``formatter_class=argparse.RawDescriptionHelpFormatter`` to keep its lines."""
+    wanted = set(codes) if codes else {e.code for e in EXIT_CODES}
+    rows = [f"  {e.code}  {e.meaning}" for e in EXIT_CODES if e.code in wanted]
+    unknown = wanted - {e.code for e in EXIT_CODES}
+    if unknown:
+        raise ValueError(f"exit codes {sorted(unknown)} are not in jobs.exit_codes.EXIT_CODES")
+    return "exit codes:\n" + "\n".join(rows)
+
