@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from gen1.config import COMPONENT_CONFIGS, COMPONENTS
-from gen1.schedule import PRIOR_SCHEDULER_SUBFOLDER, karlo_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +93,8 @@ def _build_unet(out: Path) -> torch.nn.Module:
 
 def _build_prior(out: Path) -> torch.nn.Module:
     from diffusers import PriorTransformer
+
+    from gen1.schedule import PRIOR_SCHEDULER_SUBFOLDER, karlo_scheduler  # diffusers: only the prior needs it
 
     model = PriorTransformer(**COMPONENT_CONFIGS["tiny"]["prior"])
     with torch.no_grad():  # identity normalisation: a well-formed prior (a fresh one has clip_std == 0)

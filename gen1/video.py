@@ -21,14 +21,16 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import av
 import cv2
 import fsspec
 import numpy as np
-import torch
 from fsspec.implementations.local import LocalFileSystem
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +161,8 @@ def resize_center_crop(frames: np.ndarray, width: int, height: int) -> np.ndarra
 
 def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 (f, h, w, 3) -> float32 (f, 3, h, w) in [-1, 1]."""
+    import torch  # imported here: decoding (`gen1.decoding`, its child processes) needs no torch
+
     _check_frames(frames)
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
@@ -168,6 +172,8 @@ def tensor_to_frames(x: torch.Tensor) -> np.ndarray:
     """float (f, 3, h, w) in [-1, 1] (clamped) -> uint8 (f, h, w, 3); inverse of `frames_to_tensor`."""
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected a tensor of shape (f, 3, h, w); got {tuple(x.shape)}")
+    import torch
+
     y = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 

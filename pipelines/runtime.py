@@ -157,6 +157,31 @@ def actor_pool(size: int, tasks_per_actor: int | None = None):
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=tasks_per_actor)
 
 
+def operator_seconds(ds: Any) -> dict[str, dict[str, float]]:
+    """Per Ray Data operator of an executed dataset (its parents included): the summed time of its UDF
+    calls (``function_body_s``), its tasks' wall time (``task_wall_s``), the rows it put out and the
+    seconds from its first task's start to its last task's end (``active_s``), by operator name (e.g. ``MapBatches(DecodeStage)``). Empty when Ray Data kept no stats."""
+    out: dict[str, dict[str, float]] = {}
+    try:
+        todo = [ds._get_stats_summary()]
+    except Exception:  # stats are a diagnostic: never fail a run over them
+        logger.debug("no Ray Data stats for this dataset", exc_info=True)
+        return out
+    while todo:
+        summary = todo.pop()
+        todo.extend(summary.parents)
+        for op in summary.operators_stats:
+            entry = out.setdefault(op.operator_name, {"function_body_s": 0.0, "task_wall_s": 0.0, "rows": 0.0,
+                                                      "active_s": 0.0})
+            for key, stat in (("function_body_s", op.function_body_time), ("task_wall_s", op.wall_time),
+                              ("rows", op.output_num_rows)):
+                if stat is not None:
+                    entry[key] += float(stat.sum)
+            if op.earliest_start_time and op.latest_end_time:  # from its first task's start to its last's end
+                entry["active_s"] += float(op.latest_end_time - op.earliest_start_time)
+    return out
+
+
 # -------------------------------------------------------------------------------------------- run records
 
 

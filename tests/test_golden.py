@@ -39,7 +39,8 @@ ROOT = Path(tempfile.gettempdir()) / "gen1-golden"
 
 # differ from run to run by design
 VOLATILE = {"run_id", "experiment_id", "artifact_uri", "tracking_uri", "samples", "timestamp", "created_at", "seconds", "total_seconds", "traceback", "started_at",
-            "finished_at", "clips_per_second", "edits_per_minute", "mlflow_run_id", "run_name", "table_uri"}
+            "finished_at", "clips_per_second", "edits_per_minute", "mlflow_run_id", "run_name", "table_uri",
+            "stage_seconds"}
 # float16 arrays stored as bytes, and JPEG frames: compared decoded, with a tolerance
 ARRAYS = {"depth": "float16", "clip_embedding": "float16", "latents": "float16"}
 RTOL, ATOL = 1e-4, 1e-5

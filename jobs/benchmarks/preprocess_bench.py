@@ -1,16 +1,23 @@
-"""Benchmark the preprocess pipeline on real footage, in one run, against two baselines.
+"""Benchmark the preprocess pipeline on real footage, in one run, against the decode floor and a plain loop.
 
-    python jobs/benchmarks/preprocess_bench.py [--src DIR] [--clips-per-video 16] [--models tiny]
+    python jobs/benchmarks/preprocess_bench.py [--src DIR] [--min-clips 500] [--models tiny] [--json OUT]
 
-Measures clips/s of
-- ``decode``: decode + resize every clip, one after another (the floor: every design pays it);
-- ``naive``: a sequential loop over the same clips doing what the pipeline does (decode, depth, CLIP,
-  float16 encoding, Parquet write), models loaded once beforehand;
-- ``pipeline``: `pipelines.preprocess.run_preprocess` on a local Ray, end to end (planning, actor start
-  and model loading included: the number a user sees), into a fresh temp DST;
-and prints pipeline/naive and pipeline/decode. With a GPU it also measures frames/s of the full-size
-DPT-Large and CLIP ViT-L/14 (random weights, `gen1.architectures.build_component` on the GPU) and the
-fraction of the measured matmul ceiling their FLOPs reach.
+The corpus is the videos under ``--src`` (default: opencv-doc's clips), copied under new names until
+their planned clips (the preset's frames, stride and size; every non-overlapping clip, or
+``--clips-per-video``) reach ``--min-clips``. Measured, one after another on an otherwise idle machine:
+
+- ``floor``: decode every frame of every video once, one pass each (PyAV, FFmpeg threads): what any design
+  pays at least;
+- ``plain``: a plain single-process loop: decode each video once, cutting its clips as they complete
+  (`gen1.decoding.decode_clips`), run the same depth and CLIP models (loaded beforehand), JPEG the frames,
+  write one Parquet file;
+- ``pipeline``: `pipelines.preprocess.run_preprocess` on a local Ray, end to end (planning, actor start and
+  model loading included: the number a user sees), into a fresh temp DST, with Ray Data's per-operator times.
+
+It prints clips/s of each, pipeline / plain, and the decode stage's summed task time against the floor.
+With a GPU it also measures frames/s of the full-size DPT-Large and CLIP ViT-L/14 (random weights,
+`gen1.architectures.build_component` on the GPU) and the fraction of the measured matmul ceiling their
+FLOPs reach.
 """
 
 from __future__ import annotations
@@ -25,58 +32,97 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 log = logging.getLogger("preprocess_bench")
 
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
 
 
-def _plans(uris, frames, stride, clips_per_video, size):
+def build_corpus(uris: list[str], min_clips: int, frames: int, stride: int, clips_per_video, size, root: Path):
+    """Copies of ``uris`` under ``root`` (symlinks, distinct names, so distinct clip ids) until their plans
+    reach ``min_clips``; returns {copy: its ClipPlans}."""
     from pipelines.sources import plan_video
 
-    return [p for u in uris for p in plan_video(u, frames, stride, clips_per_video, size)]
+    originals = {u: plan_video(u, frames, stride, clips_per_video, size) for u in uris}
+    if not any(originals.values()):
+        raise ValueError("no video under --src yields a clip")
+    corpus: dict[str, list] = {}
+    k = 0
+    while sum(len(p) for p in corpus.values()) < min_clips:
+        for u in uris:
+            copy = root / f"r{k:03d}-{Path(u).name}"
+            copy.symlink_to(u)
+            corpus[str(copy)] = plan_video(str(copy), frames, stride, clips_per_video, size)
+        k += 1
+    return corpus
 
 
-def _decode(plan) -> np.ndarray:
-    from gen1.decoding import read_frames
-    from gen1.video import resize_center_crop
+def bench_floor(uris: list[str]) -> float:
+    """Seconds to decode every frame of every video once (PyAV, one pass, frame and slice threads)."""
+    import av
 
-    return resize_center_crop(read_frames(plan.source_uri, plan.frame_indices), plan.width, plan.height)
-
-
-def bench_decode(plans) -> float:
     t0 = time.perf_counter()
-    for p in plans:
-        _decode(p)
-    return len(plans) / (time.perf_counter() - t0)
+    for u in uris:
+        with av.open(u) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                frame.to_ndarray(format="rgb24")
+    return time.perf_counter() - t0
 
 
-def bench_naive(plans, depth_spec: str, clip_spec: str) -> float:
-    """One process, one clip at a time: decode -> depth -> CLIP -> float16 -> one Parquet file."""
+def bench_plain(corpus: dict, depth_spec: str, clip_spec: str) -> float:
+    """Seconds of one process doing the work: decode each video once, depth, CLIP, JPEG, one Parquet file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from gen1.clip import ClipEmbedder
+    from gen1.decoding import ClipRequest, decode_clips
     from gen1.depth import DepthEstimator
     from pipelines.schema import encode_array, encode_frames
 
     depth, clip = DepthEstimator(depth_spec), ClipEmbedder(clip_spec)
     t0 = time.perf_counter()
     rows = []
-    for p in plans:
-        frames = _decode(p)
-        rows.append({
-            "clip_id": p.clip_id,
-            "depth": encode_array(depth(frames).float().cpu().numpy())[0],
-            "clip_embedding": encode_array(clip.embed_images(frames).float().cpu().numpy())[0],
-            "frames": encode_frames(frames, "jpeg"),
-        })
+    for uri, plans in corpus.items():
+        requests = [ClipRequest(tuple(p.frame_indices), (p.width, p.height)) for p in plans]
+        for i, frames in decode_clips(uri, requests):
+            rows.append({
+                "clip_id": plans[i].clip_id,
+                "depth": encode_array(depth(frames).float().cpu().numpy())[0],
+                "clip_embedding": encode_array(clip.embed_images(frames).float().cpu().numpy())[0],
+                "frames": encode_frames(frames, "jpeg"),
+            })
     pq.write_table(pa.Table.from_pylist(rows), io.BytesIO(), compression="zstd")
-    return len(plans) / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
-def bench_pipeline(uris, cfg) -> tuple[float, dict]:
+def bench_plain_fresh(corpus: dict, depth_spec: str, clip_spec: str, root: Path) -> float:
+    """Seconds of `bench_plain` in a fresh Python process, imports and model loading included (what the
+    pipeline's actors pay too): wall time of the whole process."""
+    import subprocess
+
+    plans = root / "plans.json"
+    plans.write_text(json.dumps({u: [p.as_dict() for p in ps] for u, ps in corpus.items()}))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--plain-only", str(plans), "--depth", depth_spec, "--clip", clip_spec],
+                   check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    return time.perf_counter() - t0
+
+
+def _plain_only(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("plans")
+    parser.add_argument("--depth", required=True)
+    parser.add_argument("--clip", required=True)
+    args = parser.parse_args(argv)
+    from pipelines.sources import ClipPlan
+
+    corpus = {u: [ClipPlan(**p) for p in ps] for u, ps in json.loads(Path(args.plans).read_text()).items()}
+    bench_plain(corpus, args.depth, args.clip)
+    return 0
+
+
+def bench_pipeline(uris: list[str], cfg) -> tuple[float, dict]:
     from pipelines.preprocess import run_preprocess
 
     with tempfile.TemporaryDirectory(prefix="gen1-bench-") as tmp:
@@ -85,7 +131,7 @@ def bench_pipeline(uris, cfg) -> tuple[float, dict]:
         summary = run_preprocess(str(manifest), str(Path(tmp) / "dst"), cfg)
     if summary.failed:
         raise RuntimeError(f"the pipeline failed {summary.failed} clips: {summary.line()}")
-    return summary.clips_per_second, summary.as_dict()
+    return summary.seconds, summary.as_dict()
 
 
 # -------------------------------------------------------------------------------------------- GPU
@@ -208,11 +254,12 @@ def bench_gpu_models(specs=None, device: str = "cuda", batch: int = 32, iters: i
 # ------------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:  # long: argument parsing, three measurements, the report
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", default=str(OPENCV_DATA), help="directory of videos (default: opencv-doc's)")
     parser.add_argument("--models", default="tiny", help="model preset or YAML (default tiny)")
-    parser.add_argument("--clips-per-video", type=int, default=16)
+    parser.add_argument("--min-clips", type=int, default=500, help="repeat the videos until this many clips")
+    parser.add_argument("--clips-per-video", type=int, default=None, help="default: every non-overlapping clip")
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
@@ -223,32 +270,55 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.runtime import init_ray
     from pipelines.sources import list_videos
 
-    uris = list_videos(args.src)
-    if not uris:
+    originals = list_videos(args.src)
+    if not originals:
         print(f"no videos under {args.src}", file=sys.stderr)
         return 2
-    cfg = PreprocessConfig(models=args.models, clips_per_video=args.clips_per_video, progress=False)
+    cfg = PreprocessConfig(models=args.models, clips_per_video=args.clips_per_video, progress=False,
+                           num_cpus=args.num_cpus)
     res = cfg.resolved()
-    plans = _plans(uris, res.frames, res.stride, cfg.clips_per_video, res.size)
-    print(f"corpus: {len(uris)} videos from {args.src}, {len(plans)} clips of {res.frames} frames "
-          f"(stride {res.stride}) at {res.size[0]}x{res.size[1]}; models {res.specs.label()}; "
-          f"{os.cpu_count()} CPUs")
-
-    results: dict = {"videos": len(uris), "clips": len(plans), "models": res.specs.label()}
-    results["decode_clips_per_s"] = bench_decode(plans)
-    results["naive_clips_per_s"] = bench_naive(plans, res.depth_model, res.clip_model)
-    t0 = time.perf_counter()
-    init_ray(num_cpus=args.num_cpus)
-    results["ray_init_s"] = time.perf_counter() - t0
-    results["pipeline_clips_per_s"], results["pipeline_summary"] = bench_pipeline(uris, cfg)
-    results["pipeline_vs_naive"] = results["pipeline_clips_per_s"] / results["naive_clips_per_s"]
-    results["pipeline_vs_decode"] = results["pipeline_clips_per_s"] / results["decode_clips_per_s"]
-    print(f"decode only (floor):  {results['decode_clips_per_s']:8.2f} clips/s")
-    print(f"naive sequential:     {results['naive_clips_per_s']:8.2f} clips/s")
-    print(f"pipeline (Ray Data):  {results['pipeline_clips_per_s']:8.2f} clips/s  "
-          f"(end to end; Ray start {results['ray_init_s']:.1f}s not included)")
-    print(f"pipeline / naive:     {results['pipeline_vs_naive']:8.2f}x")
-    print(f"pipeline / decode:    {results['pipeline_vs_decode']:8.2f}x")
+    with tempfile.TemporaryDirectory(prefix="gen1-bench-corpus-") as tmp:
+        corpus = build_corpus(originals, args.min_clips, res.frames, res.stride, cfg.clips_per_video, res.size,
+                              Path(tmp))
+        uris, clips = list(corpus), sum(len(p) for p in corpus.values())
+        print(f"corpus: {len(uris)} videos ({len(originals)} from {args.src}, repeated), {clips} clips of "
+              f"{res.frames} frames (stride {res.stride}) at {res.size[0]}x{res.size[1]}; models "
+              f"{res.specs.label()}; {os.cpu_count()} CPUs")
+        results: dict = {"videos": len(uris), "clips": clips, "models": res.specs.label(), "cpus": os.cpu_count()}
+        results["floor_s"] = bench_floor(uris)
+        results["plain_s"] = bench_plain(corpus, res.depth_model, res.clip_model)
+        results["plain_fresh_s"] = bench_plain_fresh(corpus, res.depth_model, res.clip_model, Path(tmp))
+        t0 = time.perf_counter()
+        init_ray(num_cpus=args.num_cpus)
+        results["ray_init_s"] = time.perf_counter() - t0
+        results["pipeline_s"], summary = bench_pipeline(uris, cfg)
+    results["pipeline_summary"] = summary
+    for name in ("floor", "plain", "plain_fresh", "pipeline"):
+        results[f"{name}_clips_per_s"] = clips / results[f"{name}_s"]
+    results["pipeline_vs_plain"] = results["plain_s"] / results["pipeline_s"]
+    results["pipeline_vs_plain_fresh"] = results["plain_fresh_s"] / results["pipeline_s"]
+    ops = summary["stage_seconds"]
+    # steady state: clips over the busiest stage's active window (actor start and drain left out)
+    busiest = max((v for k, v in ops.items() if k.startswith("MapBatches")), key=lambda v: v["function_body_s"])
+    results["pipeline_steady_clips_per_s"] = clips / busiest["active_s"]
+    results["steady_vs_plain"] = results["pipeline_steady_clips_per_s"] / results["plain_clips_per_s"]
+    decode = next((v for k, v in ops.items() if "DecodeStage" in k), {})
+    results["decode_task_s"] = decode.get("function_body_s", float("nan"))
+    results["decode_vs_floor"] = results["decode_task_s"] / results["floor_s"]
+    print(f"decode floor (one pass):   {results['floor_s']:7.1f} s  {results['floor_clips_per_s']:7.2f} clips/s")
+    print(f"plain decode-once loop:    {results['plain_s']:7.1f} s  {results['plain_clips_per_s']:7.2f} clips/s")
+    print(f"pipeline (Ray Data):       {results['pipeline_s']:7.1f} s  {results['pipeline_clips_per_s']:7.2f} clips/s "
+          f"(end to end; Ray start {results['ray_init_s']:.1f} s not included)")
+    print(f"plain loop, fresh process: {results['plain_fresh_s']:7.1f} s  {results['plain_fresh_clips_per_s']:7.2f} clips/s "
+          "(imports and model loading included)")
+    print(f"pipeline / plain:          {results['pipeline_vs_plain']:7.2f}x throughput (plain with models preloaded)")
+    print(f"pipeline / plain (fresh):  {results['pipeline_vs_plain_fresh']:7.2f}x throughput (both end to end)")
+    print(f"pipeline steady state:     {results['pipeline_steady_clips_per_s']:7.2f} clips/s over its busiest stage's "
+          f"active window = {results['steady_vs_plain']:.2f}x the plain loop")
+    print(f"decode stage / floor:      {results['decode_vs_floor']:7.2f}x ({results['decode_task_s']:.1f} s of task time)")
+    print("Ray Data operators (summed over tasks): UDF s, task wall s, active s, rows out")
+    for name, v in ops.items():
+        print(f"  {name:34s} {v['function_body_s']:8.1f} {v['task_wall_s']:8.1f} {v['active_s']:8.1f} {int(v['rows']):6d}")
 
     import torch
 
@@ -269,4 +339,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_plain_only(sys.argv[2:]) if sys.argv[1:2] == ["--plain-only"] else main())

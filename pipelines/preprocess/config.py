@@ -41,7 +41,7 @@ class PreprocessConfig:
     target_shard_bytes: int | None = None
     # execution
     plan_batch_size: int = 1  # videos per planning task
-    plan_in_driver_max: int = 8  # corpora up to this many videos are planned in the driver (no task start-up)
+    plan_in_driver_max: int = 64  # corpora up to this many videos are planned in the driver (no task start-up)
     # Memory: blocks stream through the object store; Ray Data backpressures each stage by its share of the
     # store (about half of it in all), and decodes run at most max_concurrent_decodes at once, so memory does
     # not grow with the corpus. A block is decode_batch_size decoded clips (frames * h * w * 3 bytes each,

@@ -33,6 +33,7 @@ from pipelines.runtime import (
     cluster_resources,
     init_ray,
     new_run_id,
+    operator_seconds,
     plan_resources,
     task_pool,
     write_run_record,
@@ -58,6 +59,8 @@ class PreprocessSummary:
     in_quarantine: int = 0  # inputs on the quarantine list after this run (DST/quarantine)
     seconds: float = 0.0
     error: str | None = None  # the exception that stopped the stream, if any
+    # per Ray Data operator: UDF and task wall seconds, rows out (`pipelines.runtime.operator_seconds`)
+    stage_seconds: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def clips_per_second(self) -> float:
@@ -112,7 +115,7 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
         ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
         todo = _clips_to_do(uris, shards, errors, quarantine, cfg, res, summary)
         if todo:
-            summary.error = _stream(todo, commits, dst, run_id, cfg, res)
+            summary.error, summary.stage_seconds = _stream(todo, commits, dst, run_id, cfg, res)
             _record_missing(todo, shards, errors, summary.error)
         summary.ok = len(shards.written)
         summary.failed = len(errors.written - shards.written)
@@ -301,17 +304,19 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
 
 
 def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: str, run_id: str,
-            cfg: PreprocessConfig, res: ResolvedConfig) -> str | None:
+            cfg: PreprocessConfig, res: ResolvedConfig) -> tuple[str | None, dict[str, dict[str, float]]]:
     """Stream ``todo`` through the stages, committing each file the writer reports as it comes; returns the
-    exception that stopped the stream early ("Type: message"), or None."""
+    exception that stopped the stream early ("Type: message") or None, and the operators' times."""
+    ds = None
     try:
-        for batch in _build_dataset(todo, dst, run_id, cfg, res).iter_batches(batch_size=None, batch_format="pandas"):
+        ds = _build_dataset(todo, dst, run_id, cfg, res)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for w in batch.to_dict("records"):
                 commits[w["table"]].commit_file(w["tmp_path"], [str(i) for i in w["clip_ids"]])
     except Exception as e:  # the stream broke: what is not committed yet becomes a pipeline error
         logger.exception("the pipeline stopped early: %s", e)
-        return f"{type(e).__name__}: {e}"
-    return None
+        return f"{type(e).__name__}: {e}", operator_seconds(ds) if ds is not None else {}
+    return None, operator_seconds(ds)
 
 
 def _record_missing(todo: list[dict[str, Any]], shards: Committer, errors: Committer, error: str | None) -> None:
