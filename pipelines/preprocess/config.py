@@ -69,7 +69,7 @@ class PreprocessConfig:
     clip_num_gpus: float = 0.25
     latents_num_gpus: float = 0.25
     device: str | None = None  # None: cuda when the actor got a GPU, else cpu
-    max_failure_fraction: float = 0.1  # exit non-zero when failed / (ok + failed) exceeds this
+    max_failure_fraction: float = 0.1  # exit 4 when failed / (committed + failed) exceeds this (PreprocessSummary)
     # time limits (`pipelines.timeouts`; None or 0: none). A clip over the limit becomes an error row of its
     # stage with error_type "timeout". A late decode's child process is killed; a hung model call's thread is
     # abandoned.
