@@ -105,7 +105,8 @@ def bench_plain_fresh(corpus: dict, depth_spec: str, clip_spec: str, root: Path)
     plans.write_text(json.dumps({u: [p.as_dict() for p in ps] for u, ps in corpus.items()}))
     t0 = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--plain-only", str(plans), "--depth", depth_spec, "--clip", clip_spec],
-                   check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+                   check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+                       str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")]))})
     return time.perf_counter() - t0
 
 
