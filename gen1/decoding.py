@@ -305,11 +305,10 @@ class VideoSource:
     def read_seeking(self, indices: list[int], info: VideoInfo) -> np.ndarray:
         """Frames ``indices`` through decord's seeks (decord applies the display rotation itself)."""
         reader = self._decord()
-        bad = [i for i in indices if not 0 <= i < min(info.num_frames, len(reader))]
+        frames_in_video = min(info.num_frames, len(reader))
+        bad = [i for i in indices if not 0 <= i < frames_in_video]
         if bad:
-            raise VideoDecodeError(
-                self.uri, f"frame indices {bad[:5]} out of range: the video has {min(info.num_frames, len(reader))} frames"
-            )
+            raise VideoDecodeError(self.uri, f"frame indices {bad[:5]} out of range: the video has {frames_in_video} frames")
         try:
             frames = reader.get_batch(indices).asnumpy()
         except Exception as e:
