@@ -7,7 +7,8 @@ is keep. Masks are resized and centre-cropped exactly like the frames they go wi
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,14 +24,16 @@ def mask_from_frames(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     return (resize_center_crop(frames, width, height).mean(axis=-1) >= 127.5).astype(np.float32)
 
 
-def read_mask(uri: str, indices: Sequence[int], width: int, height: int) -> np.ndarray:
-    """A mask video (frames ``indices``) or image (every frame) -> float32 (f, height, width) in {0, 1},
-    resized like the frames; white (>= 50% grey) = edit."""
+def read_mask(uri: str, indices: Sequence[int], width: int, height: int,
+              storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """A mask video (frames ``indices``) or image (every frame) at any fsspec URI (read with
+    ``storage_options``) -> float32 (f, height, width) in {0, 1}, resized like the frames; white (>= 50%
+    grey) = edit."""
     try:
-        frames = read_frames(uri, indices)
+        frames = read_frames(uri, indices, storage_options)
     except VideoDecodeError as video_error:
         try:
-            image = read_image(uri)
+            image = read_image(uri, storage_options=storage_options)
         except ImageDecodeError as image_error:
             raise ImageDecodeError(
                 uri, f"mask: expected a video or an image, could read neither ({video_error.reason}; "

@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from gen1.config import ConfigError
 from gen1.urls import is_loopback, redact_url, with_path_suffix
@@ -89,12 +89,13 @@ class PromptSpec:
         return cls(text=line)
 
 
-def read_prompt_file(uri: str) -> list[PromptSpec]:
-    """A prompts file (any fsspec URI): one prompt per line, ``image:URI`` for a reference image; blank
-    lines and lines starting with ``#`` are skipped."""
+def read_prompt_file(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[PromptSpec]:
+    """A prompts file (any fsspec URI, read with ``storage_options``): one prompt per line, ``image:URI`` for
+    a reference image (read later with the same options); blank lines and lines starting with ``#`` are
+    skipped."""
     import fsspec
 
-    with fsspec.open(uri, "rt", encoding="utf-8") as fh:
+    with fsspec.open(uri, "rt", encoding="utf-8", **dict(storage_options or {})) as fh:
         lines = [ln.strip() for ln in fh]
     prompts = [PromptSpec.parse(ln) for ln in lines if ln and not ln.startswith("#")]
     if not prompts:

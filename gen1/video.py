@@ -20,8 +20,9 @@ import io
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import av
 import cv2
@@ -70,13 +71,14 @@ class VideoInfo:
     rotation: int = 0  # degrees counter-clockwise from the display matrix, a multiple of 90
 
 
-def open_uri(uri: str, mode: str = "rb", **storage_options) -> IO:
-    """Open a local path or fsspec URI (``s3://``, ``file://``, ``memory://``, ...); caller closes it.
+def open_uri(uri: str, mode: str = "rb", storage_options: Mapping[str, Any] | None = None) -> IO:
+    """Open a local path or fsspec URI (``s3://``, ``file://``, ``memory://``, ...) with fsspec's
+    ``storage_options`` (credentials, endpoint: a job's); caller closes it.
 
     Errors are fsspec's own (FileNotFoundError, ValueError for an unknown protocol, ImportError when the
     protocol's package is missing); the decode functions below turn them into `VideoDecodeError`.
     """
-    return fsspec.open(uri, mode, **storage_options).open()
+    return fsspec.open(uri, mode, **dict(storage_options or {})).open()
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -218,14 +220,14 @@ class Clip:
 
 
 
-def read_image(uri: str, mode: str = "RGB") -> np.ndarray:
-    """An image file at any fsspec URI -> uint8 array: ``(h, w, 3)`` for mode "RGB", ``(h, w)`` palette
-    ids for "P" (segmentation masks keep their ids). A missing, unreadable or non-image file raises
-    `ImageDecodeError` naming ``uri``."""
+def read_image(uri: str, mode: str = "RGB", storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """An image file at any fsspec URI (read with ``storage_options``) -> uint8 array: ``(h, w, 3)`` for mode
+    "RGB", ``(h, w)`` palette ids for "P" (segmentation masks keep their ids). A missing, unreadable or
+    non-image file raises `ImageDecodeError` naming ``uri``."""
     from PIL import Image
 
     try:
-        with open_uri(uri, "rb") as fh:
+        with open_uri(uri, "rb", storage_options) as fh:
             image = Image.open(io.BytesIO(fh.read()))
             image.load()
     except (OSError, ValueError, ImportError) as err:  # FileNotFoundError, PIL's UnidentifiedImageError, ...
@@ -236,8 +238,10 @@ def read_image(uri: str, mode: str = "RGB") -> np.ndarray:
 # -------------------------------------------------------------------------------------------- encoding
 
 
-def write_video(frames: np.ndarray, uri: str, fps: float, *, crf: int = 18) -> None:
-    """Encode uint8 (f, h, w, 3) frames to ``uri`` (any fsspec URI), format by suffix.
+def write_video(frames: np.ndarray, uri: str, fps: float, *, crf: int = 18,
+                storage_options: Mapping[str, Any] | None = None) -> None:
+    """Encode uint8 (f, h, w, 3) frames to ``uri`` (any fsspec URI, written with ``storage_options``), format
+    by suffix.
 
     ``.mp4``: H.264 (libx264, yuv420p, quality ``crf``); odd sizes are edge-padded to even ones, which
     yuv420p requires. ``.gif``: one adaptive 256-colour palette per frame; every frame is kept (GIF delays
@@ -257,7 +261,7 @@ def write_video(frames: np.ndarray, uri: str, fps: float, *, crf: int = 18) -> N
         _encode_gif(frames, buf, rate)
     else:
         raise ValueError(f"expected a .mp4 or .gif URI; got {uri!r}")
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
     if isinstance(fs, LocalFileSystem):
         fs.makedirs(fs._parent(path), exist_ok=True)
     fs.pipe_file(path, buf.getvalue())
