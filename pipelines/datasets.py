@@ -14,8 +14,10 @@ LOVEU-TGVE-2023 (76 videos from DAVIS, YouTube and Videvo, 32 or 128 frames each
                        a row holding only a subset folder name (e.g. "DAVIS_480p") starts that subset.
 
 A sequence is listed cheaply (names and URIs only); frames and masks are read on demand, so a job lists
-the whole dataset on the driver and reads pixels on workers. `SequenceClip` is a sequence's clip as the
-edit pipeline takes it (`pipelines.edit.EditClip`), with its object masks and prompts.
+the whole dataset on the driver and reads pixels on workers. Every listing and read takes the job's fsspec
+``storage_options`` (credentials, endpoint) as an argument; sequences and clips hold none. `SequenceClip` is
+a sequence's clip as the edit pipeline takes it (`pipelines.edit.EditClip`), with its object masks and
+prompts.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import csv
 import io
 import logging
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,21 +105,21 @@ def _join(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts)
 
 
-def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(uri)
+def _fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
 
 
-def _list_dirs(uri: str) -> list[str]:
+def _list_dirs(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Names of the sub-folders of ``uri``, sorted; [] if it does not exist."""
-    fs, path = _fs(uri)
+    fs, path = _fs(uri, storage_options)
     if not fs.isdir(path):
         return []
     return sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True) if e["type"] == "directory")
 
 
-def _list_files(uri: str, suffixes: tuple[str, ...]) -> list[str]:
+def _list_files(uri: str, suffixes: tuple[str, ...], storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """File names in ``uri`` with one of ``suffixes`` (lower case), sorted by name; [] if absent."""
-    fs, path = _fs(uri)
+    fs, path = _fs(uri, storage_options)
     if not fs.isdir(path):
         return []
     names = (posixpath.basename(e["name"]) for e in fs.ls(path, detail=True) if e["type"] == "file")
@@ -131,15 +133,16 @@ def read_davis(
     sequences: Sequence[str] | None = None,
     year: str = "2017",
     limit: int | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[VideoSequence]:
-    """List DAVIS sequences under ``uri`` (any fsspec URI).
+    """List DAVIS sequences under ``uri`` (any fsspec URI, listed with ``storage_options``).
 
     split: "train" | "val" | ... read from ``ImageSets/<year>/<split>.txt``; None = every sequence found.
     sequences: keep only these names (in this order). limit: keep the first ``limit``.
     A sequence's masks are attached only if ``Annotations/<resolution>/<sequence>`` has one PNG per frame.
     """
     frames_root = _join(uri, "JPEGImages", resolution)
-    names = _list_dirs(frames_root)
+    names = _list_dirs(frames_root, storage_options)
     if not names:
         raise DatasetError(
             f"no DAVIS sequences in {frames_root!r}: expected {uri}/JPEGImages/{resolution}/<sequence>/00000.jpg"
@@ -147,7 +150,7 @@ def read_davis(
     if split is not None:
         split_uri = _join(uri, "ImageSets", year, f"{split}.txt")
         try:
-            with open_uri(split_uri, "rt") as fh:
+            with open_uri(split_uri, "rt", storage_options) as fh:
                 wanted = [line.strip() for line in fh if line.strip()]
         except FileNotFoundError as err:
             raise DatasetError(f"DAVIS split {split!r}: {split_uri!r} not found") from err
@@ -166,11 +169,11 @@ def read_davis(
     out = []
     for name in names:
         frames_uri = _join(frames_root, name)
-        frames = _list_files(frames_uri, (".jpg", ".jpeg"))
+        frames = _list_files(frames_uri, (".jpg", ".jpeg"), storage_options)
         if not frames:
             raise DatasetError(f"DAVIS sequence {name!r}: no .jpg frames in {frames_uri!r}")
         masks_uri = _join(uri, "Annotations", resolution, name)
-        masks = _list_files(masks_uri, (".png",))
+        masks = _list_files(masks_uri, (".png",), storage_options)
         mask_uris = None
         if masks:
             if [m.rsplit(".", 1)[0] for m in masks] == [f.rsplit(".", 1)[0] for f in frames]:
@@ -222,22 +225,24 @@ def parse_tgve_csv(text: str) -> list[dict]:
     return rows
 
 
-def read_tgve(uri: str, csv_uri: str | None = None, limit: int | None = None, fps: float = DAVIS_FPS) -> list[VideoSequence]:
-    """List LOVEU-TGVE-2023 videos under ``uri`` with their caption and four edit prompts.
+def read_tgve(uri: str, csv_uri: str | None = None, limit: int | None = None, fps: float = DAVIS_FPS,
+              storage_options: Mapping[str, Any] | None = None) -> list[VideoSequence]:
+    """List LOVEU-TGVE-2023 videos under ``uri`` (listed with ``storage_options``) with their caption and four
+    edit prompts.
 
     csv_uri: the prompts CSV; default: the one ``.csv`` file directly under ``uri``.
     """
     if csv_uri is None:
-        found = _list_files(uri, (".csv",))
+        found = _list_files(uri, (".csv",), storage_options)
         if len(found) != 1:
             raise DatasetError(f"expected exactly one prompts .csv in {uri!r} (or pass csv_uri), found {found}")
         csv_uri = _join(uri, found[0])
-    with open_uri(csv_uri, "rb") as fh:
+    with open_uri(csv_uri, "rb", storage_options) as fh:
         text = fh.read().decode("utf-8-sig")
     entries = parse_tgve_csv(text)
     if limit is not None:
         entries = entries[:limit]
-    available = {s: set(_list_dirs(_join(uri, s, "480p_frames"))) for s in TGVE_SUBSETS}
+    available = {s: set(_list_dirs(_join(uri, s, "480p_frames"), storage_options)) for s in TGVE_SUBSETS}
     out = []
     for entry in entries:
         subsets = [entry["subset"]] if entry["subset"] else [s for s in TGVE_SUBSETS if entry["name"] in available[s]]
@@ -248,7 +253,7 @@ def read_tgve(uri: str, csv_uri: str | None = None, limit: int | None = None, fp
             )
         subset = subsets[0]
         frames_uri = _join(uri, subset, "480p_frames", entry["name"])
-        frames = _list_files(frames_uri, (".jpg", ".jpeg", ".png"))
+        frames = _list_files(frames_uri, (".jpg", ".jpeg", ".png"), storage_options)
         if not frames:
             raise DatasetError(f"TGVE video {entry['name']!r}: no frames in {frames_uri!r}")
         out.append(
@@ -287,8 +292,10 @@ def load_sequence_mask(
     size: tuple[int, int] | None = None,
     objects: Sequence[int] | None = None,
     invert: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> np.ndarray:
-    """Object masks of frames ``indices`` -> float32 (f, h, w) in {0, 1}, 1 = edit.
+    """Object masks of frames ``indices`` (read with ``storage_options``) -> float32 (f, h, w) in {0, 1},
+    1 = edit.
 
     objects: DAVIS object ids to include (None = every object). invert: edit the background instead.
     size: (w, h), resized and cropped exactly like a `SequenceClip`'s frames.
@@ -297,7 +304,7 @@ def load_sequence_mask(
         raise DatasetError(f"sequence {seq.name!r} has no per-frame masks (Annotations) for a masked edit")
     masks = []
     for i in indices:
-        ids = read_image(seq.mask_uris[i], "P")
+        ids = read_image(seq.mask_uris[i], "P", storage_options)
         if ids.ndim == 3:  # an RGB annotation: any non-black pixel is an object
             ids = (ids.max(axis=-1) > 0).astype(np.uint8)
         on = ids > 0 if objects is None else np.isin(ids, list(objects))
@@ -332,22 +339,22 @@ class SequenceClip(EditClip):
             return ""
         return f"objects={list(self.mask_objects) or 'all'};invert={self.invert_mask}"
 
-    def load_frames(self) -> np.ndarray:
-        frames = np.stack([read_image(self.sequence.frame_uris[i], "RGB") for i in self.frame_indices])
+    def load_frames(self, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+        frames = np.stack([read_image(self.sequence.frame_uris[i], "RGB", storage_options) for i in self.frame_indices])
         return resize_center_crop(frames, self.width, self.height)
 
-    def middle_frame(self) -> np.ndarray:
+    def middle_frame(self, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
         index = self.frame_indices[len(self.frame_indices) // 2]
         return resize_center_crop(
-            read_image(self.sequence.frame_uris[index], "RGB")[None], self.width, self.height
+            read_image(self.sequence.frame_uris[index], "RGB", storage_options)[None], self.width, self.height
         )[0]
 
-    def load_mask(self) -> np.ndarray | None:
+    def load_mask(self, storage_options: Mapping[str, Any] | None = None) -> np.ndarray | None:
         if self.mask_objects is None:
             return None
         objects = list(self.mask_objects) or None
         return load_sequence_mask(
-            self.sequence, self.frame_indices, (self.width, self.height), objects, self.invert_mask
+            self.sequence, self.frame_indices, (self.width, self.height), objects, self.invert_mask, storage_options
         )
 
     @classmethod
@@ -361,12 +368,14 @@ class SequenceClip(EditClip):
         mask_objects: Sequence[int] | None = None,
         invert_mask: bool = False,
         prompts: Sequence[PromptSpec] | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> SequenceClip:
         """``frames`` frames of ``seq`` ``stride`` apart (shrunk to fit short sequences), edited at ``size``
-        (w, h) for landscape frames (transposed for portrait). ``prompts`` default to the sequence's own
-        (TGVE), tagged with their kind; its caption is kept."""
+        (w, h) for landscape frames (transposed for portrait; the first frame is read, with
+        ``storage_options``, for its size). ``prompts`` default to the sequence's own (TGVE), tagged with
+        their kind; its caption is kept."""
         indices, used = choose_indices(seq.num_frames, frames, stride, start)
-        h, w = read_image(seq.frame_uris[indices[0]], "RGB").shape[:2]
+        h, w = read_image(seq.frame_uris[indices[0]], "RGB", storage_options).shape[:2]
         width, height = target_size(w, h, size)
         if prompts is None:
             prompts = [PromptSpec(text=t, tag=k) for k, t in (seq.prompts or {}).items()]

@@ -194,9 +194,11 @@ def plan_video(
     stride: int,
     clips_per_video: int | None = None,
     size: tuple[int, int] = (448, 256),
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[ClipPlan]:
-    """Probe ``uri`` and plan its clips (`plan_clips`); raises `gen1.video.VideoDecodeError`."""
-    return plan_clips(probe(uri), frames, stride, clips_per_video, size)
+    """Probe ``uri`` (with fsspec's ``storage_options``) and plan its clips (`plan_clips`); raises
+    `gen1.video.VideoDecodeError`."""
+    return plan_clips(probe(uri, storage_options), frames, stride, clips_per_video, size)
 
 
 # ------------------------------------------------------------------------------------------- the plan stage
@@ -221,16 +223,18 @@ PLAN_COLUMNS = tuple(PLAN_SCHEMA.names)
 
 
 class PlanStage:
-    """Videos -> clips: probe each ``uri`` and pick its clips; a video that cannot be probed or is too
-    short becomes one error row (stage ``plan``, ``start`` -1, the clip id of its start-0 clip).
+    """Videos -> clips: probe each ``uri`` (with the job's fsspec ``storage_options``) and pick its clips; a
+    video that cannot be probed or is too short becomes one error row (stage ``plan``, ``start`` -1, the clip
+    id of its start-0 clip).
 
     batch: ``{"uri": [...]}`` -> pyarrow Table of PLAN_SCHEMA.
     """
 
     def __init__(self, frames: int, stride: int, clips_per_video: int | None, size: tuple[int, int],
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, storage_options: Mapping[str, Any] | None = None):
         self.frames, self.stride, self.clips_per_video, self.size = frames, stride, clips_per_video, size
         self.timeout_s = timeout_s  # per probe (`pipelines.timeouts`); None: no limit
+        self.storage_options = dict(storage_options or {})
 
     def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pa.Table:
         uris = list(batch["uri"])
@@ -238,7 +242,8 @@ class PlanStage:
         for uri in uris:
             try:
                 plans = call_with_timeout(plan_video, self.timeout_s, uri, self.frames, self.stride,
-                                          self.clips_per_video, self.size, what=f"probe {uri}")
+                                          self.clips_per_video, self.size, self.storage_options,
+                                          what=f"probe {uri}")
                 out.extend(with_error_columns({**p.as_dict(), "num_frames": p.num_frames}) for p in plans)
             except Exception as e:
                 row = {

@@ -206,13 +206,13 @@ def log_file(path: str | Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def log_remote_file(uri: str, artifact_path: str) -> None:
-    """Copy an fsspec URI to a temp file and log it (MLflow logs local files)."""
+def log_remote_file(uri: str, artifact_path: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Copy an fsspec URI (read with ``storage_options``) to a temp file and log it (MLflow logs local files)."""
     import fsspec
 
     with tempfile.TemporaryDirectory() as tmp:
         local = destination(Path(tmp), Path(uri.rstrip("/")).name, source=uri)  # not '..'
-        with fsspec.open(uri, "rb") as src, open(local, "wb") as dst:
+        with fsspec.open(uri, "rb", **dict(storage_options or {})) as src, open(local, "wb") as dst:
             dst.write(src.read())
         log_file(local, artifact_path)
 

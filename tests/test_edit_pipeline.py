@@ -475,10 +475,10 @@ def test_a_hung_decode_or_edit_fails_only_its_task(models, synthetic_clip, relea
 
     real_load, real_edit = EditClip.load, gen1.sampling.edit_video
 
-    def load(self):
+    def load(self, storage_options=None):
         if self.clip_id == "hung-decode":
             _hang_then_fail(release)
-        return real_load(self)
+        return real_load(self, storage_options)
 
     def edit_video(models, frames, content, settings, **kw):
         if content.text == "hang":
@@ -531,10 +531,10 @@ def test_a_hung_caption_call_or_frame_decode_fails_only_its_clip(synthetic_clip,
     real_middle = EditClip.middle_frame
     calls = []
 
-    def middle_frame(self):
+    def middle_frame(self, storage_options=None):
         if self.clip_id == "hung-decode":
             _hang_then_fail(release)
-        return real_middle(self)
+        return real_middle(self, storage_options)
 
     def captioner(frames):
         calls.append(len(frames))

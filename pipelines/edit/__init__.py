@@ -17,6 +17,10 @@ Why prompts are a pass of their own whose output is committed: an edit's identit
 hashes the prompt text, and a chat model does not write the same prompts twice. Committing the prompts
 of each clip before editing lets a rerun find them, and so find the edits already made.
 
+Every read and write of the three passes (listing, probes, decodes, the prompts file, masks, reference
+images, outputs, tables) goes through the job's fsspec ``storage_options`` (`EditJobConfig`), handed to each
+stage as a constructor argument.
+
 Layout under ``DST`` (any fsspec URI)::
 
     DST/outputs/<clip_id>/<edit_key>.mp4           edited videos

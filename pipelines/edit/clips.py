@@ -22,7 +22,9 @@ class EditClip:
     output's (source fps / stride). ``prompts`` (e.g. a column of a source manifest, TGVE's prompts)
     replace the job's prompts for this clip; ``caption`` skips captioning. ``mask_uri``: an image (one
     mask for every frame) or a video aligned with the source; white = edit, black = keep.
-    Subclasses override `load_frames` / `load_mask` for other storage (`pipelines.datasets.SequenceClip`).
+    Subclasses override `load_frames` / `middle_frame` / `load_mask` for other storage
+    (`pipelines.datasets.SequenceClip`). A clip holds no credentials: each reader takes the job's fsspec
+    ``storage_options`` from the stage that calls it.
     """
 
     clip_id: str
@@ -50,34 +52,36 @@ class EditClip:
         """What identifies the mask in an edit key ("" without a mask)."""
         return self.mask_uri or ""
 
-    def load_frames(self) -> np.ndarray:
+    def load_frames(self, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
         """uint8 (f, height, width, 3)."""
         from gen1.decoding import read_frames
         from gen1.video import resize_center_crop
 
-        frames = resize_center_crop(read_frames(self.source_uri, self.frame_indices), self.width, self.height)
+        frames = resize_center_crop(read_frames(self.source_uri, self.frame_indices, storage_options),
+                                    self.width, self.height)
         if len(frames) != self.num_frames:
             raise RuntimeError(
                 f"clip {self.clip_id}: expected {self.num_frames} frames, decoded {len(frames)}"
             )
         return frames
 
-    def middle_frame(self) -> np.ndarray:
+    def middle_frame(self, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
         """uint8 (height, width, 3): the frame captions are made from (only that frame is decoded)."""
         from gen1.decoding import read_frames
         from gen1.video import resize_center_crop
 
         index = self.frame_indices[len(self.frame_indices) // 2]
-        return resize_center_crop(read_frames(self.source_uri, [index]), self.width, self.height)[0]
+        return resize_center_crop(read_frames(self.source_uri, [index], storage_options), self.width, self.height)[0]
 
-    def load_mask(self) -> np.ndarray | None:
+    def load_mask(self, storage_options: Mapping[str, Any] | None = None) -> np.ndarray | None:
         """float32 (f, height, width) in {0, 1}, 1 = edit; None without a mask."""
         if self.mask_uri is None:
             return None
-        return read_mask(self.mask_uri, self.frame_indices, self.width, self.height)
+        return read_mask(self.mask_uri, self.frame_indices, self.width, self.height, storage_options)
 
-    def load(self) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.load_frames(), self.load_mask()
+    def load(self, storage_options: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(`load_frames`, `load_mask`), read with fsspec's ``storage_options``."""
+        return self.load_frames(storage_options), self.load_mask(storage_options)
 
     @classmethod
     def from_plan(cls, plan: Mapping[str, Any], **extra: Any) -> EditClip:

@@ -66,6 +66,7 @@ class EditJobConfig:
     ray_address: str | None = None
     num_cpus: int | None = None  # of a local Ray
     progress: bool = True
+    # fsspec options (credentials, endpoint) of every read and write: SRC, DST, prompts file, masks, images
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -101,9 +102,10 @@ class EditJobConfig:
             raise ConfigError("nothing to edit: give src (videos or a manifest) or clips")
 
     def load_prompts(self) -> None:
-        """Read ``prompts_file`` into ``prompts``; `ConfigError` when no clip could get a prompt."""
+        """Read ``prompts_file`` (with ``storage_options``) into ``prompts``; `ConfigError` when no clip could
+        get a prompt."""
         if self.prompts_file:
-            self.prompts = tuple(read_prompt_file(self.prompts_file))
+            self.prompts = tuple(read_prompt_file(self.prompts_file, self.storage_options))
         if not (
             self.prompts
             or self.auto_prompts

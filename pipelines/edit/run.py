@@ -195,7 +195,7 @@ class EditRun:
             return []
         ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=min(len(uris), 200))
         ds = ds.map_batches(
-            PlanStage(frames, cfg.stride, cfg.clips_per_video, size, cfg.decode_timeout_s),
+            PlanStage(frames, cfg.stride, cfg.clips_per_video, size, cfg.decode_timeout_s, cfg.storage_options),
             batch_size=1,
             batch_format="pandas",
             num_cpus=cfg.task_num_cpus,
@@ -277,6 +277,7 @@ class EditRun:
                     "device": cfg.device,
                     "timeout_s": cfg.caption_timeout_s,
                     "decode_timeout_s": cfg.decode_timeout_s,
+                    "storage_options": cfg.storage_options,
                 },
                 batch_size=cfg.caption_batch_size,
                 batch_format="pyarrow",

@@ -127,7 +127,8 @@ class CaptionStage:
 
     Rows that already have a caption pass through; a clip that fails alone becomes an error row of stage
     ``caption``. ``timeout_s`` limits each BLIP call and ``decode_timeout_s`` each middle-frame decode: a
-    clip past either fails alone with error_type ``timeout``.
+    clip past either fails alone with error_type ``timeout``. Frames are read with the job's fsspec
+    ``storage_options``.
     batch: PROMPT_PLAN_SCHEMA rows -> pyarrow Table of PROMPT_PLAN_SCHEMA.
     """
 
@@ -138,6 +139,7 @@ class CaptionStage:
         captioner: Any = None,
         timeout_s: float | None = None,
         decode_timeout_s: float | None = None,
+        storage_options: Mapping[str, Any] | None = None,
     ):
         if captioner is None:
             from gen1.captions import Captioner
@@ -146,11 +148,12 @@ class CaptionStage:
         self.spec = spec
         self.captioner = captioner
         self.timeout_s, self.decode_timeout_s = timeout_s, decode_timeout_s
+        self.storage_options = dict(storage_options or {})
 
     def middle_frame(self, row: Mapping[str, Any]) -> np.ndarray:
         clip = _clip(row)
         return call_with_timeout(
-            clip.middle_frame, self.decode_timeout_s, what=f"decode of clip {clip.clip_id}"
+            clip.middle_frame, self.decode_timeout_s, self.storage_options, what=f"decode of clip {clip.clip_id}"
         )
 
     def __call__(self, batch: Batch) -> pa.Table:
@@ -218,7 +221,8 @@ class PromptStage:
 
 class EditStage:
     """Edit tasks -> outputs: per task, load the clip (cached), edit it (`gen1.sampling.edit_video`),
-    compute its metrics, write the mp4 and preview atomically under DST, and return its manifest row.
+    compute its metrics, write the mp4 and preview atomically under DST, and return its manifest row. Every
+    read (frames, mask, reference image) and write goes through the job's fsspec ``storage_options``.
 
     One `Gen1Models` per actor. A task that raises becomes an error row naming its stage (``decode``,
     ``content``, ``edit``, ``metrics``, ``write``); the other tasks of the batch go on. A clip decode past
@@ -246,7 +250,8 @@ class EditStage:
 
             models = Gen1Models.load(specs, device=device)
         self.specs, self.models = specs, models
-        self.store = TableStore(dst, storage_options)
+        self.storage_options = dict(storage_options or {})
+        self.store = TableStore(dst, self.storage_options)
         self.run_id = run_id
         self.previews, self.metrics = previews, metrics
         self._clips: LRUCache[tuple[np.ndarray, np.ndarray | None]] = LRUCache(cache_clips)
@@ -272,12 +277,12 @@ class EditStage:
     # -- pieces
 
     def _load_clip(self, clip: EditClip) -> tuple[np.ndarray, np.ndarray | None]:
-        return self._clips.get(clip.clip_id, clip.load)
+        return self._clips.get(clip.clip_id, lambda: clip.load(self.storage_options))
 
     def _load_image(self, uri: str) -> np.ndarray:
         from gen1.video import read_image
 
-        return self._images.get(uri, lambda: read_image(uri))
+        return self._images.get(uri, lambda: read_image(uri, storage_options=self.storage_options))
 
     def _paths(self, clip_id: str, key: str) -> dict[str, tuple[str, str]]:
         """name -> (tmp path, final path) of each file of one output."""
@@ -341,10 +346,10 @@ class EditStage:
         metrics = self.measure(result.frames, result.depth, content) if self.metrics else {}
         stage[0] = "write"
         paths = self._paths(clip.clip_id, task["edit_key"])
-        write_video(result.frames, self.store.uri(paths["output"][0]), clip.fps)
+        write_video(result.frames, self.store.uri(paths["output"][0]), clip.fps, storage_options=self.storage_options)
         if "preview" in paths:
             preview = side_by_side(frames, depth_to_rgb(result.depth), result.frames)
-            write_video(preview, self.store.uri(paths["preview"][0]), clip.fps)
+            write_video(preview, self.store.uri(paths["preview"][0]), clip.fps, storage_options=self.storage_options)
         for tmp, final in paths.values():  # outputs first, the manifest row (by the driver) after
             _move(self.store, tmp, final)
         f, h, w, _ = result.frames.shape

@@ -27,6 +27,10 @@ Metrics (`gen1.metrics.video_metrics`), measured on the written videos for every
 ``frame_consistency`` (consecutive frames, the paper's), ``frame_consistency_all_pairs`` (TGVE's),
 ``prompt_consistency``, ``flow_warp_error`` (Fig. 4; also of the input, for reference) and ``depth_fidelity``.
 
+Every read and write (the dataset's listing, frames, masks and split files, reference images, outputs,
+the table, errors, samples) goes through the job's fsspec ``storage_options`` (`EvalConfig`); the edit
+pipeline gets them too.
+
 Layout under ``OUT/<run_name>/``::
 
     edits/                  the edit pipeline's DST for our model (pipelines.edit)

@@ -73,6 +73,7 @@ class EvalConfig:
     ray_address: str | None = None
     num_cpus: int | None = None
     progress: bool = False
+    # fsspec options (credentials, endpoint) of every read and write: the dataset, OUT, edits, images, samples
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

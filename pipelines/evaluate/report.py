@@ -122,7 +122,7 @@ def log_run(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame, run_name: s
         tracking.log_figure(consistency_scatter(table, label), "plots/frame_vs_prompt_consistency.png")
         tracking.log_figure(consistency_vs_wt(table, label), "plots/consistency_vs_wt.png")
         for sample in _samples(cfg, specs, table, run_dir):
-            tracking.log_remote_file(sample, "samples")
+            tracking.log_remote_file(sample, "samples", cfg.storage_options)
             summary.samples.append(sample)
     _gate(cfg, summary, table)  # after the run ends: an accepted baseline must be a FINISHED run
     return summary
@@ -182,25 +182,26 @@ def _samples(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame, run_dir: s
 
     if not len(table) or cfg.sample_videos <= 0:
         return []
+    opts = cfg.storage_options
     out = []
     for (clip_id, prompt), group in table.groupby(["clip_id", "prompt"], sort=True, dropna=False):
         if len(out) >= cfg.sample_videos:
             break
         try:
             first = group.iloc[0].to_dict()
-            panels = [_label(input_clip(first).load_frames(), "input")]
+            panels = [_label(input_clip(first, opts).load_frames(opts), "input")]
             for method in METHODS:
                 rows = group[group["method"] == method]
                 if len(rows):
                     row = rows.iloc[0]
-                    panels.append(_label(read_video(row["output_uri"]), f"{method} {row['setting']}"))
+                    panels.append(_label(read_video(row["output_uri"], opts), f"{method} {row['setting']}"))
             f = min(len(p) for p in panels)
             video = side_by_side(*[p[:f] for p in panels])
             if specs.is_tiny:
                 video = _banner(video, "TINY RANDOM MODELS - not real results")
             name = f"{first['video']}-{hashlib.sha1(str(prompt).encode()).hexdigest()[:8]}.mp4"
             uri = join_uri(run_dir, "samples", name)
-            write_video(video, uri, float(first["fps"] or 8.0))
+            write_video(video, uri, float(first["fps"] or 8.0), storage_options=opts)
             out.append(uri)
         except Exception:
             log.exception("sample video of %s failed", clip_id)

@@ -81,7 +81,7 @@ def per_video_table(measured: pd.DataFrame) -> pd.DataFrame:
 def dataset_clips(cfg: EvalConfig, specs: ModelSpecs) -> list[SequenceClip]:
     """The dataset's sequences as `pipelines.datasets.SequenceClip`s (first frames, with masks if asked)."""
     kind = cfg.dataset.split(":", 1)[0]
-    kwargs: dict[str, Any] = {"limit": cfg.limit}
+    kwargs: dict[str, Any] = {"limit": cfg.limit, "storage_options": cfg.storage_options}
     if kind == "davis":
         kwargs.update(split=cfg.split, sequences=cfg.sequences)
     sequences = read_dataset(cfg.dataset, **kwargs)
@@ -106,7 +106,7 @@ def dataset_clips(cfg: EvalConfig, specs: ModelSpecs) -> list[SequenceClip]:
         clips.append(
             SequenceClip.from_sequence(
                 seq, frames, size, stride=cfg.stride, mask_objects=mask_objects,
-                invert_mask=cfg.mask == "background", prompts=prompts,
+                invert_mask=cfg.mask == "background", prompts=prompts, storage_options=cfg.storage_options,
             )
         )
     log.info("%s: %d sequences -> %d clips of %d frames", cfg.dataset, len(sequences), len(clips), frames)
@@ -172,7 +172,9 @@ def _run_baselines(cfg: EvalConfig, specs: ModelSpecs, tasks: list[dict], out_di
     log.info("baselines: %s edits (SDEdit strength %.2f)", counts, cfg.sdedit_strength)
     ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
     ds = ds.map_batches(
-        BaselineStage, fn_constructor_kwargs={"specs": specs, "out": out_dir, "device": cfg.device},
+        BaselineStage,
+        fn_constructor_kwargs={"specs": specs, "out": out_dir, "device": cfg.device,
+                               "storage_options": cfg.storage_options},
         batch_size=1, batch_format="pandas", **_actor_args(cfg, "baselines", cfg.baseline_concurrency),
     )
     return pd.DataFrame(ds.take_all())
@@ -185,7 +187,8 @@ def _measure(cfg: EvalConfig, specs: ModelSpecs, rows: list[dict[str, Any]]) -> 
         return pd.DataFrame()
     n = max(1, math.ceil(len(rows) / cfg.metrics_batch_size))
     ds = ray.data.from_items(rows, override_num_blocks=n).map_batches(
-        MetricsStage, fn_constructor_kwargs={"specs": specs, "device": cfg.device},
+        MetricsStage,
+        fn_constructor_kwargs={"specs": specs, "device": cfg.device, "storage_options": cfg.storage_options},
         batch_size=cfg.metrics_batch_size, batch_format="pandas",
         **_actor_args(cfg, "metrics", cfg.metrics_concurrency),
     )

@@ -5,7 +5,9 @@
 - `MetricsStage` (actor pool): `gen1.metrics.video_metrics` of written output videos, batched.
 
 Failures follow `pipelines.failures`: a row that fails gets ``status`` ``error`` and the error columns
-(stage: the baseline's method, ``read_output`` or ``metrics``), and later stages pass it through.
+(stage: the baseline's method, ``read_output`` or ``metrics``), and later stages pass it through. Every
+read and write of a stage (input frames, masks, reference images, output videos) takes the job's fsspec
+``storage_options``.
 """
 
 from __future__ import annotations
@@ -26,15 +28,16 @@ from pipelines.evaluate.config import BASELINES, METRICS
 from pipelines.failures import healthy, mark_failed, stage_rows
 
 
-def read_video(uri: str) -> np.ndarray:
-    """Every frame of a written video: uint8 (f, h, w, 3)."""
+def read_video(uri: str, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Every frame of a written video (read with ``storage_options``): uint8 (f, h, w, 3)."""
     from gen1.decoding import probe, read_frames
 
-    return read_frames(uri, list(range(probe(uri).num_frames)))
+    return read_frames(uri, list(range(probe(uri, storage_options).num_frames)), storage_options)
 
 
-def input_clip(row: Mapping[str, Any]) -> EditClip:
-    """Rebuild the input clip of a manifest row (no pickled clip at hand): a folder of frames or a video."""
+def input_clip(row: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> EditClip:
+    """Rebuild the input clip of a manifest row (no pickled clip at hand): a folder of frames or a video
+    (told apart, and the folder listed, with ``storage_options``)."""
     import fsspec
 
     from pipelines.datasets import DAVIS_FPS, SequenceClip, VideoSequence, _list_files
@@ -44,9 +47,9 @@ def input_clip(row: Mapping[str, Any]) -> EditClip:
         frame_indices=tuple(int(i) for i in row["frame_indices"]), fps=float(row["fps"]),
         width=int(row["width"]), height=int(row["height"]),
     )
-    fs, path = fsspec.core.url_to_fs(row["source_uri"])
+    fs, path = fsspec.core.url_to_fs(row["source_uri"], **dict(storage_options or {}))
     if fs.isdir(path):
-        names = _list_files(row["source_uri"], (".jpg", ".jpeg", ".png"))
+        names = _list_files(row["source_uri"], (".jpg", ".jpeg", ".png"), storage_options)
         seq = VideoSequence(
             name=posixpath.basename(row["source_uri"].rstrip("/")), dataset="frames", frames_uri=row["source_uri"],
             frame_uris=tuple(posixpath.join(row["source_uri"], n) for n in names), fps=DAVIS_FPS,
@@ -55,14 +58,16 @@ def input_clip(row: Mapping[str, Any]) -> EditClip:
     return EditClip(**common)
 
 
-def run_baseline(models: Any, row: Mapping[str, Any], frames: np.ndarray, mask: np.ndarray | None) -> Any:
+def run_baseline(models: Any, row: Mapping[str, Any], frames: np.ndarray, mask: np.ndarray | None,
+                 storage_options: Mapping[str, Any] | None = None) -> Any:
     """The `gen1.baselines` method of task ``row`` (its ``method`` and settings) on ``frames`` uint8 (f, h, w, 3)
-    -> its `gen1.sampling.EditResult`."""
+    -> its `gen1.sampling.EditResult`; a reference image is read with ``storage_options``."""
     from gen1 import baselines
     from gen1.sampling import Content, EditSettings
 
     method = row["method"]
-    content = Content(text=row["prompt"]) if row.get("prompt") else Content(image=read_image(row["image_uri"]))
+    content = (Content(text=row["prompt"]) if row.get("prompt")
+               else Content(image=read_image(row["image_uri"], storage_options=storage_options)))
     common = dict(guidance=float(row["w"]), steps=int(row["steps"]), seed=int(row["seed"]), sampler=row["sampler"])
     if method == "per_frame":
         settings = EditSettings(structure_strength=int(row["t_s"]), **common)
@@ -82,12 +87,14 @@ class BaselineStage:
     its method.
     """
 
-    def __init__(self, specs: ModelSpecs, out: str, device: str | None = None, models: Any = None):
+    def __init__(self, specs: ModelSpecs, out: str, device: str | None = None, models: Any = None,
+                 storage_options: Mapping[str, Any] | None = None):
         if models is None:
             from gen1.models import Gen1Models
 
             models = Gen1Models.load(specs, device=device)
         self.specs, self.models, self.out = specs, models, out
+        self.storage_options = dict(storage_options or {})
         self._clips: LRUCache[tuple[np.ndarray, np.ndarray | None]] = LRUCache(4)
 
     def __call__(self, batch) -> pd.DataFrame:
@@ -107,10 +114,10 @@ class BaselineStage:
         from gen1.video import write_video
 
         clip = pickle.loads(row["clip"])
-        frames, mask = self._clips.get(row["clip_id"], clip.load)
-        result = run_baseline(self.models, row, frames, mask)
+        frames, mask = self._clips.get(row["clip_id"], lambda: clip.load(self.storage_options))
+        result = run_baseline(self.models, row, frames, mask, self.storage_options)
         uri = posixpath.join(self.out, "outputs", row["clip_id"], f"{row['edit_key']}.mp4")
-        write_video(result.frames, uri, clip.fps)
+        write_video(result.frames, uri, clip.fps, storage_options=self.storage_options)
         return {"output_uri": uri, "seconds": float(result.seconds)}
 
 
@@ -120,7 +127,8 @@ class MetricsStage:
     ``image_uri``) and the input clip (``clip`` pickled, or manifest columns to rebuild it). An output that
     cannot be read fails its row at stage ``read_output``, a measurement that raises at ``metrics``."""
 
-    def __init__(self, specs: ModelSpecs, device: str | None = None, clip: Any = None, depth: Any = None):
+    def __init__(self, specs: ModelSpecs, device: str | None = None, clip: Any = None, depth: Any = None,
+                 storage_options: Mapping[str, Any] | None = None):
         if clip is None:
             from gen1.clip import ClipEmbedder
 
@@ -130,12 +138,13 @@ class MetricsStage:
 
             depth = DepthEstimator(specs.depth, device=device)
         self.clip, self.depth = clip, depth
+        self.storage_options = dict(storage_options or {})
         self._inputs: LRUCache[np.ndarray] = LRUCache(8)
 
     def _input(self, row: Mapping[str, Any]) -> np.ndarray:
         def load() -> np.ndarray:
-            clip = pickle.loads(row["clip"]) if row.get("clip") else input_clip(row)
-            return clip.load_frames()
+            clip = pickle.loads(row["clip"]) if row.get("clip") else input_clip(row, self.storage_options)
+            return clip.load_frames(self.storage_options)
 
         return self._inputs.get(row["clip_id"], load)
 
@@ -145,7 +154,7 @@ class MetricsStage:
         for i, row in enumerate(rows):
             if healthy(row):
                 try:
-                    videos[i] = read_video(row["output_uri"])
+                    videos[i] = read_video(row["output_uri"], self.storage_options)
                 except Exception as e:
                     mark_failed(row, "read_output", e)
         if videos:
@@ -175,7 +184,8 @@ class MetricsStage:
         if row.get("prompt"):
             target = text_emb[row["prompt"]]
         else:
-            target = self.clip.embed_images(read_image(row["image_uri"])[None]).float().cpu().numpy()[0]
+            image = read_image(row["image_uri"], storage_options=self.storage_options)
+            target = self.clip.embed_images(image[None]).float().cpu().numpy()[0]
         depth_in = self.depth(source).float().cpu().numpy()
         depth_out = self.depth(frames).float().cpu().numpy()
         return {

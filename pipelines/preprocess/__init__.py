@@ -22,6 +22,9 @@ every planned clip ends either written or in ``errors``. Inputs that failed in t
 (`pipelines.quarantine`) unless ``retry_quarantined`` is set; each run ends by rewriting the quarantine
 list and its run record, ``DST/runs/<run_id>.json``.
 
+Storage: listing, probes, decodes, shards, errors, quarantine and run records all go through the
+config's fsspec ``storage_options``, handed to each stage as an argument.
+
 Resources (`pipelines.runtime.plan_resources`): model actors take ``num_gpus`` when the cluster has GPUs,
 and a fraction of a CPU otherwise. CPU tasks (plan, decode, write) claim no CPU by default and are capped
 in number instead (``task_concurrency``, `pipelines.runtime.task_pool`), so they are never starved by

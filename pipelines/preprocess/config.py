@@ -88,7 +88,8 @@ class PreprocessConfig:
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started here
     num_cpus: int | None = None  # CPUs of a local Ray (None: the machine's)
     progress: bool = True  # Ray Data progress bars
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for SRC and DST
+    # fsspec options (credentials, endpoint) of every read and write: listing, probes, decodes, shards, records
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.size is not None:

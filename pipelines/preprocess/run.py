@@ -175,7 +175,8 @@ def _plan(uris: list[str], cfg: PreprocessConfig, res: ResolvedConfig) -> list[d
     """Plan rows (PLAN_SCHEMA) of every video: in the driver for a few videos, else in Ray tasks."""
     import ray
 
-    stage = PlanStage(res.frames, res.stride, cfg.clips_per_video, res.size, cfg.decode_timeout_s)
+    stage = PlanStage(res.frames, res.stride, cfg.clips_per_video, res.size, cfg.decode_timeout_s,
+                      cfg.storage_options)
     if len(uris) <= cfg.plan_in_driver_max:
         return stage({"uri": uris}).to_pylist()
     ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / cfg.plan_batch_size))
