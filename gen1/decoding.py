@@ -299,6 +299,9 @@ class VideoSource:
         if self._reader is None:
             import decord  # imported late: only files that passed the probe get here
 
+            from gen1.libav_logging import apply_to_decord
+
+            apply_to_decord(decord)
             self._reader = decord.VideoReader(self._local_path(), ctx=decord.cpu(0), num_threads=1)
         return self._reader
 

@@ -30,10 +30,13 @@ import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
+from gen1.libav_logging import apply_to_pyav
+
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+apply_to_pyav()  # every process that reads or writes video through PyAV: FFmpeg quiet unless $GEN1_LIBAV_LOG
 
 DEFAULT_SIZE = (448, 256)  # (w, h) for landscape sources; portrait sources get (256, 448)
 

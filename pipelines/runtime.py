@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 FORWARDED_ENV = (
     "GEN1_TINY_DIR",
     "GEN1_CACHE_DIR",
+    "GEN1_LIBAV_LOG",  # gen1.libav_logging: `gen1 -v` makes the workers' FFmpeg log too
     "HF_HOME",
     "HF_HUB_CACHE",
     "HF_HUB_OFFLINE",
