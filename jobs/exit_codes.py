@@ -7,7 +7,10 @@ A scheduler (cron, Airflow, a Ray Job's status) tells the outcomes apart by code
   run stopped at the bad input);
 - 3: the eval's regression gate failed (`pipelines.regression`): a gated metric dropped beyond its threshold;
 - 4: the run finished but too much of the corpus failed: the failed fraction (this run's failures over the
-  clips committed in DST plus those failures; quarantined ones excluded) exceeds ``max_failure_fraction``.
+  clips committed in DST plus those failures; quarantined ones excluded) exceeds ``max_failure_fraction``;
+- 130: interrupted (Ctrl-C, SIGINT; 128 + the signal's number, as shells report it): Ray shut down and what
+  was committed kept, so a rerun resumes (preprocess and edit skip what is committed, ``train --resume``
+  continues from the latest checkpoint). Every command can end so: every ``--help`` lists it.
 
 An uncaught exception (a bug, not bad input) ends with Python's traceback and its exit code 1.
 """
@@ -20,6 +23,7 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 1
 EXIT_REGRESSED = 3
 EXIT_FAILED_FRACTION = 4
+EXIT_INTERRUPTED = 130
 
 
 @dataclass(frozen=True)
@@ -39,14 +43,17 @@ EXIT_CODES = (
              "against the accepted baseline"),
     ExitCode(EXIT_FAILED_FRACTION, "EXIT_FAILED_FRACTION", "failed fraction exceeded: failed / (committed in "
              "DST + failed in this run) > max_failure_fraction"),
+    ExitCode(EXIT_INTERRUPTED, "EXIT_INTERRUPTED", "interrupted (Ctrl-C): Ray shut down, committed work kept "
+             "(a rerun of preprocess or edit skips it; train --resume continues)"),
 )
 
 
 def help_epilog(*codes: int) -> str:
-    """The ``exit codes:`` block of a command's ``--help``: the rows of ``codes`` (default: all), in order.
-    Needs ``formatter_class=argparse.RawDescriptionHelpFormatter`` to keep its lines."""
-    wanted = set(codes) if codes else {e.code for e in EXIT_CODES}
-    rows = [f"  {e.code}  {e.meaning}" for e in EXIT_CODES if e.code in wanted]
+    """The ``exit codes:`` block of a command's ``--help``: the rows of ``codes`` (default: all) and
+    `EXIT_INTERRUPTED`'s (any command can be interrupted), in order. Needs
+    ``formatter_class=argparse.RawDescriptionHelpFormatter`` to keep its lines."""
+    wanted = {*codes, EXIT_INTERRUPTED} if codes else {e.code for e in EXIT_CODES}
+    rows = [f"  {e.code:>3}  {e.meaning}" for e in EXIT_CODES if e.code in wanted]
     unknown = wanted - {e.code for e in EXIT_CODES}
     if unknown:
         raise ValueError(f"exit codes {sorted(unknown)} are not in jobs.exit_codes.EXIT_CODES")
