@@ -3,19 +3,25 @@
 Each command module defines ``register(subparsers) -> argparse.ArgumentParser`` and sets
 ``parser.set_defaults(func=run)`` where ``run(args) -> int`` is the exit code. Imports are lazy so
 ``gen1 --help`` stays fast and a broken optional command cannot break the others' help.
+
+The global options (`add_global_options`: ``-v``, ``-q``) go before or after the command. Ctrl-C ends any
+command with one ``interrupted`` line, Ray shut down and `EXIT_INTERRUPTED` (`run_command`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
+import os
+import signal
 import sys
 import textwrap
 from collections.abc import Callable
 from typing import NoReturn
 
-from jobs.exit_codes import EXIT_BAD_INPUT, help_epilog
+from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, help_epilog
 
 # Order is the order of `gen1 --help`.
 COMMAND_MODULES = (
@@ -55,12 +61,47 @@ def _not_library_chatter(record: logging.LogRecord) -> bool:
     return record.levelno > logging.INFO or "open_clip" not in record.pathname
 
 
-def configure_logging(verbose: bool = False) -> None:
+def add_global_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
+    """``-v`` / ``-q``, on `gen1` itself and on every subcommand, so that they go before or after the
+    command. ``suppress``: no default (argparse's SUPPRESS), so that a subcommand's parser, whose values
+    argparse copies over the top level's, leaves ``gen1 -v COMMAND``'s value alone; `global_options` reads
+    them."""
+    default = argparse.SUPPRESS if suppress else False
+    parser.add_argument("-v", "--verbose", action="store_true", default=default,
+                        help="debug logging, FFmpeg's messages, the config at start; tracebacks for input errors")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="log warnings and errors only (results are still printed)")
+
+
+def global_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[bool, bool]:
+    """``(verbose, quiet)`` of parsed ``args`` (False where not given); a usage error when both are given."""
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if verbose and quiet:
+        parser.error("-v/--verbose and -q/--quiet exclude each other")
+    args.verbose, args.quiet = verbose, quiet
+    return verbose, quiet
+
+
+def package_version() -> str:
+    """The installed package's version (its metadata, from pyproject.toml)."""
+    try:
+        return importlib.metadata.version("gen1")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
+def configure_logging(verbose: bool = False, quiet: bool = False) -> None:
+    """Root logging at DEBUG (``-v``), WARNING (``-q``) or INFO. ``-v`` also lets FFmpeg log warnings in this
+    process and in every Ray worker and decode process it starts (`gen1.libav_logging`, by environment)."""
+    from gen1.libav_logging import LIBAV_LOG_ENV
+
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not verbose:
+    if verbose:
+        os.environ.setdefault(LIBAV_LOG_ENV, "warning")  # an explicit $GEN1_LIBAV_LOG wins
+    else:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_not_library_chatter)
 
@@ -112,9 +153,13 @@ class ArgumentParser(argparse.ArgumentParser):
 def run_command(prog: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
     """``run(args)``; a `user_error_types` error ends the command with ``PROG: error: TYPE: message`` on
     stderr (the message as the error words it: a missing-weights message lists every location tried, one
-    per line) and `EXIT_BAD_INPUT`, without a traceback unless ``-v``. Any other exception propagates."""
+    per line) and `EXIT_BAD_INPUT`, without a traceback unless ``-v``. Ctrl-C (KeyboardInterrupt) ends it
+    with Ray shut down, ``PROG: interrupted`` and `EXIT_INTERRUPTED`, without a traceback: the pipelines
+    commit whole parts only, so a rerun resumes. Any other exception propagates."""
     try:
         return int(run(args) or 0)
+    except KeyboardInterrupt:
+        return _interrupted(prog)
     except Exception as err:
         if not isinstance(err, user_error_types()):
             raise
@@ -122,6 +167,19 @@ def run_command(prog: str, args: argparse.Namespace, run: Callable[[argparse.Nam
             logging.getLogger(prog).exception("%s failed", prog)
         print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _interrupted(prog: str) -> int:
+    """After Ctrl-C: shut Ray down (the pipelines' own ``finally`` may have been cut short), one line."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+    try:
+        ray = sys.modules.get("ray")  # imported only by commands that ran Ray
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
 
 
 def standalone_main(
@@ -133,14 +191,15 @@ def standalone_main(
     epilog: str | None = None,
 ) -> int:
     """``python -m jobs.commands.<name>`` (what Ray Job entry points call): the command's own options
-    plus ``-v`` and ``--models`` (default: the command's config, else tiny); ``epilog``: its exit codes."""
+    plus the global options and ``--models`` (default: the command's config, else tiny); ``epilog``: its
+    exit codes."""
     parser = ArgumentParser(prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for input errors")
+    add_global_options(parser)
     add_arguments(parser)
     add_models_argument(parser)
     parser.set_defaults(models=None)
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(*global_options(parser, args))
     return run_command(prog, args, run)
 
 
@@ -163,17 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CODE_MAP,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; tracebacks for input errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    add_global_options(parser, suppress=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for command in sub.choices.values():  # every command, so none can lack them
+        add_global_options(command, suppress=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    configure_logging(*global_options(parser, args))
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
