@@ -225,6 +225,7 @@ def test_cli_options_become_the_job_config(tmp_path, monkeypatch):
             "2",
             "--grid",
             "ts=1,5",
+            "--grid",
             "wt=1.0,1.5",
             "--steps",
             "2",

@@ -72,11 +72,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--grid",
-        nargs="+",
+        action="append",
         metavar="KEY=V1,V2",
-        help="settings grid: ts= (structure strength 0..7; more = less structure kept), w= (content "
-        "guidance), wt= (temporal guidance), seed=; e.g. --grid ts=1,5 w=7.5 wt=1.0,1.5 seed=0,1 "
-        "(defaults: ts=3 w=7.5 wt=1.0 seed=0)",
+        help="one axis of the settings grid per use: ts= (structure strength 0..7; more = less structure "
+        "kept), w= (content guidance), wt= (temporal guidance), seed=; e.g. --grid ts=1,5 --grid wt=1.0,1.5 "
+        "--grid seed=0,1 (defaults: ts=3 w=7.5 wt=1.0 seed=0)",
     )
     p.add_argument("--steps", type=int, help="sampling steps (default 50)")
     p.add_argument("--sampler", choices=("ddim", "dpmpp"), help="ddim (the paper's, default) or dpmpp")

@@ -68,8 +68,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    "samples,per_video.parquet}")
     p.add_argument("--steps", type=int, help="sampling steps (default 50)")
     p.add_argument("--sampler", choices=("ddim", "dpmpp"), help="ddim (the paper's, default) or dpmpp")
-    p.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="our model's settings: ts=, w=, wt=, seed= "
-                   "(default ts=3 w=7.5 wt=1.0,1.5 seed=0); wt=0 is eq. 8 with w_t = 0, a point of the sweep")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="one axis of our model's settings per "
+                   "use: ts=, w=, wt=, seed=, e.g. --grid ts=3 --grid wt=0,1.5 (default ts=3 w=7.5 wt=1.0,1.5 "
+                   "seed=0); wt=0 is eq. 8 with w_t = 0, a point of the sweep")
     p.add_argument("--baselines", nargs="*", choices=BASELINES,
                    help="baselines to run (default all three; give none for none): per_frame (the image model "
                    "alone, the grid's t_s), sdedit (SDEdit per frame), no_structure (the ~s ablation: SDEdit-style "

@@ -51,13 +51,17 @@ class EditGrid:
 
     @classmethod
     def parse(cls, items: Sequence[str] | None) -> EditGrid:
-        """``["ts=1,5", "w=7.5", "wt=1.0,1.5", "seed=0,1"]`` -> EditGrid; unnamed keys keep defaults."""
+        """``["ts=1,5", "w=7.5", "wt=1.0,1.5", "seed=0,1"]`` (one entry per ``--grid``) -> EditGrid; unnamed
+        keys keep defaults; a key named twice is an error (its values go in one entry, comma-separated)."""
         values: dict[str, list[str]] = {}
         for item in items or ():
             key, sep, vals = item.partition("=")
             name = GRID_KEYS.get(key.strip().lower())
             if not sep or name is None or not vals.strip():
                 raise ConfigError(f"grid entry {item!r}: expected KEY=V1,V2,... with KEY in ts, w, wt, seed")
+            if name in values:
+                raise ConfigError(f"grid entry {item!r}: {key.strip()} is given twice; list its values in one "
+                                  f"entry, e.g. {key.strip()}=1,5")
             values[name] = [v.strip() for v in vals.split(",") if v.strip()]
         try:
             return cls(**values)
