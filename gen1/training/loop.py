@@ -134,8 +134,8 @@ def train(
     ckpt = store.latest() if resume else None
     if resume and ckpt is None:
         log.info("--resume: no checkpoint under %s yet, starting fresh", output)
-    log.info("training %s (%s) on %s, worker %d/%d:\n%s", cfg.stage, specs.label(), runtime.device,
-             runtime.rank, runtime.world_size, cfg.to_yaml())
+    log.info("training %s (%s) on %s, worker %d/%d (config: %s/config.yaml)", cfg.stage, specs.label(),
+             runtime.device, runtime.rank, runtime.world_size, output)
 
     seed_everything(cfg.seed + runtime.rank)
     task, init_from = _load_task(cfg, specs, runtime, data, store, ckpt, output)

@@ -107,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     specs = load_model_specs(args.models)
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     tracker = MlflowTracker(uri, experiment=args.experiment, run_name=args.run_name or cfg.stage) if uri else None
-    sys.stdout.write(f"# gen1 train: {cfg.stage} ({specs.label()})\n{cfg.to_yaml()}")
-    sys.stdout.flush()
+    # the config is the run record's (OUTPUT/config.yaml, MLflow params); printed only with -v
+    log.debug("gen1 train: %s (%s), config:\n%s", cfg.stage, specs.label(), cfg.to_yaml())
     if specs.is_tiny:
         log.warning("tiny random models: this run checks the plumbing; its weights are not a real model")
     if args.workers > 0:

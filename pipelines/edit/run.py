@@ -421,14 +421,9 @@ def run_edit(config: EditJobConfig) -> EditSummary:
         specs, ("vae", "unet", "clip", "depth", "prior") + (("caption",) if config.auto_prompts else ())
     )
     run = EditRun(config, specs, new_run_id())
-    logger.info(
-        "edit %s -> %s, run %s, models %s\nconfig: %s",
-        config.src or "<injected clips>",
-        config.dst,
-        run.run_id,
-        specs.label(),
-        json.dumps(config.as_dict(), default=str),
-    )
+    logger.info("edit %s -> %s, run %s, models %s", config.src or "<injected clips>", config.dst, run.run_id,
+                specs.label())
+    logger.debug("config: %s", json.dumps(config.as_dict(), default=str))  # -v; the run record keeps it
     if specs.is_tiny:
         logger.warning("tiny random models: the outputs are plumbing checks, not real edits")
     summary = run.summary

@@ -272,8 +272,8 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
     kind = (cfg.dataset or "edits:").split(":", 1)[0]
     run_name = cfg.run_name or f"eval-{kind}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
     run_dir = join_uri(cfg.out, run_name)
-    log.info("eval %s -> %s, models %s\nconfig: %s", cfg.dataset or cfg.edits, run_dir, specs.label(),
-             json.dumps(cfg.as_dict(), default=str))
+    log.info("eval %s -> %s, models %s", cfg.dataset or cfg.edits, run_dir, specs.label())
+    log.debug("config: %s", json.dumps(cfg.as_dict(), default=str))  # -v; the MLflow run keeps it
     if specs.is_tiny:
         log.warning("tiny random models: the numbers are plumbing checks, not results")
     t0 = time.monotonic()

@@ -97,8 +97,8 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
     cfg = cfg or PreprocessConfig()
     res = cfg.resolved()
     run_id = new_run_id()
-    logger.info("preprocess %s -> %s, run %s, models %s\nconfig: %s", src, dst, run_id, res.specs.label(),
-                json.dumps(cfg.as_dict(), default=str))
+    logger.info("preprocess %s -> %s, run %s, models %s", src, dst, run_id, res.specs.label())
+    logger.debug("config: %s", json.dumps(cfg.as_dict(), default=str))  # -v; the run record keeps it
     _check_weights(res)
     t0 = time.monotonic()
     store = TableStore(dst, cfg.storage_options)
