@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
                                          "seed": args.seed}.items() if v is not None})
     cfg = TrainConfig.from_yaml(config_path(args.config), **overrides)
     specs = load_model_specs(args.models)
+    check_previous_stage(cfg, specs, args)
     uri = args.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI")
     tracker = MlflowTracker(uri, experiment=args.experiment, run_name=args.run_name or cfg.stage) if uri else None
     # the config is the run record's (OUTPUT/config.yaml, MLflow params); printed only with -v
@@ -144,6 +145,34 @@ def run(args: argparse.Namespace) -> int:
     json.dump(summary, sys.stdout)
     sys.stdout.write("\n")
     return 0
+
+
+def check_previous_stage(cfg, specs, args: argparse.Namespace) -> None:
+    """A stage that starts from the previous one's output (``init_from: "{output_parent}/stage3/final"``)
+    needs that output before any work starts: `WeightsNotFoundError` naming the stage to train first, or
+    ``--init-from``. Not checked when ``--resume`` finds a checkpoint (the run continues from it)."""
+    import fsspec
+
+    from gen1.training.checkpoints import CheckpointStore
+    from gen1.training.config import OUTPUT_PARENT, resolve_init
+    from gen1.weights import WeightsNotFoundError
+
+    if not cfg.init_from or OUTPUT_PARENT not in cfg.init_from:
+        return
+    if args.resume and CheckpointStore(args.output).latest() is not None:
+        return
+    init = resolve_init(cfg, specs, args.output)
+    fs, path = fsspec.core.url_to_fs(init)
+    if fs.isdir(path) and fs.ls(path):
+        return
+    previous_output = init.rstrip("/").rsplit("/", 1)[0]  # RUNS/stage3 of RUNS/stage3/final
+    previous = previous_output.rsplit("/", 1)[-1]
+    how = (f"gen1 train --config {previous} --data {args.data} --output {previous_output}"
+           if previous in packaged_configs() else f"its run writes {init}")
+    raise WeightsNotFoundError(
+        f"{cfg.stage} starts from {init} (init_from {cfg.init_from!r}), which holds no weights: train "
+        f"{previous} first ({how}), or pass --init-from SPEC (a weight spec, e.g. another run's final/)",
+        spec=init, tried=[init])
 
 
 def _plain(metrics) -> dict:
