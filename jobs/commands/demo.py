@@ -1,9 +1,12 @@
 """`gen1 demo`: preprocess -> edit -> eval on real footage with tiny models, all local, in minutes.
 
 Nothing needs a GPU, weights, a cluster or a server: a local Ray, local files under ``--out`` and a local
-MLflow store (SQLite + artifact folder) under ``--out/mlflow``. The footage is Debian's ``opencv-doc``
-clips (``apt-get install opencv-doc``) or any videos given with ``--videos``. The models are tiny random
-models of the real classes, so every output is a plumbing check, labelled TINY RANDOM MODELS.
+MLflow store (SQLite + artifact folder) under ``--out/mlflow``. The footage: the videos given with
+``--videos``; else Debian's ``opencv-doc`` clips vtest.avi and tree.avi (``apt-get install opencv-doc``;
+looked for in ``$GEN1_OPENCV_DATA``, default /usr/share/doc/opencv-doc/examples/data); else the few
+seconds of them that ship with gen1 (jobs/demo_footage/, re-encoded excerpts; their licence is beside
+them). The demo says which it used. The models are tiny random models of the real classes, so every
+output is a plumbing check, labelled TINY RANDOM MODELS.
 """
 
 from __future__ import annotations
@@ -21,8 +24,11 @@ from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_OK, help_
 
 log = logging.getLogger(__name__)
 
-OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
+OPENCV_DATA_ENV = "GEN1_OPENCV_DATA"
+OPENCV_DATA = "/usr/share/doc/opencv-doc/examples/data"  # Debian's opencv-doc
 DEFAULT_CLIPS = ("vtest.avi", "tree.avi")
+PACKAGED_FOOTAGE = Path(__file__).resolve().parent.parent / "demo_footage"  # excerpts of DEFAULT_CLIPS
+PACKAGED_CLIPS = ("vtest.mp4", "tree.mp4")
 DEFAULT_PROMPT = "a watercolor painting of the scene"
 DEMO_EXIT_NOTE = "\n(the demo's limit is 0: exit 4 when any step failed a clip, an edit or a video)"
 TINY_BANNER = "TINY RANDOM MODELS: every output below is a plumbing check, not a real edit"
@@ -44,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="gen1-demo", metavar="DIR", help="where everything goes (default ./gen1-demo)")
     p.add_argument("--videos", nargs="+", metavar="PATH", help=f"videos to use (default: {', '.join(DEFAULT_CLIPS)} "
-                   f"from {OPENCV_DATA})")
+                   f"from ${OPENCV_DATA_ENV} or {OPENCV_DATA}, else the excerpts of them in {PACKAGED_FOOTAGE})")
     p.add_argument("--clips", type=int, default=2, help="how many of the videos to use (default 2)")
     p.add_argument("--steps", type=int, default=4, help="sampling steps (default 4)")
     p.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"edit prompt (default {DEFAULT_PROMPT!r})")
@@ -54,18 +60,27 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
 
 
-def _footage(args: argparse.Namespace, dst: Path) -> list[Path]:
-    """Copy the demo videos into ``dst`` (the preprocess and edit source folder)."""
-    if args.videos:
-        sources = [Path(v) for v in args.videos]
+def footage_sources(videos: list[str] | None) -> tuple[list[Path], str]:
+    """The demo's videos and where they come from, in words: ``videos``; else opencv-doc's `DEFAULT_CLIPS`
+    when all are there; else the packaged excerpts of them. `FileNotFoundError` names what is missing."""
+    if videos:
+        sources, origin = [Path(v) for v in videos], "--videos"
     else:
-        if not OPENCV_DATA.is_dir():
-            raise SystemExit(f"demo footage not found: {OPENCV_DATA} is missing. Install it with "
-                             f"`apt-get install opencv-doc`, or pass --videos PATH ...")
-        sources = [OPENCV_DATA / name for name in DEFAULT_CLIPS]
+        opencv = Path(os.environ.get(OPENCV_DATA_ENV) or OPENCV_DATA)
+        sources, origin = [opencv / name for name in DEFAULT_CLIPS], f"opencv-doc ({opencv})"
+        if not all(s.is_file() for s in sources):
+            sources = [PACKAGED_FOOTAGE / name for name in PACKAGED_CLIPS]
+            origin = (f"gen1's excerpts of opencv-doc's clips ({PACKAGED_FOOTAGE}; opencv-doc's full clips are "
+                      f"not in {opencv}: apt-get install opencv-doc)")
     missing = [str(s) for s in sources if not s.is_file()]
     if missing:
-        raise SystemExit(f"demo footage not found: {missing}")
+        raise FileNotFoundError(f"demo footage not found: {', '.join(missing)} (from {origin})")
+    return sources, origin
+
+
+def _footage(args: argparse.Namespace, dst: Path) -> tuple[list[Path], str]:
+    """Copy the demo videos into ``dst`` (the preprocess and edit source folder); the copies and their origin."""
+    sources, origin = footage_sources(args.videos)
     dst.mkdir(parents=True, exist_ok=True)
     out = []
     for src in sources[: max(1, args.clips)]:
@@ -73,7 +88,7 @@ def _footage(args: argparse.Namespace, dst: Path) -> list[Path]:
         if not target.exists():
             shutil.copyfile(src, target)
         out.append(target)
-    return out
+    return out, origin
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     tracking_uri = args.tracking_uri or f"sqlite:///{out / 'mlflow' / 'mlflow.db'}"
     (out / "mlflow").mkdir(parents=True, exist_ok=True)
     print(f"gen1 demo -> {out}\n{TINY_BANNER}", flush=True)
-    videos = _footage(args, footage)
+    videos, origin = _footage(args, footage)
+    print(f"footage: {', '.join(v.name for v in videos)} from {origin}", flush=True)
 
     started = init_ray(None, args.num_cpus or os.cpu_count())  # one local Ray for the three stages
     try:
@@ -153,17 +169,10 @@ def _edit_lines(edits: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.cli import ArgumentParser
+    """``python -m jobs.commands.demo ARGS``: ``gen1 demo ARGS``."""
+    from jobs import cli
 
-    parser = ArgumentParser(prog="gen1 demo", description=__doc__,
-                            epilog=help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION) + DEMO_EXIT_NOTE,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    args = parser.parse_args(argv)
-    from jobs.cli import configure_logging
-
-    configure_logging()
-    return run(args)
+    return cli.main(["demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
