@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.schema import ERRORS_SCHEMA, SCHEMA_VERSION
-from pipelines.timeouts import call_with_timeout
+from pipelines.timeouts import Retirement, call_with_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ def apply_per_clip(
     item: Callable[[Row], Any],
     store: Callable[[Row, Any], None],
     timeout_s: float | None = None,
+    retirement: Retirement | None = None,
 ) -> None:
     """Run ``batch_fn`` over the healthy ``rows`` at once; if that raises, retry clip by clip.
 
@@ -103,10 +104,13 @@ def apply_per_clip(
     ``timeout_s`` limits every ``batch_fn`` call (`pipelines.timeouts.call_with_timeout`): a batch call
     that hangs is retried clip by clip like one that raises, and a clip whose own call hangs becomes an
     error row with ``error_type`` ``"timeout"``. A batch of n clips may thus take up to (n + 1) limits.
+    A call abandoned that way retires ``retirement`` (the stage's `pipelines.timeouts.Retirement`): the
+    clips of this batch still get their own calls, and the stage's next batch runs in a fresh process.
     """
 
     def call(inputs: list[Any]) -> Sequence[Any]:
-        return call_with_timeout(batch_fn, timeout_s, inputs, what=f"{stage} of {len(inputs)} clips")
+        return call_with_timeout(batch_fn, timeout_s, inputs, what=f"{stage} of {len(inputs)} clips",
+                                 retirement=retirement)
 
     todo: list[tuple[Row, Any]] = []
     for row in rows:
