@@ -217,13 +217,14 @@ class EditRun:
         if not uris:
             return []
         stage = PlanStage(frames, cfg.stride, cfg.clips_per_video, size, cfg.decode_timeout_s)
-        ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=min(len(uris), 200))
+        blocks = min(len(uris), 200)
+        ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
         ds = tolerate_lost_blocks(ds, cfg.retries).map_batches(
             stage,
             batch_size=1,
             batch_format="pandas",
             num_cpus=cfg.task_num_cpus,
-            **task_pool(cfg.retries),
+            **task_pool(cfg.retries, cap=blocks),  # no more tasks than blocks (Ray Data warns of idle ones)
         )
         rows = ds.take_all()
         lost = sorted(set(uris) - {r["source_uri"] for r in rows})  # with their planning tasks
