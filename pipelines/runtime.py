@@ -156,7 +156,8 @@ class RetryConfig:
     - ``actor_restarts``: times each actor is restarted (``max_restarts``); -1, the default: as often as
       its calls' retries need. Ray Data 2.60 does not replace an actor past its restarts (its pool keeps
       counting it), so a pool whose actors all used theirs stalls its pass until Ray Data's no-progress
-      timeout (30 min; measured); every restart uses a call's retry, so the work stays bounded anyway.
+      timeout (30 min by default; measured with a shorter one). The work stays bounded by the calls'
+      retries: an actor that dies in a call restarts at the cost of one of that call's retries.
     - ``max_lost_blocks``: blocks a pass may lose (their work failed on every attempt) and still finish
       (``DataContext.max_errored_blocks``); -1, the default: any number. Past it the pass stops.
     """
