@@ -153,8 +153,8 @@ class RetryConfig:
     - ``actor_task_retries``: times an actor call is re-run after its actor died (``max_task_retries``).
       At least 1: an actor retired after a time limit (`pipelines.timeouts.Retirement`) ends its process at
       the start of its next call, which its restarted actor then runs.
-    - ``actor_restarts``: times each actor is restarted (``max_restarts``); -1, the default: as often as
-      its calls' retries need. Ray Data 2.60 does not replace an actor past its restarts (its pool keeps
+    - ``actor_restarts``: times each actor is restarted (``max_restarts``; a retirement is a restart too);
+      -1, the default: as often as its calls' retries need. Ray Data 2.60 does not replace an actor past its restarts (its pool keeps
       counting it), so a pool whose actors all used theirs stalls its pass until Ray Data's no-progress
       timeout (30 min by default; measured with a shorter one). The work stays bounded by the calls'
       retries: an actor that dies in a call restarts at the cost of one of that call's retries.
