@@ -36,7 +36,10 @@ the driver commits manifest rows (`pipelines.commits.Committer`, once per edit k
 has returned them, so a committed row always has its mp4. A rerun skips committed edit keys; an edit
 killed midway is redone (its half-written files live under ``_tmp`` and are replaced). Failures are data:
 a video that cannot be probed, a clip that cannot be captioned, an edit that raises become `errors` rows
-and the job goes on; edits neither committed nor failed when the stream ends become ``pipeline`` errors.
+and the job goes on; so does work whose Ray worker or actor died on every attempt its bounded ``retries``
+allow (error_type ``crash``); edits neither committed nor failed when a broken stream ends become
+``pipeline`` errors. An edit past ``edit_timeout_s`` writes nothing more and retires its actor: the next
+edit runs in a fresh process (`pipelines.timeouts`).
 
 Modules: `clips` (what is edited), `keys` (grid, edit keys, task rows), `config` (`EditJobConfig`),
 `stages` (the stage classes), `tables` (reading the manifest and prompts), `run` (`run_edit`, `EditRun`).

@@ -12,6 +12,7 @@ from gen1.config import ConfigError, config_from_mapping, read_yaml_mapping
 from gen1.urls import redact_url
 from pipelines.edit import EditGrid
 from pipelines.regression import GateConfig
+from pipelines.runtime import RetryConfig
 
 # gen1: our video model (every point of the grid, w_t = 0 included: eq. 8 with w_t = 0); the baselines of
 # gen1.baselines: per_frame (the image model alone), sdedit (SDEdit per frame), no_structure (~s ablation)
@@ -70,6 +71,9 @@ class EvalConfig:
     num_gpus: float = 0.5  # per metrics / baseline actor when the cluster has GPUs
     edit_concurrency: int | None = None
     device: str | None = None
+    # Bounded retries of every Ray Data call, our edits' included (`pipelines.runtime.RetryConfig`; YAML: a
+    # mapping of its fields). A row whose Ray worker or actor died on every attempt becomes an error row.
+    retries: RetryConfig = field(default_factory=RetryConfig)
     ray_address: str | None = None
     num_cpus: int | None = None
     progress: bool = False
@@ -80,6 +84,7 @@ class EvalConfig:
         if (self.dataset is None) == (self.edits is None):
             raise ConfigError("eval needs exactly one of dataset (davis:URI | tgve:URI) or edits (an edit job's DST)")
         self.baselines = tuple(self.baselines)
+        self.retries = RetryConfig.from_value(self.retries)
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
             raise ConfigError(f"baselines: expected some of {BASELINES}, found {sorted(unknown)}")

@@ -25,8 +25,23 @@ from pipelines.edit import EditJobConfig, baseline_key, model_key, read_manifest
 from pipelines.evaluate.config import METRICS, EvalConfig
 from pipelines.evaluate.report import EvalSummary, join_uri, log_run
 from pipelines.evaluate.stages import BaselineStage, MetricsStage
-from pipelines.failures import STATUS_OK, error_record, with_error_columns
-from pipelines.runtime import ActorPool, actor_pool, cluster_resources, init_ray, new_run_id, plan_resources
+from pipelines.failures import (
+    LOST_STAGE,
+    STATUS_OK,
+    WorkerLost,
+    error_record,
+    mark_failed,
+    with_error_columns,
+)
+from pipelines.runtime import (
+    ActorPool,
+    actor_pool,
+    cluster_resources,
+    init_ray,
+    new_run_id,
+    plan_resources,
+    tolerate_lost_blocks,
+)
 from pipelines.schema import ERRORS_DIR, TableStore
 
 log = logging.getLogger(__name__)
@@ -120,7 +135,16 @@ def _actor_args(cfg: EvalConfig, name: str, concurrency: int) -> dict[str, Any]:
     """``map_batches`` arguments of one model-actor pool (`pipelines.runtime.plan_resources`). The eval's
     passes run no CPU tasks beside their actors (the rows are in memory), so none are reserved."""
     pool = ActorPool(name, concurrency, min(cfg.num_gpus, cluster_resources()[1]))
-    return {"compute": actor_pool(concurrency), **plan_resources([pool], cfg.actor_num_cpus, task_num_cpus=0.0)[name]}
+    return {**actor_pool(cfg.retries, concurrency), **plan_resources([pool], cfg.actor_num_cpus, task_num_cpus=0.0)[name]}
+
+
+def _with_lost(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], what: str) -> pd.DataFrame:
+    """The rows a pass returned, plus an error row (`WorkerLost`) for each input it lost with its actor."""
+    back = {r["edit_key"] for r in outputs}
+    lost = [{k: v for k, v in r.items() if k != "clip"} for r in inputs if r["edit_key"] not in back]
+    for row in lost:
+        mark_failed(with_error_columns(row), LOST_STAGE, WorkerLost(f"{what} of {row['edit_key']}"))
+    return pd.DataFrame(outputs + lost)
 
 
 def _run_ours(cfg: EvalConfig, clips: list[SequenceClip], edits_dir: str) -> pd.DataFrame:
@@ -130,7 +154,7 @@ def _run_ours(cfg: EvalConfig, clips: list[SequenceClip], edits_dir: str) -> pd.
         prompts=tuple(PromptSpec.parse(p) for p in cfg.prompts), auto_prompts=0 if cfg.prompts else cfg.auto_prompts,
         metrics=False, previews=True, edit_concurrency=cfg.edit_concurrency, device=cfg.device,
         actor_num_cpus=cfg.actor_num_cpus, progress=cfg.progress, storage_options=cfg.storage_options,
-        max_failure_fraction=1.0,
+        max_failure_fraction=1.0, retries=cfg.retries,
     )
     summary = run_edit(edit_cfg)
     log.info("%s", summary.line())
@@ -170,14 +194,14 @@ def _run_baselines(cfg: EvalConfig, specs: ModelSpecs, tasks: list[dict], out_di
 
     counts = {m: sum(t["method"] == m for t in tasks) for m in cfg.baselines}
     log.info("baselines: %s edits (SDEdit strength %.2f)", counts, cfg.sdedit_strength)
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds = tolerate_lost_blocks(ray.data.from_items(tasks, override_num_blocks=len(tasks)), cfg.retries)
     ds = ds.map_batches(
         BaselineStage,
         fn_constructor_kwargs={"specs": specs, "out": out_dir, "device": cfg.device,
                                "storage_options": cfg.storage_options},
         batch_size=1, batch_format="pandas", **_actor_args(cfg, "baselines", cfg.baseline_concurrency),
     )
-    return pd.DataFrame(ds.take_all())
+    return _with_lost(tasks, ds.take_all(), "baseline")
 
 
 def _measure(cfg: EvalConfig, specs: ModelSpecs, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -186,13 +210,13 @@ def _measure(cfg: EvalConfig, specs: ModelSpecs, rows: list[dict[str, Any]]) -> 
     if not rows:
         return pd.DataFrame()
     n = max(1, math.ceil(len(rows) / cfg.metrics_batch_size))
-    ds = ray.data.from_items(rows, override_num_blocks=n).map_batches(
+    ds = tolerate_lost_blocks(ray.data.from_items(rows, override_num_blocks=n), cfg.retries).map_batches(
         MetricsStage,
         fn_constructor_kwargs={"specs": specs, "device": cfg.device, "storage_options": cfg.storage_options},
         batch_size=cfg.metrics_batch_size, batch_format="pandas",
         **_actor_args(cfg, "metrics", cfg.metrics_concurrency),
     )
-    return pd.DataFrame(ds.take_all())
+    return _with_lost(rows, ds.take_all(), "metrics")
 
 
 def _outputs(cfg: EvalConfig, specs: ModelSpecs, run_dir: str) -> list[dict[str, Any]]:

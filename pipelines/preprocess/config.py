@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
+from pipelines.runtime import RetryConfig
 from pipelines.sources import VIDEO_EXTENSIONS
 from pipelines.timeouts import check_time_limits
 
@@ -85,6 +86,10 @@ class PreprocessConfig:
     model_threads: int | None = None
     # inputs that failed in 2 runs are skipped (pipelines.quarantine) unless this is set
     retry_quarantined: bool = False
+    # Bounded retries of every Ray Data call (`pipelines.runtime.RetryConfig`; YAML: a mapping of its fields).
+    # A clip whose Ray worker or actor died on every attempt, also when run again alone, becomes an error
+    # row (stage "worker", error_type "crash") that counts toward quarantine.
+    retries: RetryConfig = field(default_factory=RetryConfig)
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started here
     num_cpus: int | None = None  # CPUs of a local Ray (None: the machine's)
     progress: bool = True  # Ray Data progress bars
@@ -95,6 +100,7 @@ class PreprocessConfig:
         if self.size is not None:
             self.size = (int(self.size[0]), int(self.size[1]))
         self.extensions = tuple(self.extensions)
+        self.retries = RetryConfig.from_value(self.retries)
         if self.frames_format not in ("jpeg", "raw"):
             raise ConfigError(f"frames_format: expected 'jpeg' or 'raw'; found {self.frames_format!r}")
         for name in ("shard_size", "plan_batch_size", "decode_batch_size", "depth_batch_frames",

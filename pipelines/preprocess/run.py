@@ -1,7 +1,14 @@
 """The driver of a preprocess run: `run_preprocess` lists and plans the videos, skips what DST already has
 or holds in quarantine, streams the rest through the stages (`pipelines.preprocess.stages`), commits what
-the writer reports, records lost clips as ``pipeline`` errors, then updates the quarantine list and writes
-the run record (``DST/runs/<run_id>.json``). Its `PreprocessSummary` counts every clip.
+the writer reports, records lost clips, then updates the quarantine list and writes the run record
+(``DST/runs/<run_id>.json``). Its `PreprocessSummary` counts every clip.
+
+Lost clips (`pipelines.failures`): the clips a finished stream did not return were lost with a Ray worker
+or actor (every attempt of their block died within ``retries``), together with the clips that shared their
+blocks; they are streamed again, each clip alone in its blocks, and those lost again become errors
+(stage ``worker``, error_type ``crash``) that count toward quarantine. Videos lost while planning are
+planned again one per task if they shared one, and become ``plan`` errors of error_type ``crash``. What a
+broken stream leaves undone becomes ``pipeline`` errors, which do not count.
 """
 
 from __future__ import annotations
@@ -16,7 +23,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.commits import Committer
-from pipelines.failures import STATUS_OK, error_record, missing_record
+from pipelines.failures import (
+    LOST_STAGE,
+    STATUS_OK,
+    WorkerLost,
+    error_record,
+    mark_failed,
+    missing_record,
+    with_error_columns,
+)
 from pipelines.preprocess.config import PreprocessConfig, ResolvedConfig
 from pipelines.preprocess.stages import (
     ClipStage,
@@ -36,6 +51,7 @@ from pipelines.runtime import (
     operator_seconds,
     plan_resources,
     task_pool,
+    tolerate_lost_blocks,
     write_run_record,
 )
 from pipelines.schema import ERRORS_DIR, SHARDS_DIR, TableStore
@@ -115,8 +131,7 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
         ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
         todo = _clips_to_do(uris, shards, errors, quarantine, cfg, res, summary)
         if todo:
-            summary.error, summary.stage_seconds = _stream(todo, commits, dst, run_id, cfg, res)
-            _record_missing(todo, shards, errors, summary.error)
+            summary.error, summary.stage_seconds = _run_clips(todo, commits, dst, run_id, cfg, res)
         summary.ok = len(shards.written)
         summary.failed = len(errors.written - shards.written)
     finally:
@@ -172,16 +187,30 @@ def _check_weights(res: ResolvedConfig) -> None:
 
 
 def _plan(uris: list[str], cfg: PreprocessConfig, res: ResolvedConfig) -> list[dict[str, Any]]:
-    """Plan rows (PLAN_SCHEMA) of every video: in the driver for a few videos, else in Ray tasks."""
-    import ray
-
+    """Plan rows (PLAN_SCHEMA) of every video: in the driver for a few videos, else in Ray tasks. A video
+    lost with its task worker is planned again alone if it shared its task, and is then a ``plan`` error
+    (`pipelines.failures.WorkerLost`)."""
     stage = PlanStage(res.frames, res.stride, cfg.clips_per_video, res.size, cfg.decode_timeout_s,
                       cfg.storage_options)
     if len(uris) <= cfg.plan_in_driver_max:
         return stage({"uri": uris}).to_pylist()
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / cfg.plan_batch_size))
-    ds = ds.map_batches(stage, batch_size=cfg.plan_batch_size, batch_format="pandas", num_cpus=cfg.task_num_cpus,
-                        compute=task_pool(cfg.task_concurrency))
+    plans = _plan_in_tasks(stage, uris, cfg, cfg.plan_batch_size)
+    lost = sorted(set(uris) - {p["source_uri"] for p in plans})
+    if lost and cfg.plan_batch_size > 1:
+        logger.warning("%d videos were lost with their planning tasks; planning them again, one per task", len(lost))
+        plans += _plan_in_tasks(stage, lost, cfg, 1)
+        lost = sorted(set(lost) - {p["source_uri"] for p in plans})
+    plans += [stage.error_row(uri, WorkerLost(f"probe {uri}", alone=cfg.plan_batch_size > 1)) for uri in lost]
+    return plans
+
+
+def _plan_in_tasks(stage: PlanStage, uris: list[str], cfg: PreprocessConfig, batch: int) -> list[dict[str, Any]]:
+    import ray
+
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / batch))
+    ds = tolerate_lost_blocks(ds, cfg.retries).map_batches(
+        stage, batch_size=batch, batch_format="pandas", num_cpus=cfg.task_num_cpus,
+        **task_pool(cfg.retries, cfg.task_concurrency))
     return ds.take_all()
 
 
@@ -266,24 +295,27 @@ def writer_batch_rows(cfg: PreprocessConfig, res: ResolvedConfig) -> int:
         return cfg.shard_size
     return max(1, cfg.target_shard_bytes // estimated_row_bytes(cfg, res))
 
+
 def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: PreprocessConfig,
-                   res: ResolvedConfig):
+                   res: ResolvedConfig, alone: bool = False):
+    """The stream of ``todo``; ``alone``: every clip in blocks of its own (its own decode task, model calls
+    and shard), and one call queued per model actor, so a retired actor's next call is never another's."""
     import ray
 
     passes = _model_passes(cfg, res)
     resources = plan_resources([p.pool for p in passes], cfg.actor_num_cpus, cfg.task_num_cpus)
-    videos = video_rows(todo)
+    videos = [video_rows([p])[0] for p in todo] if alone else video_rows(todo)
     # A generator stage's clips leave in blocks of about decode_batch_size clips (Ray Data cuts a
     # generator's output at the target block size).
-    ds = ray.data.from_items(videos, override_num_blocks=len(videos))
+    ds = tolerate_lost_blocks(ray.data.from_items(videos, override_num_blocks=len(videos)), cfg.retries)
     clip_bytes = res.frames * res.size[0] * res.size[1] * 3
     ds.context.target_max_block_size = max(2**20, cfg.decode_batch_size * clip_bytes)  # this run's datasets only
     ds = ds.map_batches(
         DecodeStage,
-        fn_constructor_kwargs={"timeout_s": cfg.decode_timeout_s, "batch_clips": cfg.decode_batch_size,
+        fn_constructor_kwargs={"timeout_s": cfg.decode_timeout_s, "batch_clips": 1 if alone else cfg.decode_batch_size,
                                "storage_options": cfg.storage_options, "threads": cfg.decode_threads},
         batch_size=1, batch_format="pandas", num_cpus=cfg.task_num_cpus,
-        compute=actor_pool(decode_actors(cfg, len(videos)), tasks_per_actor=1),
+        **actor_pool(cfg.retries, decode_actors(cfg, len(videos)), tasks_per_actor=1),
     )
     for i, p in enumerate(passes):
         last = i == len(passes) - 1  # the last reader of the frames: it drops them unless they are stored
@@ -292,25 +324,59 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
             fn_constructor_kwargs={"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s,
                                    "drop_frames": last and not cfg.store_frames, "batch_frames": p.batch_frames,
                                    "threads": cfg.model_threads},
-            batch_size=max(1, p.batch_frames // res.frames),  # whole clips: as many as fit in batch_frames
+            batch_size=1 if alone else max(1, p.batch_frames // res.frames),  # whole clips: as many as fit
             batch_format="pandas",
-            compute=actor_pool(p.pool.concurrency),
+            **actor_pool(cfg.retries, p.pool.concurrency, tasks_per_actor=1 if alone else None),
             **resources[p.pool.name],
         )
     writer = ShardWriter(dst, run_id, {"depth": res.depth_model, "clip": res.clip_model, "vae": res.vae_model},
                          cfg.store_frames, cfg.frames_format, cfg.jpeg_quality, cfg.storage_options,
                          target_bytes=cfg.target_shard_bytes)
-    return ds.map_batches(writer, batch_size=writer_batch_rows(cfg, res), batch_format="pandas",
-                          num_cpus=cfg.task_num_cpus, compute=task_pool(cfg.task_concurrency))
+    return ds.map_batches(writer, batch_size=1 if alone else writer_batch_rows(cfg, res), batch_format="pandas",
+                          num_cpus=cfg.task_num_cpus, **task_pool(cfg.retries, cfg.task_concurrency))
+
+
+def _run_clips(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: str, run_id: str,
+               cfg: PreprocessConfig, res: ResolvedConfig) -> tuple[str | None, dict[str, dict[str, float]]]:
+    """Stream ``todo``, then the clips a finished stream lost again, each alone; records the clips lost
+    again (`WorkerLost`) and what a broken stream left (``pipeline`` errors). Returns what broke the
+    stream ("Type: message") or None, and the operators' times."""
+    shards, errors = commits[SHARDS_DIR], commits[ERRORS_DIR]
+    error, stats = _stream(todo, commits, dst, run_id, cfg, res)
+    lost = _lost(todo, shards, errors) if error is None else []
+    if lost:
+        logger.warning("%d clips were lost with their Ray workers or actors (and the clips sharing their "
+                       "blocks); streaming them again, each clip alone", len(lost))
+        error, again = _stream(lost, commits, dst, run_id, cfg, res, alone=True)
+        for name, entry in again.items():
+            for key, value in entry.items():
+                stats.setdefault(name, dict.fromkeys(entry, 0.0))[key] += value
+        if error is None:
+            errors.commit_errors([_lost_record(p) for p in _lost(lost, shards, errors)])
+    _record_missing(todo, shards, errors, error)
+    return error, stats
+
+
+def _lost(todo: list[dict[str, Any]], shards: Committer, errors: Committer) -> list[dict[str, Any]]:
+    """The clips of ``todo`` neither committed (by any run) nor recorded as failed by this one."""
+    ended = shards.refresh() | errors.written
+    return [p for p in todo if p["clip_id"] not in ended]
+
+
+def _lost_record(plan: dict[str, Any]) -> dict[str, Any]:
+    what = f"clip {plan['clip_id']} (start {plan['start']}) of {plan['source_uri']}"
+    return error_record(mark_failed(with_error_columns(dict(plan)), LOST_STAGE, WorkerLost(what, alone=True)))
 
 
 def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: str, run_id: str,
-            cfg: PreprocessConfig, res: ResolvedConfig) -> tuple[str | None, dict[str, dict[str, float]]]:
-    """Stream ``todo`` through the stages, committing each file the writer reports as it comes; returns the
-    exception that stopped the stream early ("Type: message") or None, and the operators' times."""
+            cfg: PreprocessConfig, res: ResolvedConfig, alone: bool = False
+            ) -> tuple[str | None, dict[str, dict[str, float]]]:
+    """Stream ``todo`` through the stages (`_build_dataset`), committing each file the writer reports as it
+    comes; returns the exception that stopped the stream early ("Type: message") or None, and the
+    operators' times."""
     ds = None
     try:
-        ds = _build_dataset(todo, dst, run_id, cfg, res)
+        ds = _build_dataset(todo, dst, run_id, cfg, res, alone)
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for w in batch.to_dict("records"):
                 commits[w["table"]].commit_file(w["tmp_path"], [str(i) for i in w["clip_ids"]])
@@ -321,7 +387,7 @@ def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: s
 
 
 def _record_missing(todo: list[dict[str, Any]], shards: Committer, errors: Committer, error: str | None) -> None:
-    """Planned clips neither written nor in errors (the stream broke, or lost them) -> `pipeline` errors."""
+    """Planned clips neither written nor in errors (the stream broke) -> `pipeline` errors."""
     ended = shards.written | errors.written
     missing = [p for p in todo if p["clip_id"] not in ended]
     if not missing:

@@ -44,7 +44,7 @@ from pipelines.schema import (
     encode_frames,
 )
 from pipelines.sources import PLAN_COLUMNS
-from pipelines.timeouts import StageTimeout
+from pipelines.timeouts import Retirement, StageTimeout
 
 # Added by the stages (bytes are b"" and ints 0 where a stage did not run, so types never vary).
 FEATURE_COLUMNS = ("frames_raw", "depth", "clip_embedding", "clip_dim", "latents", "lat_c", "lat_h", "lat_w")
@@ -209,7 +209,8 @@ class ModelStage:
     """A model over the healthy clips of a batch: the model is loaded once (`load`, from ``__init__``);
     `predict` runs on every clip of a call at once, and on each clip alone when that raises
     (`pipelines.failures.apply_per_clip`); `store` writes one clip's output into its row. A clip that
-    fails alone becomes an error row of stage `name`.
+    fails alone becomes an error row of stage `name`. A model call past ``timeout_s`` retires the stage
+    (`pipelines.timeouts.Retirement`): in a Ray actor its next call ends the process first.
     """
 
     name: str  # the stage of its error rows
@@ -220,6 +221,7 @@ class ModelStage:
         self.spec, self.timeout_s = spec, timeout_s  # timeout_s: per model call (`apply_per_clip`)
         self.drop_frames = drop_frames  # the last stage that needs the frames, and they are not stored
         self.batch_frames = int(batch_frames)  # frames per forward
+        self.retirement = Retirement()
         if threads:
             import torch
 
@@ -247,8 +249,9 @@ class ModelStage:
         raise NotImplementedError
 
     def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        self.retirement.check()
         rows = _rows(batch)
-        apply_per_clip(rows, self.name, self.infer, clip_frames, self.store, self.timeout_s)
+        apply_per_clip(rows, self.name, self.infer, clip_frames, self.store, self.timeout_s, self.retirement)
         return _frame(_without_frames(rows) if self.drop_frames else rows)
 
 
