@@ -7,9 +7,10 @@ Ray Data streams clips through plain stage classes (`pipelines.preprocess.stages
     list videos (driver) -> drop quarantined videos (driver)
       -> PlanStage (`pipelines.sources`; CPU tasks, or the driver for a few videos: probe, pick clips)
       -> drop clips already in DST or quarantined (driver)
-      -> DecodeStage (actor pool, each with a decode child process) -> DepthStage (actor pool)
-      -> ClipStage (actor pool)
-      -> [LatentsStage (actor pool)] -> ShardWriter (CPU tasks: write shards/_tmp/..., errors/_tmp/...)
+      -> DecodeStage (actor pool: one video per call, decoded in a child process)
+      -> DepthStage (actor pool) -> ClipStage (actor pool) -> [LatentsStage (actor pool)]
+         (on a CPU-only cluster one pool runs them all in each actor: FusedModels, ``fuse_models``)
+      -> ShardWriter (CPU tasks: write shards/_tmp/..., errors/_tmp/...)
       -> Committer (`pipelines.commits`, one per table; driver: move each tmp file to its final name,
          one at a time)
 
@@ -45,6 +46,7 @@ from pipelines.preprocess.stages import (
     ClipStage,
     DecodeStage,
     DepthStage,
+    FusedModels,
     LatentsStage,
     ModelStage,
     ShardWriter,
@@ -56,6 +58,7 @@ __all__ = [
     "ClipStage",
     "DecodeStage",
     "DepthStage",
+    "FusedModels",
     "LatentsStage",
     "ModelStage",
     "PreprocessConfig",

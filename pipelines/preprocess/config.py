@@ -57,6 +57,11 @@ class PreprocessConfig:
     depth_batch_frames: int = 16  # frames per depth call
     clip_batch_frames: int = 32  # frames per CLIP call
     latents_batch_frames: int = 16
+    # One actor pool for every model stage (depth, then CLIP, then latents, in each actor) instead of one
+    # pool per model. None: fused on a CPU-only cluster, where each pool's process pays its own torch and
+    # transformers imports (about 8 CPU seconds) and the models take turns on the same cores anyway; separate
+    # on a GPU cluster, where each pool gets its GPU share. A fused pool has depth_concurrency actors.
+    fuse_models: bool | None = None
     depth_concurrency: int = 1  # actors per model pool
     clip_concurrency: int = 1
     latents_concurrency: int = 1

@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ from pipelines.preprocess.stages import (
     ClipStage,
     DecodeStage,
     DepthStage,
+    FusedModels,
     LatentsStage,
     ShardWriter,
     video_rows,
@@ -273,6 +274,16 @@ def _model_passes(cfg: PreprocessConfig, res: ResolvedConfig) -> list[_ModelPass
     return passes
 
 
+def fuse_models(cfg: PreprocessConfig) -> bool:
+    """Whether one actor pool runs every model stage: ``fuse_models``, else on a CPU-only cluster."""
+    return cfg.fuse_models if cfg.fuse_models is not None else cluster_resources()[1] == 0
+
+
+def fused_pool(cfg: PreprocessConfig, passes: Sequence[_ModelPass]) -> ActorPool:
+    """The one pool of fused model stages: depth_concurrency actors, each with every model's GPU share."""
+    return ActorPool("models", cfg.depth_concurrency, sum(p.pool.num_gpus for p in passes))
+
+
 def decode_actors(cfg: PreprocessConfig, videos: int) -> int:
     """How many decode actors (each decoding one video at a time): max_concurrent_decodes, else half the
     cluster's CPUs; at least 1 and at most one per video."""
@@ -303,7 +314,9 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
     import ray
 
     passes = _model_passes(cfg, res)
-    resources = plan_resources([p.pool for p in passes], cfg.actor_num_cpus, cfg.task_num_cpus)
+    fused = fuse_models(cfg)
+    pools = [fused_pool(cfg, passes)] if fused else [p.pool for p in passes]
+    resources = plan_resources(pools, cfg.actor_num_cpus, cfg.task_num_cpus)
     videos = [video_rows([p])[0] for p in todo] if alone else video_rows(todo)
     # A generator stage's clips leave in blocks of about decode_batch_size clips (Ray Data cuts a
     # generator's output at the target block size).
@@ -317,13 +330,17 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
         batch_size=1, batch_format="pandas", num_cpus=cfg.task_num_cpus,
         **actor_pool(cfg.retries, decode_actors(cfg, len(videos)), tasks_per_actor=1),
     )
-    for i, p in enumerate(passes):
-        last = i == len(passes) - 1  # the last reader of the frames: it drops them unless they are stored
+    stages = [(p.stage, {"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s,
+                         "drop_frames": i == len(passes) - 1 and not cfg.store_frames,  # the frames' last reader
+                         "batch_frames": p.batch_frames, "threads": cfg.model_threads})
+              for i, p in enumerate(passes)]
+    if fused:
+        stages = [(FusedModels, {"stages": stages})]
+        passes = [_ModelPass(FusedModels, "", max(p.batch_frames for p in passes), fused_pool(cfg, passes))]
+    for p, (stage, kwargs) in zip(passes, stages, strict=True):
         ds = ds.map_batches(  # a class: Ray Data runs it in a pool of `concurrency` actors
-            p.stage,
-            fn_constructor_kwargs={"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s,
-                                   "drop_frames": last and not cfg.store_frames, "batch_frames": p.batch_frames,
-                                   "threads": cfg.model_threads},
+            stage,
+            fn_constructor_kwargs=kwargs,
             batch_size=1 if alone else max(1, p.batch_frames // res.frames),  # whole clips: as many as fit
             batch_format="pandas",
             **actor_pool(cfg.retries, p.pool.concurrency, tasks_per_actor=1 if alone else None),

@@ -5,6 +5,7 @@ callable without Ray.
   video's planned clips) -> one row per clip with its decoded, resized frames in ``frames_raw``.
 - `ModelStage`, the base of `DepthStage`, `ClipStage` and `LatentsStage` (actor pools): the frames ->
   ``depth``; ``clip_embedding`` and ``clip_dim``; ``latents`` and ``lat_c``, ``lat_h``, ``lat_w``.
+- `FusedModels` (an actor pool): several model stages in one actor, applied in turn.
 - `ShardWriter` (CPU tasks): the healthy rows of a batch -> shard files, its error rows -> an errors file,
   all under ``_tmp/``; it returns one `WRITTEN_COLUMNS` row per file, for the driver to commit.
 
@@ -338,6 +339,21 @@ class LatentsStage(ModelStage):
     def store(self, row: dict[str, Any], z: np.ndarray) -> None:
         row["latents"] = encode_array(z, "float16")[0]
         row["lat_c"], _, row["lat_h"], row["lat_w"] = (int(s) for s in z.shape)
+
+
+class FusedModels:
+    """Model stages run one after another in one actor: ``stages`` is ``[(ModelStage subclass, its keyword
+    arguments), ...]``, each built once here and applied to each batch in order. Saves a process (its
+    imports and its copy of the batch) per model on a CPU-only cluster, where the models share the cores.
+    """
+
+    def __init__(self, stages: Sequence[tuple[type[ModelStage], Mapping[str, Any]]]):
+        self.stages = [cls(**dict(kwargs)) for cls, kwargs in stages]
+
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch if isinstance(batch, pd.DataFrame) else _frame(_rows(batch))
 
 
 class ShardWriter:
