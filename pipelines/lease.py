@@ -382,10 +382,20 @@ def hold_dst(store: TableStore, job: str, run_id: str, settings: LeaseSettings,
     lease = Lease(store, LeaseOwner.here(run_id, job), settings.lease_ttl_s).acquire(settings.lease_wait_s)
     try:
         for table in tables:
-            removed = store.remove_stale_tmp(table, settings.tmp_max_age_s, keep=run_id)
-            if removed:
-                logger.info("removed %d _tmp leftovers older than %.0fs of %s: %s", len(removed),
-                            settings.tmp_max_age_s, table, ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else ""))
+            _remove_leftovers(store, table, settings.tmp_max_age_s, run_id)
         yield lease
     finally:
         lease.release()
+
+
+def _remove_leftovers(store: TableStore, table: str, max_age_s: float, run_id: str) -> None:
+    """`TableStore.remove_stale_tmp`, logged; a failure is a warning (leftovers cost space, not results)."""
+    try:
+        removed = store.remove_stale_tmp(table, max_age_s, keep=run_id)
+    except Exception as e:
+        logger.warning("could not remove the _tmp leftovers of %s (%s: %s); they stay until the next run",
+                       store.uri(store.path(table)), type(e).__name__, e)
+        return
+    if removed:
+        logger.info("removed %d _tmp leftovers older than %.0fs of %s: %s", len(removed), max_age_s, table,
+                    ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else ""))
