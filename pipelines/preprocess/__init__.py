@@ -20,7 +20,9 @@ that committed meanwhile), so DST never holds a clip id twice. Whatever is neith
 errors when the stream ends (e.g. the stream itself failed) is recorded as a ``pipeline`` error, so
 every planned clip ends either written or in ``errors``. Inputs that failed in two runs are skipped
 (`pipelines.quarantine`) unless ``retry_quarantined`` is set; each run ends by rewriting the quarantine
-list and its run record, ``DST/runs/<run_id>.json``.
+list and its run record, ``DST/runs/<run_id>.json`` (a failed write of either is reported and the command
+exits 6). One driver at a time: a run holds DST's lease from start to end (`pipelines.lease`), and a second
+driver waits for it or refuses; at start the run removes ``_tmp/`` leftovers of runs that died.
 
 Resources (`pipelines.runtime.plan_resources`): model actors take ``num_gpus`` when the cluster has GPUs,
 and a fraction of a CPU otherwise. CPU tasks (plan, decode, write) claim no CPU by default and are capped
