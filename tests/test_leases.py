@@ -215,6 +215,28 @@ def test_a_lease_near_its_expiry_is_renewed_by_check_before_a_commit(store):
     lease.release()
 
 
+def test_an_edit_run_that_lost_its_lease_stops_at_its_next_commit(tmp_path):
+    import pyarrow as pa
+
+    store = TableStore(str(tmp_path / "dst"))
+    stalled = Lease(store, OTHER, ttl_s=0.5, refresh_s=3600.0).acquire()
+    taker = Lease(store, _owner("taker"), ttl_s=60.0).acquire(wait_s=20.0)
+    run = EditRun(EditJobConfig(dst=store.dst, src="unused", prompts=("a dog",), commit_every=1), TINY, "stalled",
+                  stalled)
+    failed = {"edit_key": "k0", "clip_id": "c0", "source_uri": "/v/0.mp4", "start": 0, "status": "error",
+              "error_stage": "edit", "error_type": "ValueError", "error_message": "boom", "error_traceback": ""}
+
+    class Stream:  # what `_edit_pass` returns: one batch holding one failed edit
+        def iter_batches(self, **kw):
+            yield pa.Table.from_pylist([failed])
+
+    run._edit_pass = lambda todo: Stream()
+    with pytest.raises(LeaseLostError, match="to preprocess run taker"):  # not a `pipeline` error of the run
+        run.run_edits([{"edit_key": "k0", "clip_id": "c0", "source_uri": "/v/0.mp4"}])
+    assert store.committed(ERRORS_DIR) == []
+    taker.release()
+
+
 # ---------------------------------------------------------------------------------------- _tmp leftovers
 
 

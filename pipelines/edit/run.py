@@ -25,7 +25,7 @@ from pipelines.edit.keys import plan_tasks
 from pipelines.edit.stages import CaptionStage, EditStage, PromptStage, prompt_plan_row, written_prompt_rows
 from pipelines.edit.tables import committed_prompts
 from pipelines.failures import STATUS_ERROR, STATUS_OK, error_record, missing_record
-from pipelines.lease import Lease, hold_dst
+from pipelines.lease import Lease, LeaseError, hold_dst
 from pipelines.runtime import (
     ActorPool,
     actor_pool,
@@ -135,7 +135,7 @@ class EditRun:
     """
 
     def __init__(self, config: EditJobConfig, specs: ModelSpecs, run_id: str, lease: Lease | None = None):
-        self.config, self.specs, self.run_id = config, specs, run_id
+        self.config, self.specs, self.run_id, self.lease = config, specs, run_id, lease
         self.store = TableStore(config.dst, config.storage_options)
         self.summary = EditSummary(run_id=run_id, dst=config.dst, tiny_models=specs.is_tiny)
         self.error_parts = Committer(self.store, ERRORS_DIR, run_id, key=None, lease=lease)
@@ -354,6 +354,8 @@ class EditRun:
                         continue
                     extra = {"run_id": self.run_id, "created_at": now, "schema_version": EDIT_SCHEMA_VERSION}
                     buffer.add([{k: extra[k] if k in extra else row[k] for k in MANIFEST_SCHEMA.names}])
+        except LeaseError:
+            raise  # another driver took DST over: this one commits nothing more (exit 5)
         except Exception as e:  # the stream broke: what is not committed becomes a pipeline error
             logger.exception("the edit stream stopped early: %s", e)
             self.summary.error = f"{type(e).__name__}: {e}"
@@ -492,4 +494,6 @@ def _run(run: EditRun) -> None:
         run.remove_tmp()
         if started:
             ray.shutdown()
+    if run.lease is not None:
+        run.lease.check()  # the run record is DST's too: written only while this run holds it
     run.write_record()

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipelines.commits import Committer
 from pipelines.failures import STATUS_OK, error_record, missing_record
-from pipelines.lease import Lease, hold_dst
+from pipelines.lease import Lease, LeaseError, hold_dst
 from pipelines.preprocess.config import PreprocessConfig, ResolvedConfig
 from pipelines.preprocess.stages import (
     ClipStage,
@@ -148,6 +148,7 @@ def _run(src: str, store: TableStore, lease: Lease, run_id: str, cfg: Preprocess
             committer.remove_tmp()
         if started:
             ray.shutdown()
+    lease.check()  # the quarantine list and the run record are DST's too: only while this run holds it
     _update_quarantine(store, shards, summary)
     record = store.uri(store.path(RUNS_DIR, f"{run_id}.json"))
     bookkeeping(summary.bookkeeping_errors, f"the run record {record}",
@@ -337,6 +338,8 @@ def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: s
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for w in batch.to_dict("records"):
                 commits[w["table"]].commit_file(w["tmp_path"], [str(i) for i in w["clip_ids"]])
+    except LeaseError:
+        raise  # another driver took DST over: this one commits nothing more, error rows included (exit 5)
     except Exception as e:  # the stream broke: what is not committed yet becomes a pipeline error
         logger.exception("the pipeline stopped early: %s", e)
         return f"{type(e).__name__}: {e}", operator_seconds(ds) if ds is not None else {}
