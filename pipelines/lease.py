@@ -36,6 +36,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -80,8 +81,6 @@ class LeaseSettings(Protocol):
 def check_lease_settings(config: Any) -> None:
     """`gen1.config.ConfigError` unless ``config.lease_ttl_s`` is seconds > 0 and ``lease_wait_s`` and
     ``tmp_max_age_s`` are seconds >= 0 (all finite)."""
-    import math
-
     from gen1.config import ConfigError
 
     for name, positive in (("lease_ttl_s", True), ("lease_wait_s", False), ("tmp_max_age_s", False)):
