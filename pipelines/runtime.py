@@ -12,7 +12,8 @@
   its bounded retries (`RetryConfig`, the ``retries`` of every job config); `tolerate_lost_blocks` lets a
   pass finish when some blocks fail on every attempt. What the driver makes of a lost block:
   `pipelines.failures.WorkerLost`.
-- `write_run_record`: ``DST/runs/<name>.json``, the config and summary of a run.
+- `write_run_record`: ``DST/runs/<name>.json``, the config and summary of a run, written through
+  `bookkeeping`: a failed write is reported in the summary and makes the command exit 6.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ import logging
 import os
 import uuid
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from gen1.config import ConfigError
 from pipelines.schema import RUNS_DIR, TableStore
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Non-secret settings a job submitted to a remote cluster takes along (a local cluster inherits them).
 FORWARDED_ENV = (
@@ -272,14 +275,23 @@ def operator_seconds(ds: Any) -> dict[str, dict[str, float]]:
 
 
 def write_run_record(store: TableStore, name: str, record: Mapping[str, Any]) -> str:
-    """Write ``record`` (config, summary, ...) as ``DST/runs/<name>.json``; returns its URI.
-
-    A failed write is logged, not raised: the run's data is committed by then.
-    """
+    """Write ``record`` (config, summary, ...) as ``DST/runs/<name>.json``; returns its URI. A failed write
+    raises: call it through `bookkeeping`."""
     path = store.path(RUNS_DIR, f"{name}.json")
-    try:
-        store.fs.makedirs(store.path(RUNS_DIR), exist_ok=True)
-        store.fs.pipe_file(path, json.dumps(dict(record), indent=2, default=str).encode())
-    except Exception:
-        logger.exception("could not write the run record %s", store.uri(path))
+    store.fs.makedirs(store.path(RUNS_DIR), exist_ok=True)
+    store.fs.pipe_file(path, json.dumps(dict(record), indent=2, default=str).encode())
     return store.uri(path)
+
+
+def bookkeeping(errors: list[str], what: str, write: Callable[[], T]) -> T | None:
+    """``write()``: a write about a run whose results are committed by then (its run record, the quarantine
+    list). When it fails, the error is logged with its traceback and ``"could not write WHAT: Type: message"``
+    appended to ``errors`` (a summary's ``bookkeeping_errors``: the command exits `EXIT_BOOKKEEPING`, 6),
+    and None is returned; the results stay committed."""
+    try:
+        return write()
+    except Exception as e:
+        message = f"could not write {what}: {type(e).__name__}: {e}"
+        logger.exception("%s", message)
+        errors.append(message)
+        return None

@@ -13,6 +13,7 @@ from gen1.prompts import ChatConfig, PromptSpec, read_prompt_file
 from pipelines.edit.clips import EditClip
 from pipelines.edit.keys import EditGrid
 from pipelines.runtime import RetryConfig
+from pipelines.lease import check_lease_settings
 from pipelines.sources import VIDEO_EXTENSIONS, is_manifest
 from pipelines.timeouts import check_time_limits
 
@@ -68,6 +69,13 @@ class EditJobConfig:
     # An edit (or a clip, while planning and prompting) whose Ray worker or actor died on every attempt
     # becomes an error row with error_type "crash".
     retries: RetryConfig = field(default_factory=RetryConfig)
+    # Concurrent drivers (`pipelines.lease`): a run holds DST's lease while it runs (renewed every
+    # lease_ttl_s / 3; a driver that dies frees it after lease_ttl_s, or at once seen from its own machine); a
+    # second driver waits up to lease_wait_s for it, then refuses (exit code 5). At start the run removes
+    # DST's _tmp/ leftovers older than tmp_max_age_s (what runs that died wrote and never committed).
+    lease_ttl_s: float = 120.0
+    lease_wait_s: float = 0.0
+    tmp_max_age_s: float = 86400.0
     ray_address: str | None = None
     num_cpus: int | None = None  # of a local Ray
     progress: bool = True
@@ -102,6 +110,7 @@ class EditJobConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
         check_time_limits(self, ("decode_timeout_s", "caption_timeout_s", "edit_timeout_s"))
+        check_lease_settings(self)
         if self.auto_prompts and (self.prompts or self.prompts_file):
             raise ConfigError("give prompts (a file or a list) or auto_prompts, not both")
         if self.src is None and self.clips is None:

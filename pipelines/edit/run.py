@@ -1,6 +1,7 @@
-"""The driver of the edit pipeline: `run_edit` plans the clips, writes the missing prompts, plans the edits
-and streams them through the edit actors; `EditRun` holds what its passes share (the store, run id, actor
-resources, summary and committers).
+"""The driver of the edit pipeline: `run_edit` takes DST's lease (`pipelines.lease`), plans the clips,
+writes the missing prompts, plans the edits and streams them through the edit actors, writes the run record
+and gives the lease back; `EditRun` holds what its passes share (the store, run id, actor resources,
+summary and committers).
 
 Every pass runs with the job's bounded ``retries`` and finishes past lost blocks (`pipelines.failures`):
 what a finished pass did not return was lost with its Ray worker or actor and becomes an error with
@@ -40,9 +41,11 @@ from pipelines.failures import (
     missing_record,
     with_error_columns,
 )
+from pipelines.lease import Lease, LeaseError, hold_dst
 from pipelines.runtime import (
     ActorPool,
     actor_pool,
+    bookkeeping,
     cluster_resources,
     init_ray,
     new_run_id,
@@ -59,12 +62,14 @@ from pipelines.schema import (
     OUTPUTS_DIR,
     PROMPTS_DIR,
     PROMPTS_SCHEMA,
+    RUNS_DIR,
     TableStore,
 )
 from pipelines.sources import PlanStage, is_manifest, list_videos
 
 logger = logging.getLogger(__name__)
 
+EDIT_TABLES = (MANIFEST_DIR, PROMPTS_DIR, ERRORS_DIR, OUTPUTS_DIR)  # what a run writes under _tmp/
 PROMPTS_COMMIT_EVERY = 256  # prompt rows per committed part (prompts are cheap to redo)
 
 
@@ -84,6 +89,8 @@ class EditSummary:
     seconds: float = 0.0
     tiny_models: bool = False
     error: str | None = None  # what stopped the stream, if anything
+    # writes after the results were committed that failed: the run record (exit code 6)
+    bookkeeping_errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def edits_per_minute(self) -> float:
@@ -138,19 +145,20 @@ class EditRun:
     """One run of `run_edit` on a connected Ray: its passes and what they share.
 
     ``errors`` buffers error records (one part per ``commit_every`` records or ``commit_interval_s``);
-    ``manifest`` commits manifest rows once per edit key; ``prompts`` the written prompts. ``resources``
+    ``manifest`` commits manifest rows once per edit key; ``prompts`` the written prompts; each committer
+    checks ``lease`` (the run's lease of DST) before a commit. ``resources``
     holds each actor pool's ``compute`` (`pipelines.runtime.actor_pool`), ``num_cpus`` and ``num_gpus``, planned at the start (a pool
     that does not fit fails the run before any work).
     """
 
-    def __init__(self, config: EditJobConfig, specs: ModelSpecs, run_id: str):
-        self.config, self.specs, self.run_id = config, specs, run_id
+    def __init__(self, config: EditJobConfig, specs: ModelSpecs, run_id: str, lease: Lease | None = None):
+        self.config, self.specs, self.run_id, self.lease = config, specs, run_id, lease
         self.store = TableStore(config.dst, config.storage_options)
         self.summary = EditSummary(run_id=run_id, dst=config.dst, tiny_models=specs.is_tiny)
-        self.error_parts = Committer(self.store, ERRORS_DIR, run_id, key=None)
+        self.error_parts = Committer(self.store, ERRORS_DIR, run_id, key=None, lease=lease)
         self.errors = RowBuffer(self.error_parts.commit_errors, config.commit_every, config.commit_interval_s)
-        self.manifest = Committer(self.store, MANIFEST_DIR, run_id, key="edit_key")
-        self.prompts = Committer(self.store, PROMPTS_DIR, run_id, key=None)
+        self.manifest = Committer(self.store, MANIFEST_DIR, run_id, key="edit_key", lease=lease)
+        self.prompts = Committer(self.store, PROMPTS_DIR, run_id, key=None, lease=lease)
         self.resources: dict[str, dict[str, Any]] = {}
 
     def size_pools(self) -> None:
@@ -382,6 +390,8 @@ class EditRun:
                 self.fail(mark_failed(row, LOST_STAGE, WorkerLost(f"edit {t['edit_key']}", cfg.edit_batch_size > 1)))
                 finished.add(t["edit_key"])
             self.summary.failed += len(lost)
+        except LeaseError:
+            raise  # another driver took DST over: this one commits nothing more (exit 5)
         except Exception as e:  # the stream broke: what is not committed becomes a pipeline error
             logger.exception("the edit stream stopped early: %s", e)
             self.summary.error = f"{type(e).__name__}: {e}"
@@ -446,44 +456,63 @@ class EditRun:
 
     def remove_tmp(self) -> None:
         """What this run left under ``_tmp/`` of its tables (parts and outputs it never committed)."""
-        for table in (MANIFEST_DIR, PROMPTS_DIR, ERRORS_DIR, OUTPUTS_DIR):
+        for table in EDIT_TABLES:
             self.store.remove_tmp(table, self.run_id)
 
-    def write_record(self) -> str:
+    def write_record(self) -> str | None:
+        """``DST/runs/edit-<run_id>.json``; its URI, or None when the write failed (reported in
+        ``summary.bookkeeping_errors``)."""
+        name = f"edit-{self.run_id}"
         record = {
             "run_id": self.run_id,
             "kind": "edit",
             "config": self.config.as_dict(),
             "summary": self.summary.as_dict(),
         }
-        return write_run_record(self.store, f"edit-{self.run_id}", record)
+        uri = self.store.uri(self.store.path(RUNS_DIR, f"{name}.json"))
+        return bookkeeping(
+            self.summary.bookkeeping_errors,
+            f"the run record {uri}",
+            lambda: write_run_record(self.store, name, record),
+        )
 
 
 def run_edit(config: EditJobConfig) -> EditSummary:
-    """Mass-edit ``config.src`` (or ``config.clips``) into ``config.dst``; see `pipelines.edit`."""
-    import ray
-
+    """Mass-edit ``config.src`` (or ``config.clips``) into ``config.dst``; see `pipelines.edit`.
+    `pipelines.lease.LeaseHeldError` when another driver holds DST's lease past ``config.lease_wait_s``."""
     from gen1.models import check_weights
 
     config.load_prompts()
     specs = load_model_specs(config.models)
-    size = config.size or (specs.width, specs.height)
-    frames = config.frames or specs.frames
     check_weights(
         specs, ("vae", "unet", "clip", "depth", "prior") + (("caption",) if config.auto_prompts else ())
     )
-    run = EditRun(config, specs, new_run_id())
+    run_id = new_run_id()
     logger.info(
         "edit %s -> %s, run %s, models %s\nconfig: %s",
         config.src or "<injected clips>",
         config.dst,
-        run.run_id,
+        run_id,
         specs.label(),
         json.dumps(config.as_dict(), default=str),
     )
     if specs.is_tiny:
         logger.warning("tiny random models: the outputs are plumbing checks, not real edits")
-    summary = run.summary
+    store = TableStore(config.dst, config.storage_options)
+    with hold_dst(store, "edit", run_id, config, EDIT_TABLES) as lease:
+        run = EditRun(config, specs, run_id, lease)
+        _run(run)
+    logger.info("%s", run.summary.line())
+    return run.summary
+
+
+def _run(run: EditRun) -> None:
+    """The passes of ``run``, under DST's lease, then its run record."""
+    import ray
+
+    config, specs, summary = run.config, run.specs, run.summary
+    size = config.size or (specs.width, specs.height)
+    frames = config.frames or specs.frames
     t0 = time.monotonic()
     started = init_ray(config.ray_address, config.num_cpus)
     try:
@@ -518,6 +547,6 @@ def run_edit(config: EditJobConfig) -> EditSummary:
         run.remove_tmp()
         if started:
             ray.shutdown()
+    if run.lease is not None:
+        run.lease.check()  # the run record is DST's too: written only while this run holds it
     run.write_record()
-    logger.info("%s", summary.line())
-    return summary

@@ -25,7 +25,10 @@ quarantine, and the job finishes. What is neither committed nor in errors when a
 recorded as a ``pipeline`` error, so every planned clip ends either written or in ``errors``. A model
 call past ``model_timeout_s`` retires its actor (`pipelines.timeouts.Retirement`). Inputs that failed in
 two runs are skipped (`pipelines.quarantine`) unless ``retry_quarantined`` is set; each run ends by
-rewriting the quarantine list and its run record, ``DST/runs/<run_id>.json``.
+rewriting the quarantine list and its run record, ``DST/runs/<run_id>.json`` (a failed write of either is
+reported and the command exits 6). One driver at a time: a run holds DST's lease from start to end
+(`pipelines.lease`), and a second driver waits for it or refuses; at start the run removes ``_tmp/``
+leftovers of runs that died.
 
 Storage: listing, probes, decodes, shards, errors, quarantine and run records all go through the
 config's fsspec ``storage_options``, handed to each stage as an argument.

@@ -10,6 +10,7 @@ from typing import Any
 
 from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
 from pipelines.runtime import RetryConfig
+from pipelines.lease import check_lease_settings
 from pipelines.sources import VIDEO_EXTENSIONS
 from pipelines.timeouts import check_time_limits
 
@@ -95,6 +96,13 @@ class PreprocessConfig:
     # A clip whose Ray worker or actor died on every attempt, also when run again alone, becomes an error
     # row (stage "worker", error_type "crash") that counts toward quarantine.
     retries: RetryConfig = field(default_factory=RetryConfig)
+    # Concurrent drivers (`pipelines.lease`): a run holds DST's lease while it runs (renewed every
+    # lease_ttl_s / 3; a driver that dies frees it after lease_ttl_s, or at once seen from its own machine); a
+    # second driver waits up to lease_wait_s for it, then refuses (exit code 5). At start the run removes
+    # DST's _tmp/ leftovers older than tmp_max_age_s (what runs that died wrote and never committed).
+    lease_ttl_s: float = 120.0
+    lease_wait_s: float = 0.0
+    tmp_max_age_s: float = 86400.0
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started here
     num_cpus: int | None = None  # CPUs of a local Ray (None: the machine's)
     progress: bool = True  # Ray Data progress bars
@@ -121,6 +129,7 @@ class PreprocessConfig:
         if int(self.decode_threads) < 0:
             raise ConfigError(f"decode_threads: expected an integer >= 0; found {self.decode_threads!r}")
         check_time_limits(self, ("decode_timeout_s", "model_timeout_s"))
+        check_lease_settings(self)
         if not 0 <= self.max_failure_fraction <= 1:
             raise ConfigError(f"max_failure_fraction: expected a value in [0, 1]; found {self.max_failure_fraction}")
 

@@ -1,7 +1,9 @@
-"""The driver of a preprocess run: `run_preprocess` lists and plans the videos, skips what DST already has
+"""The driver of a preprocess run: `run_preprocess` takes DST's lease (`pipelines.lease`: one driver at a
+time; leftovers of dead runs under ``_tmp/`` go), lists and plans the videos, skips what DST already has
 or holds in quarantine, streams the rest through the stages (`pipelines.preprocess.stages`), commits what
 the writer reports, records lost clips, then updates the quarantine list and writes the run record
-(``DST/runs/<run_id>.json``). Its `PreprocessSummary` counts every clip.
+(``DST/runs/<run_id>.json``) and gives the lease back. Its `PreprocessSummary` counts every clip
+and names the bookkeeping writes that failed.
 
 Lost clips (`pipelines.failures`): the clips a finished stream did not return were lost with a Ray worker
 or actor (every attempt of their block died within ``retries``), together with the clips that shared their
@@ -32,6 +34,7 @@ from pipelines.failures import (
     missing_record,
     with_error_columns,
 )
+from pipelines.lease import Lease, LeaseError, hold_dst
 from pipelines.preprocess.config import PreprocessConfig, ResolvedConfig
 from pipelines.preprocess.stages import (
     ClipStage,
@@ -42,10 +45,18 @@ from pipelines.preprocess.stages import (
     ShardWriter,
     video_rows,
 )
-from pipelines.quarantine import QUARANTINE_AFTER, Quarantine, load_quarantine, write_quarantine
+from pipelines.quarantine import (
+    QUARANTINE_AFTER,
+    QUARANTINE_DIR,
+    QUARANTINE_FILE,
+    Quarantine,
+    load_quarantine,
+    write_quarantine,
+)
 from pipelines.runtime import (
     ActorPool,
     actor_pool,
+    bookkeeping,
     cluster_resources,
     init_ray,
     new_run_id,
@@ -55,7 +66,7 @@ from pipelines.runtime import (
     tolerate_lost_blocks,
     write_run_record,
 )
-from pipelines.schema import ERRORS_DIR, SHARDS_DIR, TableStore
+from pipelines.schema import ERRORS_DIR, RUNS_DIR, SHARDS_DIR, TableStore
 from pipelines.sources import PlanStage, list_videos
 
 logger = logging.getLogger(__name__)
@@ -76,6 +87,8 @@ class PreprocessSummary:
     in_quarantine: int = 0  # inputs on the quarantine list after this run (DST/quarantine)
     seconds: float = 0.0
     error: str | None = None  # the exception that stopped the stream, if any
+    # writes after the results were committed that failed: the quarantine list, the run record (exit code 6)
+    bookkeeping_errors: list[str] = dataclasses.field(default_factory=list)
     # per Ray Data operator: UDF and task wall seconds, rows out (`pipelines.runtime.operator_seconds`)
     stage_seconds: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
@@ -108,20 +121,30 @@ class PreprocessSummary:
 
 
 def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> PreprocessSummary:
-    """Build feature shards under ``dst`` for the videos under ``src`` (see `pipelines.preprocess`)."""
-    import ray
-
+    """Build feature shards under ``dst`` for the videos under ``src`` (see `pipelines.preprocess`).
+    `pipelines.lease.LeaseHeldError` when another driver holds DST's lease past ``cfg.lease_wait_s``."""
     cfg = cfg or PreprocessConfig()
     res = cfg.resolved()
     run_id = new_run_id()
     logger.info("preprocess %s -> %s, run %s, models %s\nconfig: %s", src, dst, run_id, res.specs.label(),
                 json.dumps(cfg.as_dict(), default=str))
     _check_weights(res)
-    t0 = time.monotonic()
     store = TableStore(dst, cfg.storage_options)
-    commits = run_committers(store, run_id)
+    with hold_dst(store, "preprocess", run_id, cfg, (SHARDS_DIR, ERRORS_DIR)) as lease:
+        summary = _run(src, store, lease, run_id, cfg, res)
+    logger.info("%s", summary.line())
+    return summary
+
+
+def _run(src: str, store: TableStore, lease: Lease, run_id: str, cfg: PreprocessConfig,
+         res: ResolvedConfig) -> PreprocessSummary:
+    """The run, under DST's lease: every commit, the quarantine list and the run record."""
+    import ray
+
+    t0 = time.monotonic()
+    commits = run_committers(store, run_id, lease)
     shards, errors = commits[SHARDS_DIR], commits[ERRORS_DIR]
-    summary = PreprocessSummary(run_id=run_id, dst=dst)
+    summary = PreprocessSummary(run_id=run_id, dst=store.dst)
 
     uris = list_videos(src, cfg.extensions, cfg.manifest_column, cfg.storage_options)
     summary.videos = len(uris)
@@ -132,7 +155,7 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
         ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
         todo = _clips_to_do(uris, shards, errors, quarantine, cfg, res, summary)
         if todo:
-            summary.error, summary.stage_seconds = _run_clips(todo, commits, dst, run_id, cfg, res)
+            summary.error, summary.stage_seconds = _run_clips(todo, commits, store.dst, run_id, cfg, res)
         summary.ok = len(shards.written)
         summary.failed = len(errors.written - shards.written)
     finally:
@@ -141,19 +164,21 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
             committer.remove_tmp()
         if started:
             ray.shutdown()
+    lease.check()  # the quarantine list and the run record are DST's too: only while this run holds it
     _update_quarantine(store, shards, summary)
-    write_run_record(store, run_id, {"run_id": run_id, "src": src, "config": cfg.as_dict(),
-                                     "summary": summary.as_dict()})
-    logger.info("%s", summary.line())
+    record = store.uri(store.path(RUNS_DIR, f"{run_id}.json"))
+    bookkeeping(summary.bookkeeping_errors, f"the run record {record}",
+                lambda: write_run_record(store, run_id, {"run_id": run_id, "src": src, "config": cfg.as_dict(),
+                                                         "summary": summary.as_dict()}))
     return summary
 
 
-def run_committers(store: TableStore, run_id: str) -> dict[str, Committer]:
+def run_committers(store: TableStore, run_id: str, lease: Lease | None = None) -> dict[str, Committer]:
     """The driver's committers of a run, by table: ``shards`` (a clip id once, tracking the source URIs
-    that have a clip) and ``errors`` (every row)."""
+    that have a clip) and ``errors`` (every row); each checks ``lease`` before a commit."""
     return {
-        SHARDS_DIR: Committer(store, SHARDS_DIR, run_id, key="clip_id", track=("source_uri",)),
-        ERRORS_DIR: Committer(store, ERRORS_DIR, run_id, key=None),
+        SHARDS_DIR: Committer(store, SHARDS_DIR, run_id, key="clip_id", track=("source_uri",), lease=lease),
+        ERRORS_DIR: Committer(store, ERRORS_DIR, run_id, key=None, lease=lease),
     }
 
 
@@ -397,6 +422,8 @@ def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: s
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for w in batch.to_dict("records"):
                 commits[w["table"]].commit_file(w["tmp_path"], [str(i) for i in w["clip_ids"]])
+    except LeaseError:
+        raise  # another driver took DST over: this one commits nothing more, error rows included (exit 5)
     except Exception as e:  # the stream broke: what is not committed yet becomes a pipeline error
         logger.exception("the pipeline stopped early: %s", e)
         return f"{type(e).__name__}: {e}", operator_seconds(ds) if ds is not None else {}
@@ -416,11 +443,14 @@ def _record_missing(todo: list[dict[str, Any]], shards: Committer, errors: Commi
 
 
 def _update_quarantine(store: TableStore, shards: Committer, summary: PreprocessSummary) -> None:
-    """Recompute the quarantine list with this run's errors and write it to DST/quarantine."""
-    try:
+    """Recompute the quarantine list with this run's errors and write it to DST/quarantine (bookkeeping: a
+    failure is reported in ``summary.bookkeeping_errors``)."""
+
+    def update() -> None:
         quarantine = _current_quarantine(store, shards)
         write_quarantine(store, quarantine)
         summary.in_quarantine = len(quarantine)
-    except Exception:
-        logger.exception("could not update the quarantine list under %s", store.dst)
+
+    path = store.uri(store.path(QUARANTINE_DIR, QUARANTINE_FILE))
+    bookkeeping(summary.bookkeeping_errors, f"the quarantine list {path}", update)
 
