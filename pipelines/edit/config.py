@@ -12,8 +12,8 @@ from gen1.config import ConfigError, config_from_mapping, read_yaml_mapping
 from gen1.prompts import ChatConfig, PromptSpec, read_prompt_file
 from pipelines.edit.clips import EditClip
 from pipelines.edit.keys import EditGrid
-from pipelines.runtime import RetryConfig
 from pipelines.lease import check_lease_settings
+from pipelines.runtime import RetryConfig
 from pipelines.sources import VIDEO_EXTENSIONS, is_manifest
 from pipelines.timeouts import check_time_limits
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
-from pipelines.runtime import RetryConfig
 from pipelines.lease import check_lease_settings
+from pipelines.runtime import RetryConfig
 from pipelines.sources import VIDEO_EXTENSIONS
 from pipelines.timeouts import check_time_limits
 
