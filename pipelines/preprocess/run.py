@@ -361,7 +361,7 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
               for i, p in enumerate(passes)]
     if fused:
         stages = [(FusedModels, {"stages": stages})]
-        passes = [_ModelPass(FusedModels, "", max(p.batch_frames for p in passes), fused_pool(cfg, passes))]
+        passes = [_ModelPass(FusedModels, "", min(p.batch_frames for p in passes), fused_pool(cfg, passes))]
     for p, (stage, kwargs) in zip(passes, stages, strict=True):
         ds = ds.map_batches(  # a class: Ray Data runs it in a pool of `concurrency` actors
             stage,
