@@ -18,10 +18,10 @@ import os
 import signal
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_INTERRUPTED, help_epilog
+from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_DST_BUSY, EXIT_INTERRUPTED, help_epilog
 
 # Order is the order of `gen1 --help`.
 COMMAND_MODULES = (
@@ -150,23 +150,44 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
+def error_exit_code(err: BaseException) -> int | None:
+    """The exit code of an error that is an outcome, not a bug: `EXIT_BAD_INPUT` for `user_error_types`,
+    `EXIT_DST_BUSY` for a `pipelines.lease.LeaseError` (another driver holds DST's lease); None otherwise."""
+    if isinstance(err, user_error_types()):
+        return EXIT_BAD_INPUT
+    from pipelines.lease import LeaseError
+
+    return EXIT_DST_BUSY if isinstance(err, LeaseError) else None
+
+
 def run_command(prog: str, args: argparse.Namespace, run: Callable[[argparse.Namespace], int]) -> int:
-    """``run(args)``; a `user_error_types` error ends the command with ``PROG: error: TYPE: message`` on
-    stderr (the message as the error words it: a missing-weights message lists every location tried, one
-    per line) and `EXIT_BAD_INPUT`, without a traceback unless ``-v``. Ctrl-C (KeyboardInterrupt) ends it
-    with Ray shut down, ``PROG: interrupted`` and `EXIT_INTERRUPTED`, without a traceback: the pipelines
-    commit whole parts only, so a rerun resumes. Any other exception propagates."""
+    """``run(args)``; an error with an `error_exit_code` ends the command with ``PROG: error: TYPE: message``
+    on stderr (the message as the error words it: a missing-weights message lists every location tried, one
+    per line; a held lease names its owner and expiry) and that code, without a traceback unless ``-v``. Any
+    other exception propagates. Ctrl-C (KeyboardInterrupt) ends it with Ray shut down,
+    ``PROG: interrupted`` and `EXIT_INTERRUPTED`, without a traceback: the pipelines commit whole parts only,
+    so a rerun resumes."""
     try:
         return int(run(args) or 0)
     except KeyboardInterrupt:
         return _interrupted(prog)
     except Exception as err:
-        if not isinstance(err, user_error_types()):
+        code = error_exit_code(err)
+        if code is None:
             raise
         if getattr(args, "verbose", False):
             logging.getLogger(prog).exception("%s failed", prog)
         print(f"{prog}: error: {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return code
+
+
+def report_bookkeeping(errors: Sequence[str], dst: str) -> bool:
+    """Print a ``FAILED:`` line on stderr for each write about a run over ``dst`` that failed after its results
+    were committed (a summary's ``bookkeeping_errors``, `pipelines.runtime.bookkeeping`); True when there was
+    one: the command exits `EXIT_BOOKKEEPING` unless the failed fraction gives it 4."""
+    for error in errors:
+        print(f"FAILED: the results are committed in {dst}, but the run {error}", file=sys.stderr)
+    return bool(errors)
 
 
 def _interrupted(prog: str) -> int:

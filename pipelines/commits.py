@@ -5,7 +5,9 @@ A table under a destination ``DST`` is a folder of committed ``part-*.parquet`` 
 (`pipelines.schema.TableStore`): readers only ever see whole parts. Only the driver commits. `Committer`
 keeps the keys already committed (listed from DST, and those this run committed) and drops a part's rows
 whose key is already there, also when another run committed them meanwhile, so DST never holds a key
-twice. Error parts (key ``None``) are committed as they are. `RowBuffer` gathers rows that the driver
+twice. A committer given the run's lease of DST (`pipelines.lease`) checks it before each commit, so a
+driver that lost the lease to another commits nothing more. Error parts (key ``None``) are committed as
+they are. `RowBuffer` gathers rows that the driver
 itself builds (edit manifest rows, error records) into parts of ``every`` rows, or fewer once the oldest
 has waited ``max_wait_s``, so a kill redoes at most that much work.
 """
@@ -16,12 +18,15 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from pipelines.failures import error_table
 from pipelines.schema import TableStore
+
+if TYPE_CHECKING:
+    from pipelines.lease import Lease
 
 logger = logging.getLogger(__name__)
 
@@ -32,12 +37,13 @@ class Committer:
     ``key``: the column that identifies a row (None: no deduplication, e.g. errors). ``track``: further
     columns whose committed values are kept (``values[col]``), e.g. the source URIs that have a clip.
     ``committed``: keys in DST (any run) as of the last `refresh` and this run's commits; ``written``: keys
-    committed by this run (for a keyless table: the keys the caller named).
+    committed by this run (for a keyless table: the keys the caller named). ``lease``: the run's lease of DST,
+    checked (`Lease.check`) before each part is moved into place.
     """
 
     def __init__(self, store: TableStore, table: str, run_id: str, key: str | None = "clip_id",
-                 track: Sequence[str] = ()):
-        self.store, self.table, self.run_id, self.key = store, table, run_id, key
+                 track: Sequence[str] = (), lease: Lease | None = None):
+        self.store, self.table, self.run_id, self.key, self.lease = store, table, run_id, key, lease
         self.track = tuple(track)
         self.seen: set[str] = set()  # committed part paths already read or written
         self.committed: set[str] = set()
@@ -84,6 +90,8 @@ class Committer:
                 self.store.fs.rm(tmp_path)
                 tmp_path = self.store.write_tmp(self.table, data.filter(pa.array(keep)), self.run_id)
                 keys = [k for k in keys if k not in dup]
+        if self.lease is not None:
+            self.lease.check()
         final = self.store.commit(self.table, tmp_path, self._name())
         self.seen.add(final)
         if self.key is not None:

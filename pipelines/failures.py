@@ -4,6 +4,18 @@ Stage batches carry a ``status`` column (``ok`` | ``error``) and four error colu
 ``error_type``, ``error_message``, ``error_traceback``; empty strings on healthy rows, so every column
 keeps one Arrow type in every block). Later stages pass error rows through untouched; the writer turns
 them into ``errors`` rows (`pipelines.schema.ERRORS_SCHEMA`).
+
+Work that comes back from no attempt is recorded by the driver, by one of two rules:
+
+- a pass that *finished* without an item lost it with its Ray worker or actor: every attempt of its block
+  died (or raised) within the bounded retries (`pipelines.runtime.RetryConfig`), and Ray Data dropped the
+  block (`pipelines.runtime.tolerate_lost_blocks`). Its row is marked failed with `WorkerLost` (stage
+  `LOST_STAGE`, or ``plan`` for a video lost while planning; ``error_type`` ``crash``), which counts toward
+  quarantine like any failure of the item itself. Where that matters (preprocess), an item lost in a
+  block it shared is first run again in a pass of its own, so only the item that fails alone is recorded;
+- a pass that *broke* (an exception in the driver's stream) leaves what it did not return as
+  `missing_record` rows of stage ``pipeline``, which do not count toward quarantine: the item may never
+  have been tried.
 """
 
 from __future__ import annotations
@@ -18,12 +30,13 @@ import pandas as pd
 import pyarrow as pa
 
 from pipelines.schema import ERRORS_SCHEMA, SCHEMA_VERSION
-from pipelines.timeouts import call_with_timeout
+from pipelines.timeouts import Retirement, call_with_timeout
 
 logger = logging.getLogger(__name__)
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+LOST_STAGE = "worker"  # the stage of an item lost with its Ray worker or actor (the stage it died in is unknown)
 ERROR_COLUMNS = ("error_stage", "error_type", "error_message", "error_traceback")
 _MAX_TRACEBACK = 4000
 
@@ -69,6 +82,23 @@ def error_type(exc: BaseException) -> str:
     return getattr(type(exc), "error_type", None) or type(exc).__name__
 
 
+class WorkerLost(RuntimeError):
+    """No attempt at ``what`` came back: the Ray worker or actor running it died (or its task raised) on
+    every attempt its job's ``retries`` allow, and ``alone`` also in a pass of its own. ``error_type``
+    ``crash``."""
+
+    error_type = "crash"
+
+    def __init__(self, what: str, alone: bool = False):
+        self.what, self.alone = what, alone
+        again = ", also when run again alone" if alone else ""
+        super().__init__(f"{what}: lost with its Ray worker or actor on every attempt (the job's retries){again}; "
+                         "a crash, an out-of-memory kill or its task raising (the Ray logs of the run say which)")
+
+    def __reduce__(self):  # keep the fields across pickling (Ray)
+        return (type(self), (self.what, self.alone))
+
+
 def mark_failed(row: Row, stage: str, exc: BaseException) -> Row:
     """Turn ``row`` into an error of ``stage`` caused by ``exc`` (in place) and log it."""
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -93,6 +123,7 @@ def apply_per_clip(
     item: Callable[[Row], Any],
     store: Callable[[Row, Any], None],
     timeout_s: float | None = None,
+    retirement: Retirement | None = None,
 ) -> None:
     """Run ``batch_fn`` over the healthy ``rows`` at once; if that raises, retry clip by clip.
 
@@ -103,10 +134,13 @@ def apply_per_clip(
     ``timeout_s`` limits every ``batch_fn`` call (`pipelines.timeouts.call_with_timeout`): a batch call
     that hangs is retried clip by clip like one that raises, and a clip whose own call hangs becomes an
     error row with ``error_type`` ``"timeout"``. A batch of n clips may thus take up to (n + 1) limits.
+    A call abandoned that way retires ``retirement`` (the stage's `pipelines.timeouts.Retirement`): the
+    clips of this batch still get their own calls, and the stage's next batch runs in a fresh process.
     """
 
     def call(inputs: list[Any]) -> Sequence[Any]:
-        return call_with_timeout(batch_fn, timeout_s, inputs, what=f"{stage} of {len(inputs)} clips")
+        return call_with_timeout(batch_fn, timeout_s, inputs, what=f"{stage} of {len(inputs)} clips",
+                                 retirement=retirement)
 
     todo: list[tuple[Row, Any]] = []
     for row in rows:

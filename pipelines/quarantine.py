@@ -8,7 +8,8 @@ An input is quarantined when at least `QUARANTINE_AFTER` distinct runs recorded 
 has not succeeded since: a clip is not committed, a video has no committed clip. Since every run over
 DST retries each input that is neither committed nor quarantined, this is the same as "its last two
 attempts failed". Rows of stage ``pipeline`` (the stream itself broke; the input may never have been
-tried) do not count.
+tried) do not count; rows of a clip lost with its Ray worker or actor on every attempt, also when run
+alone (stage ``worker``, error_type ``crash``: `pipelines.failures.WorkerLost`), count like any other.
 
 The list is recomputed from ``errors`` and ``shards`` at the start of every run (nothing else is state)
 and written, for people and tools, to ``DST/quarantine/quarantine.parquet`` (`QUARANTINE_SCHEMA`) at the

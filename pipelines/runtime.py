@@ -4,11 +4,16 @@
   cluster), else start a local Ray. S3 retries with backoff are installed on import of `pipelines`
   (`pipelines.storage`), so every driver and worker has them.
 - `new_run_id`: ``<UTC time>-<6 hex>``, the name of a run's parts, records and temp folders.
-- `plan_resources`: the one resource planner, with `actor_pool` and `task_pool` the ``compute=`` of each stage. Model actors take ``num_gpus`` each when the cluster has
+- `plan_resources`: the one resource planner. Model actors take ``num_gpus`` each when the cluster has
   GPUs and a CPU fraction otherwise; the pools must leave room for Ray Data's CPU tasks, since an actor
   pool that holds every CPU starves them and hangs the job (measured on 2 CPUs, and after a worker node
   dies and its actors restart on the head).
-- `write_run_record`: ``DST/runs/<name>.json``, the config and summary of a run.
+- `task_pool` and `actor_pool`: the ``map_batches`` arguments of every stage, its pool (``compute=``) and
+  its bounded retries (`RetryConfig`, the ``retries`` of every job config); `tolerate_lost_blocks` lets a
+  pass finish when some blocks fail on every attempt. What the driver makes of a lost block:
+  `pipelines.failures.WorkerLost`.
+- `write_run_record`: ``DST/runs/<name>.json``, the config and summary of a run, written through
+  `bookkeeping`: a failed write is reported in the summary and makes the command exit 6.
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 from gen1.config import ConfigError
 from pipelines.schema import RUNS_DIR, TableStore
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Non-secret settings a job submitted to a remote cluster takes along (a local cluster inherits them).
 FORWARDED_ENV = (
@@ -135,27 +143,108 @@ def _node_cpus() -> list[float]:
     return [float(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] or [0.0]
 
 
-def task_pool(configured: int | None, cap: int | None = None):
-    """``compute=`` of a CPU-task stage: at most ``configured`` tasks at once (default: the cluster's CPUs),
-    and at most ``cap`` (e.g. max_concurrent_decodes) when given.
+# ---------------------------------------------------------------------------------------------- retries
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """How often Ray re-runs the work of a stage whose process died: the ``retries`` of every job config
+    (``retries: {task_retries: 1}`` in ``--config``). Ray Data 2.60 re-runs it forever by default
+    (``max_retries=-1`` for tasks; ``max_restarts=-1`` and ``max_task_retries=-1`` for actor pools), so
+    one clip that kills its process would stall a job.
+
+    - ``task_retries``: times a CPU task is re-run after its worker process died (``max_retries``).
+    - ``actor_task_retries``: times an actor call is re-run after its actor died (``max_task_retries``).
+      At least 1: an actor retired after a time limit (`pipelines.timeouts.Retirement`) ends its process at
+      the start of its next call, which its restarted actor then runs.
+    - ``actor_restarts``: times each actor is restarted (``max_restarts``; a retirement is a restart too);
+      -1, the default: as often as its calls' retries need. Ray Data 2.60 does not replace an actor past its restarts (its pool keeps
+      counting it), so a pool whose actors all used theirs stalls its pass until Ray Data's no-progress
+      timeout (30 min by default; measured with a shorter one). The work stays bounded by the calls'
+      retries: an actor that dies in a call restarts at the cost of one of that call's retries.
+    - ``max_lost_blocks``: blocks a pass may lose (their work failed on every attempt) and still finish
+      (``DataContext.max_errored_blocks``); -1, the default: any number. Past it the pass stops.
+    """
+
+    task_retries: int = 2
+    actor_task_retries: int = 2
+    actor_restarts: int = -1
+    max_lost_blocks: int = -1
+
+    def __post_init__(self) -> None:
+        # (name, what it may be): counts from a lower bound, or -1 for "no limit"
+        for name, low, unlimited in (("task_retries", 0, False), ("actor_task_retries", 1, False),
+                                     ("actor_restarts", 1, True), ("max_lost_blocks", 0, True)):
+            value = getattr(self, name)
+            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= low or unlimited and value == -1)
+            if not ok:
+                allowed = f"an integer >= {low}" + (" or -1 (no limit)" if unlimited else "")
+                raise ConfigError(f"retries.{name}: expected {allowed}; found {value!r}")
+
+    @classmethod
+    def from_value(cls, value: RetryConfig | Mapping[str, Any] | None) -> RetryConfig:
+        """A job config's ``retries``: a RetryConfig, a mapping of its fields (YAML), or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"retries: expected a mapping of {[f.name for f in fields(cls)]}; found {value!r}")
+        unknown = set(value) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"retries: unknown keys {sorted(unknown)}; expected some of {[f.name for f in fields(cls)]}")
+        return cls(**value)
+
+
+def _ray_remote_args_accepted() -> None:
+    """Ray 2.60 has no named ``map_batches`` parameter for ``max_retries``, ``max_restarts`` or
+    ``max_task_retries`` (its named remote parameters are label_selector, fallback_strategy, max_calls,
+    resources, accelerator_type and runtime_env): they go through ``**ray_remote_args``, which it deprecates
+    for removal in Ray 2.64 with a warning at every call site. Silence that one warning, since the pin is
+    ray 2.60.0; a Ray without ``**ray_remote_args`` fails every call loudly, and this is the place to change."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=RayDeprecationWarning)
+
+
+def task_pool(retries: RetryConfig, configured: int | None = None, cap: int | None = None) -> dict[str, Any]:
+    """``map_batches`` arguments of a CPU-task stage: at most ``configured`` tasks at once (default: the
+    cluster's CPUs), and at most ``cap`` (e.g. max_concurrent_decodes) when given; each task re-run at most
+    ``retries.task_retries`` times after its worker died.
 
     Pools are given as ``compute=`` strategies, the API of Ray 2.60: its ``concurrency=`` argument is
     deprecated since Ray 2.51 and logs a warning on every call.
     """
     import ray
 
+    _ray_remote_args_accepted()
     size = configured or max(1, int(cluster_resources()[0] or 1))
-    return ray.data.TaskPoolStrategy(size=min(size, cap) if cap else size)
+    return {"compute": ray.data.TaskPoolStrategy(size=min(size, cap) if cap else size),
+            "max_retries": retries.task_retries}
 
 
-def actor_pool(size: int, tasks_per_actor: int | None = None):
-    """``compute=`` of a model stage: ``size`` actors, each loading its model once, with at most
-    ``tasks_per_actor`` tasks queued on each (None: Ray Data's default)."""
+def actor_pool(retries: RetryConfig, size: int, tasks_per_actor: int | None = None) -> dict[str, Any]:
+    """``map_batches`` arguments of a model stage: ``size`` actors, each loading its model once, with at most
+    ``tasks_per_actor`` tasks queued on each (None: Ray Data's default); a call re-run at most
+    ``retries.actor_task_retries`` times after its actor died, an actor restarted at most
+    ``retries.actor_restarts`` times."""
     import ray
 
+    _ray_remote_args_accepted()
     if tasks_per_actor is None:
-        return ray.data.ActorPoolStrategy(size=size)
-    return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=tasks_per_actor)
+        compute = ray.data.ActorPoolStrategy(size=size)
+    else:
+        compute = ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=tasks_per_actor)
+    return {"compute": compute, "max_restarts": retries.actor_restarts,
+            "max_task_retries": retries.actor_task_retries}
+
+
+def tolerate_lost_blocks(ds: Any, retries: RetryConfig) -> Any:
+    """``ds``, whose pass now finishes with up to ``retries.max_lost_blocks`` blocks lost (their work failed
+    on every attempt; Ray Data logs each and drops its rows). Set on the dataset's own context, so other
+    datasets keep failing on the first lost block. Returns ``ds``."""
+    ds.context.max_errored_blocks = retries.max_lost_blocks
+    return ds
 
 
 def operator_seconds(ds: Any) -> dict[str, dict[str, float]]:
@@ -187,14 +276,23 @@ def operator_seconds(ds: Any) -> dict[str, dict[str, float]]:
 
 
 def write_run_record(store: TableStore, name: str, record: Mapping[str, Any]) -> str:
-    """Write ``record`` (config, summary, ...) as ``DST/runs/<name>.json``; returns its URI.
-
-    A failed write is logged, not raised: the run's data is committed by then.
-    """
+    """Write ``record`` (config, summary, ...) as ``DST/runs/<name>.json``; returns its URI. A failed write
+    raises: call it through `bookkeeping`."""
     path = store.path(RUNS_DIR, f"{name}.json")
-    try:
-        store.fs.makedirs(store.path(RUNS_DIR), exist_ok=True)
-        store.fs.pipe_file(path, json.dumps(dict(record), indent=2, default=str).encode())
-    except Exception:
-        logger.exception("could not write the run record %s", store.uri(path))
+    store.fs.makedirs(store.path(RUNS_DIR), exist_ok=True)
+    store.fs.pipe_file(path, json.dumps(dict(record), indent=2, default=str).encode())
     return store.uri(path)
+
+
+def bookkeeping(errors: list[str], what: str, write: Callable[[], T]) -> T | None:
+    """``write()``: a write about a run whose results are committed by then (its run record, the quarantine
+    list). When it fails, the error is logged with its traceback and ``"could not write WHAT: Type: message"``
+    appended to ``errors`` (a summary's ``bookkeeping_errors``: the command exits `EXIT_BOOKKEEPING`, 6),
+    and None is returned; the results stay committed."""
+    try:
+        return write()
+    except Exception as e:
+        message = f"could not write {what}: {type(e).__name__}: {e}"
+        logger.exception("%s", message)
+        errors.append(message)
+        return None

@@ -8,6 +8,7 @@ their layout is in `pipelines.edit`. The preprocess layout under a destination `
     DST/errors/part-<run>-<n>-<uuid>.parquet   committed error rows (ERRORS_SCHEMA)
     DST/errors/_tmp/<run_id>/<uuid>.parquet
     DST/runs/<run_id>.json                     config and summary of each run
+    DST/_lease/lease-<generation>.json         the driver writing into DST now (`pipelines.lease`)
 
 A file is *committed* when it has its final ``part-*.parquet`` name: it is written under ``_tmp/`` first
 and then moved (a rename locally, a copy of one object on S3), so a reader never sees a half-written
@@ -17,7 +18,9 @@ helpers turn a row back into numpy arrays.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -306,6 +309,47 @@ class TableStore:
         path = self.path(table, TMP_DIR, run_id)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    def remove_stale_tmp(self, table: str, max_age_s: float, keep: str | None = None) -> list[str]:
+        """Delete the run folders under ``table/_tmp/`` whose newest file is more than ``max_age_s`` seconds
+        old (parts of runs that died before committing them), except ``keep`` (this run's); returns their
+        URIs. A folder whose age the filesystem does not tell is kept. Safe only under DST's lease
+        (`pipelines.lease`): no other run is writing there."""
+        root = self.path(table, TMP_DIR)
+        try:
+            entries = self.fs.ls(root, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        now = time.time()
+        removed = []
+        for entry in entries:
+            entry = entry.rstrip("/")
+            if entry.rsplit("/", 1)[-1] == keep:
+                continue
+            infos = list(self.fs.find(entry, detail=True).values()) or [self.fs.info(entry)]
+            times = [t for t in map(_modified, infos) if t is not None]
+            if not times or now - max(times) <= max_age_s:
+                continue
+            self.fs.rm(entry, recursive=True)
+            removed.append(self.uri(entry))
+        return removed
+
+
+def _modified(info: Mapping[str, Any]) -> float | None:
+    """When a file was last written (UNIX seconds), from its fsspec ``info``: ``mtime`` (local),
+    ``LastModified`` (S3), ``created`` (memory), ``updated`` (GCS); None when it has none of them."""
+    for key in ("mtime", "LastModified", "created", "updated"):
+        value = info.get(key)
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
 
 
 def read_shards(dst: str, columns: Sequence[str] | None = None, storage_options=None) -> pa.Table:

@@ -246,10 +246,14 @@ class PlanStage:
                                           what=f"probe {uri}")
                 out.extend(with_error_columns({**p.as_dict(), "num_frames": p.num_frames}) for p in plans)
             except Exception as e:
-                row = {
-                    "clip_id": clip_id(uri, 0, self.frames, self.stride),
-                    "source_uri": uri, "start": -1, "stride": self.stride, "frame_indices": [],
-                    "fps": 0.0, "num_frames": self.frames, "width": 0, "height": 0,
-                }
-                out.append(mark_failed(with_error_columns(row), "plan", e))
+                out.append(self.error_row(uri, e))
         return pa.Table.from_pylist([{c: r[c] for c in PLAN_COLUMNS} for r in out], schema=PLAN_SCHEMA)
+
+    def error_row(self, uri: str, exc: BaseException) -> dict[str, Any]:
+        """The plan error row of video ``uri`` that failed with ``exc``."""
+        row = {
+            "clip_id": clip_id(uri, 0, self.frames, self.stride),
+            "source_uri": uri, "start": -1, "stride": self.stride, "frame_indices": [],
+            "fps": 0.0, "num_frames": self.frames, "width": 0, "height": 0,
+        }
+        return {c: v for c, v in mark_failed(with_error_columns(row), "plan", exc).items() if c in PLAN_COLUMNS}

@@ -235,7 +235,8 @@ def test_a_failed_baseline_is_an_error_row_then_a_row_of_the_run_errors_table(tm
     from pipelines.edit import EditClip
     from pipelines.evaluate.run import _commit_errors, _split
     from pipelines.evaluate.stages import BaselineStage
-    from pipelines.schema import read_errors
+    from pipelines.lease import Lease, LeaseOwner
+    from pipelines.schema import TableStore, read_errors
 
     clip = EditClip(clip_id="c", source_uri=str(tmp_path / "missing.mp4"), start=0, stride=1, frame_indices=(0, 1),
                     fps=8.0, width=64, height=64)
@@ -250,7 +251,9 @@ def test_a_failed_baseline_is_an_error_row_then_a_row_of_the_run_errors_table(tm
     measured, failed = _split(out)
     assert measured.empty and len(failed) == 1
     run_dir = str(tmp_path / "out" / "run")
-    records = _commit_errors(EvalConfig(edits=str(tmp_path / "edits")), run_dir, failed)
+    store = TableStore(run_dir)
+    with Lease(store, LeaseOwner.here("eval-run", "eval"), ttl_s=60.0) as lease:  # what run_eval holds
+        records = _commit_errors(store, lease, failed)
     errors = read_errors(run_dir).to_pylist()
     assert len(records) == len(errors) == 1
     assert (errors[0]["clip_id"], errors[0]["stage"], errors[0]["uri"]) == ("c", method, clip.source_uri)

@@ -1,5 +1,6 @@
-"""Exit codes (issue 17, item 2): the failed fraction is over the corpus, and every command's outcome has its
-own code (`jobs.exit_codes`): 1 bad input or usage, 3 eval regression, 4 failed fraction exceeded. The
+"""Exit codes (issue 17, items 2 and 5): the failed fraction is over the corpus, and every command's outcome has
+its own code (`jobs.exit_codes`): 1 bad input or usage, 3 eval regression, 4 failed fraction exceeded, 5 DST
+busy (another driver holds its lease), 6 bookkeeping failed after the results were committed. The
 commands run for real through their entry points; only the Ray part (`run_preprocess`, `run_edit`,
 `run_eval`) is replaced by a fixed summary, so no cluster is started."""
 
@@ -8,7 +9,15 @@ from __future__ import annotations
 import pytest
 
 from jobs.cli import build_parser
-from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_CODES, EXIT_FAILED_FRACTION, EXIT_OK, EXIT_REGRESSED
+from jobs.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_BOOKKEEPING,
+    EXIT_CODES,
+    EXIT_DST_BUSY,
+    EXIT_FAILED_FRACTION,
+    EXIT_OK,
+    EXIT_REGRESSED,
+)
 from pipelines.edit.run import EditSummary
 from pipelines.preprocess.run import PreprocessSummary
 
@@ -41,6 +50,10 @@ def test_the_exit_codes_are_distinct_and_in_every_commands_help():
         assert "exit codes:" in text and "  1  bad input or usage" in text, name
     assert "  4  failed fraction exceeded" in sub.choices["preprocess"].format_help()
     assert "  3  eval regression" in sub.choices["eval"].format_help()
+    assert (EXIT_DST_BUSY, EXIT_BOOKKEEPING) == (5, 6)
+    for name in ("preprocess", "edit", "eval", "demo"):  # the commands that write into a DST
+        text = sub.choices[name].format_help()
+        assert "  5  DST busy" in text and "  6  bookkeeping failed" in text, name
 
 
 def _fake(monkeypatch, module, name, summary):
@@ -120,3 +133,23 @@ def test_a_bad_config_or_usage_exits_1(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         preprocess_main(["--frames", "x"])  # the standalone entry point (`ray job submit`) too
     assert exit_.value.code == EXIT_BAD_INPUT
+
+
+def test_a_run_whose_bookkeeping_failed_exits_6_unless_its_failed_fraction_gives_4(monkeypatch, tmp_path, capsys):
+    from jobs.commands.edit import main as edit_main
+    from jobs.commands.preprocess import main as preprocess_main
+
+    dst = str(tmp_path / "dst")
+    lost = ["could not write the run record file:///d/runs/r.json: FileExistsError: /d/runs"]
+    _fake(monkeypatch, "pipelines.preprocess", "run_preprocess",
+          PreprocessSummary(run_id="r", dst=dst, ok=5, bookkeeping_errors=lost))
+    assert preprocess_main([str(tmp_path), dst]) == EXIT_BOOKKEEPING
+    assert f"FAILED: the results are committed in {dst}, but the run {lost[0]}" in capsys.readouterr().err
+    _fake(monkeypatch, "pipelines.preprocess", "run_preprocess",
+          PreprocessSummary(run_id="r", dst=dst, ok=1, failed=4, bookkeeping_errors=lost))
+    assert preprocess_main([str(tmp_path), dst]) == EXIT_FAILED_FRACTION
+    err = capsys.readouterr().err
+    assert "4 clips failed in this run" in err and lost[0] in err  # both reported; the worse code wins
+    _fake(monkeypatch, "pipelines.edit", "run_edit", EditSummary(run_id="e", dst=dst, ok=3, bookkeeping_errors=lost))
+    assert edit_main([str(tmp_path), dst, "--auto-prompts", "1"]) == EXIT_BOOKKEEPING
+    assert lost[0] in capsys.readouterr().err

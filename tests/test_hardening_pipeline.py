@@ -36,7 +36,7 @@ from pipelines.preprocess import (
 from pipelines.quarantine import find_quarantined, read_quarantine
 from pipelines.schema import ERRORS_SCHEMA, SHARDS_DIR, TableStore, read_errors, read_shards
 from pipelines.sources import PlanStage, plan_video
-from pipelines.timeouts import StageTimeout, call_with_timeout
+from pipelines.timeouts import StageRetired, StageTimeout, call_with_timeout
 
 SIZE = (64, 48)
 HANG_START = 7  # the hooked decoder hangs on the clip of a hang*.mp4 that starts at source frame 7
@@ -228,6 +228,8 @@ def test_a_hung_model_call_fails_only_its_clip(make_synthetic_clip, tmp_path):
     assert list(out.status) == [STATUS_OK, STATUS_ERROR, STATUS_OK]
     assert (out.error_stage.iloc[1], out.error_type.iloc[1]) == ("depth", "timeout")
     assert all(out.clip_embedding.iloc[[0, 2]]) and out.clip_embedding.iloc[1] == b""
+    with pytest.raises(StageRetired, match="depth of 3 clips was abandoned"):  # in a Ray actor: a fresh process
+        stage(rows)
 
 
 def test_apply_per_clip_without_timeout_keeps_exception_types():

@@ -6,7 +6,9 @@
   function-local import cannot hide one);
 - `gen1/` imports neither Ray nor MLflow; only `pipelines/tracking.py` imports MLflow in `pipelines/`;
 - only the preprocess job's own entry points import `pipelines.preprocess`;
-- Ray Data pools are ``compute=`` strategies built by `pipelines.runtime` (Ray 2.60 deprecates ``concurrency=``).
+- Ray Data pools are ``compute=`` strategies built by `pipelines.runtime` (Ray 2.60 deprecates ``concurrency=``),
+  and every Ray Data call takes its pool and bounded retries from `pipelines.runtime.task_pool` /
+  `actor_pool` (Ray Data 2.60 retries crashed work forever by default).
 """
 
 from __future__ import annotations
@@ -142,6 +144,31 @@ def test_ray_data_pools_are_built_in_one_place():
                     and any(k.arg == "concurrency" for k in node.keywords)):
                 deprecated.append(f"{name}:{node.lineno}")
     assert deprecated == []
+
+
+# What a map_batches call spreads (``**...``) that holds `task_pool` / `actor_pool`'s arguments: the calls
+# themselves, the edit run's planned pools (`EditRun.size_pools`) and the eval's (`_actor_args`).
+POOL_SPREADS = ("task_pool(", "actor_pool(", "self.resources[", "_actor_args(")
+
+
+def test_every_ray_data_call_has_bounded_retries():
+    """Each ``map_batches`` call of ours spreads `pipelines.runtime.task_pool` / `actor_pool` (pool and retries
+    together) and passes no ``compute=`` of its own: none runs with Ray Data's unbounded default retries."""
+    calls, unbounded = 0, []
+    for name, path in MODULES.items():
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "map_batches":
+                calls += 1
+                spreads = [ast.get_source_segment(source, k.value) for k in node.keywords if k.arg is None]
+                named = {k.arg for k in node.keywords}
+                if "compute" in named or not any(s.startswith(POOL_SPREADS) for s in spreads):
+                    unbounded.append(f"{name}:{node.lineno}")
+    assert calls >= 10  # preprocess: plan, decode, 3 model stages, writer; edit: plan, caption, prompts x2, edits; eval: 2
+    assert unbounded == []
+    runtime = (ROOT / "pipelines" / "runtime.py").read_text()
+    for key in ("max_retries", "max_restarts", "max_task_retries"):
+        assert f'"{key}": retries.' in runtime  # the pools pass each of Ray's three retry bounds
 
 
 def test_every_path_in_the_readme_layout_exists():

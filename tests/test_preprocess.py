@@ -25,6 +25,7 @@ from pipelines.preprocess import (
     ClipStage,
     DecodeStage,
     DepthStage,
+    FusedModels,
     PreprocessConfig,
     ShardWriter,
     clip_frames,
@@ -197,6 +198,10 @@ def test_model_stages_equal_the_single_machine_wrappers(corpus, depth_model, cli
         emb = decode_array(r.clip_embedding, (4, r.clip_dim)).astype(np.float32)
         np.testing.assert_allclose(emb, clip_model.embed_images(frames).numpy(), atol=TOL)
         np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=5e-3)
+    # One actor running both (the CPU-cluster default) puts out the same rows, value by value.
+    fused = FusedModels([(DepthStage, {"spec": TINY.depth, "device": "cpu"}),
+                         (ClipStage, {"spec": TINY.clip, "device": "cpu"})])(rows)
+    pd.testing.assert_frame_equal(fused, out)
 
 
 def test_a_stage_exception_for_one_clip_fails_only_that_clip(corpus, tmp_path):

@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 from gen1.urls import redact_url
-from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_OK, help_epilog
+from jobs.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_BOOKKEEPING,
+    EXIT_DST_BUSY,
+    EXIT_FAILED_FRACTION,
+    EXIT_OK,
+    help_epilog,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "demo",
         help="preprocess -> edit -> eval on real footage with tiny models (local, minutes)",
         description=__doc__,
-        epilog=help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION) + DEMO_EXIT_NOTE,
+        epilog=help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_DST_BUSY, EXIT_BOOKKEEPING) + DEMO_EXIT_NOTE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_arguments(p)
@@ -152,7 +159,13 @@ def run(args: argparse.Namespace) -> int:
     if db:
         lines.append(f"browse it:                     mlflow ui --backend-store-uri sqlite:///{db}")
     print("\n".join(lines), flush=True)
-    return EXIT_OK if (pre.ok and ed.ok and ev.videos and not ev.failed) else EXIT_FAILED_FRACTION
+    from jobs.cli import report_bookkeeping
+
+    bookkeeping_failed = report_bookkeeping([*pre.bookkeeping_errors, *ed.bookkeeping_errors,
+                                             *ev.bookkeeping_errors], str(out))
+    if not (pre.ok and ed.ok and ev.videos and not ev.failed):
+        return EXIT_FAILED_FRACTION
+    return EXIT_BOOKKEEPING if bookkeeping_failed else EXIT_OK
 
 
 def _edit_lines(edits: Path) -> list[str]:

@@ -14,13 +14,20 @@ import json
 import logging
 import sys
 
-from jobs.cli import HelpFormatter, parse_size
-from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_OK, help_epilog
+from jobs.cli import HelpFormatter, parse_size, report_bookkeeping
+from jobs.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_BOOKKEEPING,
+    EXIT_DST_BUSY,
+    EXIT_FAILED_FRACTION,
+    EXIT_OK,
+    help_epilog,
+)
 
 log = logging.getLogger(__name__)
 
 
-EPILOG = help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION)
+EPILOG = help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_DST_BUSY, EXIT_BOOKKEEPING)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "by templates, or by an OpenAI-compatible endpoint when --llm-base-url or $GEN1_LLM_BASE_URL is "
         "set), or 'prompt'/'image' columns of a SRC manifest. Exits 4 when the failed fraction (this run's "
         "failed edits and clips over the edits committed in DST plus those) exceeds --max-failure-fraction, "
-        "or when the edit stream stopped early.",
+        "or when the edit stream stopped early. One driver at a time writes into DST: a second one waits "
+        "--lease-wait seconds for the first, then exits 5.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -144,6 +152,14 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds per edit task: decode, sampling, metrics, writing (default 3600; 0: no limit)",
     )
+    p.add_argument(
+        "--lease-wait",
+        dest="lease_wait_s",
+        type=float,
+        metavar="S",
+        help="when another driver is writing into DST (holds its lease), wait up to S seconds for it to "
+        "finish before exiting 5 (default 0: exit at once)",
+    )
     p.add_argument("--device", help="cpu | cuda (default: cuda when the actor has a GPU)")
     p.add_argument(
         "--ray-address", metavar="ADDR", help="Ray cluster to use (default: $RAY_ADDRESS, else local)"
@@ -182,6 +198,7 @@ def config_from_args(args: argparse.Namespace):
         "decode_timeout_s": args.decode_timeout_s,
         "caption_timeout_s": args.caption_timeout_s,
         "edit_timeout_s": args.edit_timeout_s,
+        "lease_wait_s": args.lease_wait_s,
         "device": args.device,
         "ray_address": args.ray_address,
         "num_cpus": args.num_cpus,
@@ -206,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     json.dump(summary.as_dict(), sys.stdout, default=str)
     print()
     print(summary.line())
+    code = EXIT_BOOKKEEPING if report_bookkeeping(summary.bookkeeping_errors, args.dst) else EXIT_OK
     if summary.error:
         print(f"FAILED: the edit stream stopped early ({summary.error}); rerun to finish", file=sys.stderr)
         return EXIT_FAILED_FRACTION
@@ -217,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED_FRACTION
-    return EXIT_OK
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

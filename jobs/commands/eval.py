@@ -7,7 +7,8 @@ with the same entry point::
 
 Exit codes (`jobs.exit_codes`): 0 ok; 1 bad input or usage; 3 the regression gate failed (a gated metric
 dropped beyond its threshold against the experiment's accepted baseline run; see `pipelines.regression`);
-4 more than --max-failure-fraction of the videos failed.
+4 more than --max-failure-fraction of the videos failed; 5 another driver holds the lease of OUT/<run name>
+(or of its edits); 6 the results are committed but the edit job's run record could not be written.
 ``gen1 eval --accept RUN_ID`` accepts a reviewed run as the baseline and exits.
 """
 
@@ -21,13 +22,21 @@ import sys
 from pathlib import Path
 
 from gen1.urls import redact_url
-from jobs.cli import HelpFormatter, parse_size
-from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_OK, EXIT_REGRESSED, help_epilog
+from jobs.cli import HelpFormatter, parse_size, report_bookkeeping
+from jobs.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_BOOKKEEPING,
+    EXIT_DST_BUSY,
+    EXIT_FAILED_FRACTION,
+    EXIT_OK,
+    EXIT_REGRESSED,
+    help_epilog,
+)
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-EPILOG = help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_REGRESSED, EXIT_FAILED_FRACTION)
+EPILOG = help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_REGRESSED, EXIT_FAILED_FRACTION, EXIT_DST_BUSY, EXIT_BOOKKEEPING)
 BASELINES = ("per_frame", "sdedit", "no_structure")  # pipelines.evaluate.BASELINES (not imported: a fast --help)
 
 
@@ -96,6 +105,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda (default: cuda when the actor has a GPU)")
     p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to use (default: $RAY_ADDRESS, else local)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--lease-wait", dest="lease_wait_s", type=float, metavar="S",
+                   help="when another eval of the same run name is writing into OUT/<run name> (holds its lease), "
+                   "wait up to S seconds for it before exiting 5 (default 0: exit at once)")
     p.add_argument("--accept-baseline", action="store_true", default=None,
                    help="accept this run as the experiment's baseline if its regression gate does not fail")
     p.add_argument("--no-gate", action="store_true", help="skip the regression gate (no comparison with the "
@@ -127,6 +139,7 @@ def config_from_args(args: argparse.Namespace):
         "tracking_uri": args.tracking_uri, "experiment": args.experiment, "run_name": args.run_name,
         "sample_videos": args.sample_videos, "device": args.device, "ray_address": args.ray_address,
         "num_cpus": args.num_cpus, "accept_baseline": args.accept_baseline,
+        "lease_wait_s": args.lease_wait_s,
         "baselines": None if args.baselines is None else tuple(args.baselines),
     }
     if args.config:
@@ -157,6 +170,7 @@ def run(args: argparse.Namespace) -> int:
         print(summary.gate_line)
     if summary.tiny_models:
         print("NOTE: TINY RANDOM MODELS - these numbers check the plumbing; they are not results.", file=sys.stderr)
+    code = EXIT_BOOKKEEPING if report_bookkeeping(summary.bookkeeping_errors, summary.out) else EXIT_OK
     fraction = summary.failure_fraction
     if fraction > args.max_failure_fraction:
         print(f"FAILED: {summary.failed} of {summary.videos} videos failed ({fraction:.1%} > "
@@ -168,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"REGRESSED: {summary.gate_line}; worst videos in artifact {WORST_ARTIFACT} of run {summary.run_id}",
               file=sys.stderr)
         return EXIT_REGRESSED
-    return EXIT_OK
+    return code
 
 
 def accept(args: argparse.Namespace) -> int:

@@ -12,13 +12,20 @@ import argparse
 import logging
 import sys
 
-from jobs.cli import HelpFormatter, parse_size
-from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_OK, help_epilog
+from jobs.cli import HelpFormatter, parse_size, report_bookkeeping
+from jobs.exit_codes import (
+    EXIT_BAD_INPUT,
+    EXIT_BOOKKEEPING,
+    EXIT_DST_BUSY,
+    EXIT_FAILED_FRACTION,
+    EXIT_OK,
+    help_epilog,
+)
 
 log = logging.getLogger(__name__)
 
 
-EPILOG = help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION)
+EPILOG = help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_FAILED_FRACTION, EXIT_DST_BUSY, EXIT_BOOKKEEPING)
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "embeddings (and optionally VAE latents), and write Parquet shards under DST/shards. Failed videos "
         "and clips go to DST/errors; a rerun over the same DST writes only the missing clips. Exits 4 when "
         "the failed fraction (this run's failed clips over the clips committed in DST plus those; "
-        "quarantined ones not counted) exceeds --max-failure-fraction.",
+        "quarantined ones not counted) exceeds --max-failure-fraction. One driver at a time writes into DST: "
+        "a second one waits --lease-wait seconds for the first, then exits 5.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
@@ -74,10 +82,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="size shard files by bytes (about this many, uncompressed) instead of --shard-size clips")
     p.add_argument("--retry-quarantined", action="store_true", default=None,
                    help="process inputs that failed in two runs again (default: skip them; see DST/quarantine)")
+    p.add_argument("--lease-wait", dest="lease_wait_s", type=float, metavar="S",
+                   help="when another driver is writing into DST (holds its lease), wait up to S seconds for it "
+                   "to finish before exiting 5 (default 0: exit at once)")
 
 
 _HARDENING_OPTIONS = ("decode_timeout_s", "model_timeout_s", "max_concurrent_decodes", "retry_quarantined",
-                      "target_shard_bytes")
+                      "target_shard_bytes", "lease_wait_s")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -103,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     summary = run_preprocess(args.src, args.dst, cfg)
     print(summary.line())
+    code = EXIT_BOOKKEEPING if report_bookkeeping(summary.bookkeeping_errors, args.dst) else EXIT_OK
     if summary.failure_fraction > cfg.max_failure_fraction:
         print(
             f"FAILED: {summary.failed} clips failed in this run, {summary.committed} are committed in {args.dst} "
@@ -110,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED_FRACTION
-    return EXIT_OK
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,13 +30,18 @@ Layout under ``DST`` (any fsspec URI)::
     DST/prompts/part-<run>-<n>-<uuid>.parquet      one row per (clip, prompt) written by a writer (PROMPTS_SCHEMA)
     DST/errors/part-<run>-<n>-<uuid>.parquet       failures (pipelines.schema.ERRORS_SCHEMA; shared with preprocess)
     DST/runs/edit-<run_id>.json                    config and summary of each run
+    DST/_lease/lease-<generation>.json             who writes into DST now (`pipelines.lease`)
 
 Commit order makes reruns exact: an output is renamed into place before its manifest row exists, and
 the driver commits manifest rows (`pipelines.commits.Committer`, once per edit key) only after an actor
 has returned them, so a committed row always has its mp4. A rerun skips committed edit keys; an edit
 killed midway is redone (its half-written files live under ``_tmp`` and are replaced). Failures are data:
 a video that cannot be probed, a clip that cannot be captioned, an edit that raises become `errors` rows
-and the job goes on; edits neither committed nor failed when the stream ends become ``pipeline`` errors.
+and the job goes on; so does work whose Ray worker or actor died on every attempt its bounded ``retries``
+allow (error_type ``crash``); edits neither committed nor failed when a broken stream ends become
+``pipeline`` errors. An edit past ``edit_timeout_s`` writes nothing more and retires its actor: the next
+edit runs in a fresh process (`pipelines.timeouts`).
+A run holds DST's lease from start to end (`pipelines.lease`): a second driver waits for it or refuses.
 
 Modules: `clips` (what is edited), `keys` (grid, edit keys, task rows), `config` (`EditJobConfig`),
 `stages` (the stage classes), `tables` (reading the manifest and prompts), `run` (`run_edit`, `EditRun`).

@@ -12,6 +12,8 @@ from gen1.config import ConfigError, config_from_mapping, read_yaml_mapping
 from gen1.prompts import ChatConfig, PromptSpec, read_prompt_file
 from pipelines.edit.clips import EditClip
 from pipelines.edit.keys import EditGrid
+from pipelines.lease import check_lease_settings
+from pipelines.runtime import RetryConfig
 from pipelines.sources import VIDEO_EXTENSIONS, is_manifest
 from pipelines.timeouts import check_time_limits
 
@@ -63,6 +65,17 @@ class EditJobConfig:
     decode_timeout_s: float | None = 120.0  # per probe (planning) and per clip decode (the edit's frames, the caption's middle frame)
     caption_timeout_s: float | None = 600.0  # per BLIP call (a batch, or one clip's on retry)
     edit_timeout_s: float | None = 3600.0  # per edit task: decode, sampling, metrics, writing
+    # Bounded retries of every Ray Data call (`pipelines.runtime.RetryConfig`; YAML: a mapping of its fields).
+    # An edit (or a clip, while planning and prompting) whose Ray worker or actor died on every attempt
+    # becomes an error row with error_type "crash".
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    # Concurrent drivers (`pipelines.lease`): a run holds DST's lease while it runs (renewed every
+    # lease_ttl_s / 3; a driver that dies frees it after lease_ttl_s, or at once seen from its own machine); a
+    # second driver waits up to lease_wait_s for it, then refuses (exit code 5). At start the run removes
+    # DST's _tmp/ leftovers older than tmp_max_age_s (what runs that died wrote and never committed).
+    lease_ttl_s: float = 120.0
+    lease_wait_s: float = 0.0
+    tmp_max_age_s: float = 86400.0
     ray_address: str | None = None
     num_cpus: int | None = None  # of a local Ray
     progress: bool = True
@@ -82,6 +95,7 @@ class EditJobConfig:
         if isinstance(self.llm, Mapping):
             self.llm = ChatConfig(**self.llm)
         self.extensions = tuple(self.extensions)
+        self.retries = RetryConfig.from_value(self.retries)
         if self.auto_prompts < 0:
             raise ConfigError(f"auto_prompts: expected N >= 0, found {self.auto_prompts}")
         for name in (
@@ -96,6 +110,7 @@ class EditJobConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
         check_time_limits(self, ("decode_timeout_s", "caption_timeout_s", "edit_timeout_s"))
+        check_lease_settings(self)
         if self.auto_prompts and (self.prompts or self.prompts_file):
             raise ConfigError("give prompts (a file or a list) or auto_prompts, not both")
         if self.src is None and self.clips is None:
@@ -126,9 +141,10 @@ class EditJobConfig:
         d = {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if f.name not in ("clips", "llm", "prompts", "grid", "storage_options")
+            if f.name not in ("clips", "llm", "prompts", "grid", "retries", "storage_options")
         }
         d["grid"] = dataclasses.asdict(self.grid)
+        d["retries"] = dataclasses.asdict(self.retries)
         d["prompts"] = [p.key for p in self.prompts]
         d["clips"] = None if self.clips is None else f"{len(self.clips)} injected clips"
         d["llm"] = self.llm.describe() if self.llm else None

@@ -1,6 +1,14 @@
-"""The driver of the edit pipeline: `run_edit` plans the clips, writes the missing prompts, plans the edits
-and streams them through the edit actors; `EditRun` holds what its passes share (the store, run id, actor
-resources, summary and committers)."""
+"""The driver of the edit pipeline: `run_edit` takes DST's lease (`pipelines.lease`), plans the clips,
+writes the missing prompts, plans the edits and streams them through the edit actors, writes the run record
+and gives the lease back; `EditRun` holds what its passes share (the store, run id, actor resources,
+summary and committers).
+
+Every pass runs with the job's bounded ``retries`` and finishes past lost blocks (`pipelines.failures`):
+what a finished pass did not return was lost with its Ray worker or actor and becomes an error with
+error_type ``crash`` (videos while planning, clips while prompting, edits), except that edits lost in a
+call of several (``edit_batch_size`` > 1) are first run again one per call. What a broken stream leaves
+undone becomes ``pipeline`` errors.
+"""
 
 from __future__ import annotations
 
@@ -23,15 +31,27 @@ from pipelines.edit.config import EditJobConfig
 from pipelines.edit.keys import plan_tasks
 from pipelines.edit.stages import CaptionStage, EditStage, PromptStage, prompt_plan_row, written_prompt_rows
 from pipelines.edit.tables import committed_prompts
-from pipelines.failures import STATUS_ERROR, STATUS_OK, error_record, missing_record
+from pipelines.failures import (
+    LOST_STAGE,
+    STATUS_ERROR,
+    STATUS_OK,
+    WorkerLost,
+    error_record,
+    mark_failed,
+    missing_record,
+    with_error_columns,
+)
+from pipelines.lease import Lease, LeaseError, hold_dst
 from pipelines.runtime import (
     ActorPool,
     actor_pool,
+    bookkeeping,
     cluster_resources,
     init_ray,
     new_run_id,
     plan_resources,
     task_pool,
+    tolerate_lost_blocks,
     write_run_record,
 )
 from pipelines.schema import (
@@ -42,12 +62,14 @@ from pipelines.schema import (
     OUTPUTS_DIR,
     PROMPTS_DIR,
     PROMPTS_SCHEMA,
+    RUNS_DIR,
     TableStore,
 )
 from pipelines.sources import PlanStage, is_manifest, list_videos
 
 logger = logging.getLogger(__name__)
 
+EDIT_TABLES = (MANIFEST_DIR, PROMPTS_DIR, ERRORS_DIR, OUTPUTS_DIR)  # what a run writes under _tmp/
 PROMPTS_COMMIT_EVERY = 256  # prompt rows per committed part (prompts are cheap to redo)
 
 
@@ -67,6 +89,8 @@ class EditSummary:
     seconds: float = 0.0
     tiny_models: bool = False
     error: str | None = None  # what stopped the stream, if anything
+    # writes after the results were committed that failed: the run record (exit code 6)
+    bookkeeping_errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def edits_per_minute(self) -> float:
@@ -121,24 +145,27 @@ class EditRun:
     """One run of `run_edit` on a connected Ray: its passes and what they share.
 
     ``errors`` buffers error records (one part per ``commit_every`` records or ``commit_interval_s``);
-    ``manifest`` commits manifest rows once per edit key; ``prompts`` the written prompts. ``resources``
+    ``manifest`` commits manifest rows once per edit key; ``prompts`` the written prompts; each committer
+    checks ``lease`` (the run's lease of DST) before a commit. ``resources``
     holds each actor pool's ``compute`` (`pipelines.runtime.actor_pool`), ``num_cpus`` and ``num_gpus``, planned at the start (a pool
     that does not fit fails the run before any work).
     """
 
-    def __init__(self, config: EditJobConfig, specs: ModelSpecs, run_id: str):
-        self.config, self.specs, self.run_id = config, specs, run_id
+    def __init__(self, config: EditJobConfig, specs: ModelSpecs, run_id: str, lease: Lease | None = None):
+        self.config, self.specs, self.run_id, self.lease = config, specs, run_id, lease
         self.store = TableStore(config.dst, config.storage_options)
         self.summary = EditSummary(run_id=run_id, dst=config.dst, tiny_models=specs.is_tiny)
-        self.error_parts = Committer(self.store, ERRORS_DIR, run_id, key=None)
+        self.error_parts = Committer(self.store, ERRORS_DIR, run_id, key=None, lease=lease)
         self.errors = RowBuffer(self.error_parts.commit_errors, config.commit_every, config.commit_interval_s)
-        self.manifest = Committer(self.store, MANIFEST_DIR, run_id, key="edit_key")
-        self.prompts = Committer(self.store, PROMPTS_DIR, run_id, key=None)
+        self.manifest = Committer(self.store, MANIFEST_DIR, run_id, key="edit_key", lease=lease)
+        self.prompts = Committer(self.store, PROMPTS_DIR, run_id, key=None, lease=lease)
         self.resources: dict[str, dict[str, Any]] = {}
 
     def size_pools(self) -> None:
         """Size the edit pool, and the caption pool when prompts are written. The two passes are separate
-        datasets, never running at once, so each is planned alone."""
+        datasets, never running at once, so each is planned alone. An edit actor takes one call at a time:
+        when it retires after a time limit (`EditStage`), exactly the one call that finds it retired is run
+        again by its replacement (a call queued behind it could be made to wait for several)."""
         cfg = self.config
         pools = [ActorPool("edit", edit_concurrency(cfg), cfg.edit_num_gpus)]
         if cfg.auto_prompts:
@@ -149,7 +176,11 @@ class EditRun:
             )
         for pool in pools:
             planned = plan_resources([pool], cfg.actor_num_cpus, cfg.task_num_cpus)[pool.name]
-            self.resources[pool.name] = {"compute": actor_pool(pool.concurrency), **planned}
+            one_at_a_time = 1 if pool.name == "edit" else None
+            self.resources[pool.name] = {
+                **actor_pool(cfg.retries, pool.concurrency, tasks_per_actor=one_at_a_time),
+                **planned,
+            }
 
     def fail(self, row: dict[str, Any], message: str | None = None) -> None:
         """Record an error row of a stage batch (``message`` replacing its error message)."""
@@ -193,15 +224,22 @@ class EditRun:
         self.summary.videos = len(uris)
         if not uris:
             return []
-        ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=min(len(uris), 200))
-        ds = ds.map_batches(
-            PlanStage(frames, cfg.stride, cfg.clips_per_video, size, cfg.decode_timeout_s, cfg.storage_options),
+        stage = PlanStage(frames, cfg.stride, cfg.clips_per_video, size, cfg.decode_timeout_s,
+                          cfg.storage_options)
+        blocks = min(len(uris), 200)
+        ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
+        ds = tolerate_lost_blocks(ds, cfg.retries).map_batches(
+            stage,
             batch_size=1,
             batch_format="pandas",
             num_cpus=cfg.task_num_cpus,
+            **task_pool(cfg.retries, cap=blocks),  # no more tasks than blocks (Ray Data warns of idle ones)
         )
+        rows = ds.take_all()
+        lost = sorted(set(uris) - {r["source_uri"] for r in rows})  # with their planning tasks
+        rows += [stage.error_row(u, WorkerLost(f"probe {u}")) for u in lost]
         clips = []
-        for row in ds.take_all():
+        for row in rows:
             if self.failed_clip(row):
                 continue
             extra = table.get(row["source_uri"], {})
@@ -240,13 +278,18 @@ class EditRun:
         self.summary.prompt_writer = "chat" if llm else "template"
         buffer = RowBuffer(self._commit_prompts, PROMPTS_COMMIT_EVERY)
         now = dt.datetime.now(dt.UTC)
+        came_back: set[str] = set()
         for batch in self._prompt_pass(rows, llm).iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in batch.to_pylist():
+                came_back.add(row["clip_id"])
                 if self.failed_clip(row):
                     continue
                 if llm is not None and row["writer"] == TemplateWriter.name:
                     self.summary.prompt_fallbacks += 1
                 buffer.add(written_prompt_rows(row, self.run_id, now))
+        for row in rows:  # lost with a caption or prompt worker
+            if row["clip_id"] not in came_back:
+                self.failed_clip(mark_failed(dict(row), LOST_STAGE, WorkerLost(f"prompts of clip {row['clip_id']}")))
         buffer.flush()
         self.errors.flush()
         if self.summary.prompt_fallbacks:
@@ -269,6 +312,7 @@ class EditRun:
         ds = ray.data.from_items(
             rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.caption_batch_size))
         )
+        ds = tolerate_lost_blocks(ds, cfg.retries)
         if any(not r["caption"] for r in rows):
             ds = ds.map_batches(
                 CaptionStage,
@@ -289,7 +333,7 @@ class EditRun:
                 batch_size=1,
                 batch_format="pyarrow",
                 num_cpus=cfg.task_num_cpus,
-                compute=task_pool(cfg.prompt_concurrency),
+                **task_pool(cfg.retries, cfg.prompt_concurrency),
             )
         return ds.map_batches(  # the pool's size bounds the requests in flight
             PromptStage,
@@ -297,7 +341,7 @@ class EditRun:
             batch_size=1,
             batch_format="pyarrow",
             num_cpus=0,
-            compute=actor_pool(cfg.prompt_concurrency),
+            **actor_pool(cfg.retries, cfg.prompt_concurrency),
         )
 
     def _commit_prompts(self, rows: list[dict[str, Any]]) -> None:
@@ -327,26 +371,27 @@ class EditRun:
     # ------------------------------------------------------------------------------------------ edits
 
     def run_edits(self, todo: list[dict[str, Any]]) -> None:
-        """Stream ``todo`` through the edit actors, committing manifest rows and errors as they come; an edit
-        that never comes back becomes a ``pipeline`` error."""
+        """Stream ``todo`` through the edit actors, committing manifest rows and errors as they come. Edits a
+        finished stream lost become `WorkerLost` errors (those lost from a call of several after a second
+        stream, one edit per call); what a broken stream left undone becomes ``pipeline`` errors."""
         cfg = self.config
         buffer = RowBuffer(self._commit_manifest, cfg.commit_every, cfg.commit_interval_s)
         finished: set[str] = set()
         try:
-            for batch in self._edit_pass(todo).iter_batches(batch_size=None, batch_format="pyarrow"):
-                now = dt.datetime.now(dt.UTC)
-                for row in batch.to_pylist():
-                    key = row["edit_key"]
-                    if key in finished:
-                        logger.warning("edit %s came back twice; keeping the first", key)
-                        continue
-                    finished.add(key)
-                    if row["status"] == STATUS_ERROR:
-                        self.fail(row, f"edit {key}: {row['error_message']}")
-                        self.summary.failed += 1
-                        continue
-                    extra = {"run_id": self.run_id, "created_at": now, "schema_version": EDIT_SCHEMA_VERSION}
-                    buffer.add([{k: extra[k] if k in extra else row[k] for k in MANIFEST_SCHEMA.names}])
+            self._consume(self._edit_pass(todo, cfg.edit_batch_size), buffer, finished)
+            lost = [t for t in todo if t["edit_key"] not in finished]
+            if lost and cfg.edit_batch_size > 1:
+                logger.warning("%d edits were lost with their edit actors (and those sharing their calls); "
+                               "running them again, one per call", len(lost))
+                self._consume(self._edit_pass(lost, 1), buffer, finished)
+                lost = [t for t in lost if t["edit_key"] not in finished]
+            for t in lost:
+                row = with_error_columns({k: t.get(k) for k in ("clip_id", "source_uri", "start")})
+                self.fail(mark_failed(row, LOST_STAGE, WorkerLost(f"edit {t['edit_key']}", cfg.edit_batch_size > 1)))
+                finished.add(t["edit_key"])
+            self.summary.failed += len(lost)
+        except LeaseError:
+            raise  # another driver took DST over: this one commits nothing more (exit 5)
         except Exception as e:  # the stream broke: what is not committed becomes a pipeline error
             logger.exception("the edit stream stopped early: %s", e)
             self.summary.error = f"{type(e).__name__}: {e}"
@@ -364,12 +409,29 @@ class EditRun:
             self.errors.flush()
             self.summary.failed += len(missing)
 
-    def _edit_pass(self, todo: list[dict[str, Any]]):
+    def _consume(self, ds: Any, buffer: RowBuffer, finished: set[str]) -> None:
+        """Take the results of an edit pass: manifest rows into ``buffer``, errors recorded; keys into ``finished``."""
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            now = dt.datetime.now(dt.UTC)
+            for row in batch.to_pylist():
+                key = row["edit_key"]
+                if key in finished:
+                    logger.warning("edit %s came back twice; keeping the first", key)
+                    continue
+                finished.add(key)
+                if row["status"] == STATUS_ERROR:
+                    self.fail(row, f"edit {key}: {row['error_message']}")
+                    self.summary.failed += 1
+                    continue
+                extra = {"run_id": self.run_id, "created_at": now, "schema_version": EDIT_SCHEMA_VERSION}
+                buffer.add([{k: extra[k] if k in extra else row[k] for k in MANIFEST_SCHEMA.names}])
+
+    def _edit_pass(self, todo: list[dict[str, Any]], batch_size: int):
         import ray
 
         cfg = self.config
-        ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / cfg.edit_batch_size)))
-        return ds.map_batches(
+        ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / batch_size)))
+        return tolerate_lost_blocks(ds, cfg.retries).map_batches(
             EditStage,
             fn_constructor_kwargs={
                 "specs": self.specs,
@@ -382,7 +444,7 @@ class EditRun:
                 "decode_timeout_s": cfg.decode_timeout_s,
                 "edit_timeout_s": cfg.edit_timeout_s,
             },
-            batch_size=cfg.edit_batch_size,
+            batch_size=batch_size,
             batch_format="pyarrow",
             **self.resources["edit"],
         )
@@ -394,39 +456,58 @@ class EditRun:
 
     def remove_tmp(self) -> None:
         """What this run left under ``_tmp/`` of its tables (parts and outputs it never committed)."""
-        for table in (MANIFEST_DIR, PROMPTS_DIR, ERRORS_DIR, OUTPUTS_DIR):
+        for table in EDIT_TABLES:
             self.store.remove_tmp(table, self.run_id)
 
-    def write_record(self) -> str:
+    def write_record(self) -> str | None:
+        """``DST/runs/edit-<run_id>.json``; its URI, or None when the write failed (reported in
+        ``summary.bookkeeping_errors``)."""
+        name = f"edit-{self.run_id}"
         record = {
             "run_id": self.run_id,
             "kind": "edit",
             "config": self.config.as_dict(),
             "summary": self.summary.as_dict(),
         }
-        return write_run_record(self.store, f"edit-{self.run_id}", record)
+        uri = self.store.uri(self.store.path(RUNS_DIR, f"{name}.json"))
+        return bookkeeping(
+            self.summary.bookkeeping_errors,
+            f"the run record {uri}",
+            lambda: write_run_record(self.store, name, record),
+        )
 
 
 def run_edit(config: EditJobConfig) -> EditSummary:
-    """Mass-edit ``config.src`` (or ``config.clips``) into ``config.dst``; see `pipelines.edit`."""
-    import ray
-
+    """Mass-edit ``config.src`` (or ``config.clips``) into ``config.dst``; see `pipelines.edit`.
+    `pipelines.lease.LeaseHeldError` when another driver holds DST's lease past ``config.lease_wait_s``."""
     from gen1.models import check_weights
 
     config.load_prompts()
     specs = load_model_specs(config.models)
-    size = config.size or (specs.width, specs.height)
-    frames = config.frames or specs.frames
     check_weights(
         specs, ("vae", "unet", "clip", "depth", "prior") + (("caption",) if config.auto_prompts else ())
     )
-    run = EditRun(config, specs, new_run_id())
-    logger.info("edit %s -> %s, run %s, models %s", config.src or "<injected clips>", config.dst, run.run_id,
+    run_id = new_run_id()
+    logger.info("edit %s -> %s, run %s, models %s", config.src or "<injected clips>", config.dst, run_id,
                 specs.label())
     logger.debug("config: %s", json.dumps(config.as_dict(), default=str))  # -v; the run record keeps it
     if specs.is_tiny:
         logger.warning("tiny random models: the outputs are plumbing checks, not real edits")
-    summary = run.summary
+    store = TableStore(config.dst, config.storage_options)
+    with hold_dst(store, "edit", run_id, config, EDIT_TABLES) as lease:
+        run = EditRun(config, specs, run_id, lease)
+        _run(run)
+    logger.info("%s", run.summary.line())
+    return run.summary
+
+
+def _run(run: EditRun) -> None:
+    """The passes of ``run``, under DST's lease, then its run record."""
+    import ray
+
+    config, specs, summary = run.config, run.specs, run.summary
+    size = config.size or (specs.width, specs.height)
+    frames = config.frames or specs.frames
     t0 = time.monotonic()
     started = init_ray(config.ray_address, config.num_cpus)
     try:
@@ -461,6 +542,6 @@ def run_edit(config: EditJobConfig) -> EditSummary:
         run.remove_tmp()
         if started:
             ray.shutdown()
+    if run.lease is not None:
+        run.lease.check()  # the run record is DST's too: written only while this run holds it
     run.write_record()
-    logger.info("%s", summary.line())
-    return summary

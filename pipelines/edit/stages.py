@@ -36,7 +36,7 @@ from pipelines.failures import (
 )
 from pipelines.schema import EDIT_SCHEMA_VERSION, MANIFEST_SCHEMA, OUTPUTS_DIR, TMP_DIR, TableStore
 from pipelines.sources import normalize_uri
-from pipelines.timeouts import call_with_timeout
+from pipelines.timeouts import Cancellation, Retirement, call_with_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -127,8 +127,9 @@ class CaptionStage:
 
     Rows that already have a caption pass through; a clip that fails alone becomes an error row of stage
     ``caption``. ``timeout_s`` limits each BLIP call and ``decode_timeout_s`` each middle-frame decode: a
-    clip past either fails alone with error_type ``timeout``. Frames are read with the job's fsspec
-    ``storage_options``.
+    clip past either fails alone with error_type ``timeout``, and retires the stage
+    (`pipelines.timeouts.Retirement`: in a Ray actor its next call ends the process first). Frames are read
+    with the job's fsspec ``storage_options``.
     batch: PROMPT_PLAN_SCHEMA rows -> pyarrow Table of PROMPT_PLAN_SCHEMA.
     """
 
@@ -149,21 +150,29 @@ class CaptionStage:
         self.captioner = captioner
         self.timeout_s, self.decode_timeout_s = timeout_s, decode_timeout_s
         self.storage_options = dict(storage_options or {})
+        self.retirement = Retirement()
 
     def middle_frame(self, row: Mapping[str, Any]) -> np.ndarray:
         clip = _clip(row)
         return call_with_timeout(
-            clip.middle_frame, self.decode_timeout_s, self.storage_options, what=f"decode of clip {clip.clip_id}"
+            clip.middle_frame,
+            self.decode_timeout_s,
+            self.storage_options,
+            what=f"decode of clip {clip.clip_id}",
+            retirement=self.retirement,
         )
 
     def __call__(self, batch: Batch) -> pa.Table:
+        self.retirement.check()
         rows = stage_rows(batch)
         todo = [r for r in rows if not r["caption"]]
 
         def store(row: dict[str, Any], caption: str) -> None:
             row["caption"], row["caption_model"] = caption, self.spec
 
-        apply_per_clip(todo, "caption", self.captioner, self.middle_frame, store, self.timeout_s)
+        apply_per_clip(
+            todo, "caption", self.captioner, self.middle_frame, store, self.timeout_s, self.retirement
+        )
         return pa.Table.from_pylist(rows, schema=PROMPT_PLAN_SCHEMA)
 
 
@@ -227,7 +236,10 @@ class EditStage:
     One `Gen1Models` per actor. A task that raises becomes an error row naming its stage (``decode``,
     ``content``, ``edit``, ``metrics``, ``write``); the other tasks of the batch go on. A clip decode past
     ``decode_timeout_s``, or a whole task past ``edit_timeout_s``, fails that task alone with error_type
-    ``timeout`` and the stage it was in (its thread is abandoned, see `pipelines.timeouts`).
+    ``timeout`` and the stage it was in. Its thread is abandoned (`pipelines.timeouts`): it is cancelled
+    before it writes or moves anything (a task past its limit while moving its files is let finish
+    instead), and the stage retires: in a Ray actor its next call ends the process first, so the next
+    task runs in a fresh one.
     batch: task rows (`pipelines.edit.keys.plan_tasks`) -> pyarrow Table of RESULT_SCHEMA.
     """
 
@@ -257,14 +269,25 @@ class EditStage:
         self._clips: LRUCache[tuple[np.ndarray, np.ndarray | None]] = LRUCache(cache_clips)
         self._images: LRUCache[np.ndarray] = LRUCache(16)
         self.decode_timeout_s, self.edit_timeout_s = decode_timeout_s, edit_timeout_s
+        self.retirement = Retirement()
 
     def __call__(self, batch: Batch) -> pa.Table:
+        self.retirement.check()
         out = []
         for task in batch_rows(batch):
             stage = ["decode"]
+            what = f"edit {task['edit_key']}"
+            cancel = Cancellation(what)
             try:
                 row = call_with_timeout(
-                    self.edit, self.edit_timeout_s, task, stage, what=f"edit {task['edit_key']}"
+                    self.edit,
+                    self.edit_timeout_s,
+                    task,
+                    stage,
+                    cancel,
+                    what=what,
+                    cancel=cancel,
+                    retirement=self.retirement,
                 )
                 out.append(with_error_columns(row))
             except Exception as e:
@@ -315,17 +338,26 @@ class EditStage:
         depth_out = self.models.structure.depth(frames).float().cpu().numpy()
         return video_metrics(frames, emb, target.float().cpu(), depth_in, depth_out)
 
-    def edit(self, task: Mapping[str, Any], stage: list[str]) -> dict[str, Any]:
-        """One task -> its manifest row (without run_id/created_at); ``stage[0]`` tracks where it is."""
+    def edit(
+        self, task: Mapping[str, Any], stage: list[str], cancel: Cancellation | None = None
+    ) -> dict[str, Any]:
+        """One task -> its manifest row (without run_id/created_at); ``stage[0]`` tracks where it is.
+        Nothing is written once ``cancel`` is cancelled; its outputs move into place past `Cancellation.publish`.
+        """
         from gen1.preview import depth_to_rgb, side_by_side
         from gen1.sampling import Content, EditSettings, edit_video
         from gen1.video import write_video
 
+        cancel = cancel or Cancellation()
         t0 = time.perf_counter()
         clip = _clip(task)
         stage[0] = "decode"
         frames, mask = call_with_timeout(
-            self._load_clip, self.decode_timeout_s, clip, what=f"decode of clip {clip.clip_id}"
+            self._load_clip,
+            self.decode_timeout_s,
+            clip,
+            what=f"decode of clip {clip.clip_id}",
+            retirement=self.retirement,
         )
         stage[0] = "content"
         if task["image_uri"]:
@@ -342,14 +374,18 @@ class EditStage:
             sampler=task["sampler"],
         )
         result = edit_video(self.models, frames, content, settings, mask=mask)
+        cancel.check()
         stage[0] = "metrics"
         metrics = self.measure(result.frames, result.depth, content) if self.metrics else {}
         stage[0] = "write"
         paths = self._paths(clip.clip_id, task["edit_key"])
+        cancel.check()
         write_video(result.frames, self.store.uri(paths["output"][0]), clip.fps, storage_options=self.storage_options)
         if "preview" in paths:
             preview = side_by_side(frames, depth_to_rgb(result.depth), result.frames)
+            cancel.check()
             write_video(preview, self.store.uri(paths["preview"][0]), clip.fps, storage_options=self.storage_options)
+        cancel.publish()  # the commit point: past it the task is let finish, before it nothing is moved
         for tmp, final in paths.values():  # outputs first, the manifest row (by the driver) after
             _move(self.store, tmp, final)
         f, h, w, _ = result.frames.shape

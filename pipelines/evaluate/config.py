@@ -11,7 +11,9 @@ from typing import Any
 from gen1.config import ConfigError, config_from_mapping, read_yaml_mapping
 from gen1.urls import redact_url
 from pipelines.edit import EditGrid
+from pipelines.lease import check_lease_settings
 from pipelines.regression import GateConfig
+from pipelines.runtime import RetryConfig
 
 # gen1: our video model (every point of the grid, w_t = 0 included: eq. 8 with w_t = 0); the baselines of
 # gen1.baselines: per_frame (the image model alone), sdedit (SDEdit per frame), no_structure (~s ablation)
@@ -70,6 +72,16 @@ class EvalConfig:
     num_gpus: float = 0.5  # per metrics / baseline actor when the cluster has GPUs
     edit_concurrency: int | None = None
     device: str | None = None
+    # Bounded retries of every Ray Data call, our edits' included (`pipelines.runtime.RetryConfig`; YAML: a
+    # mapping of its fields). A row whose Ray worker or actor died on every attempt becomes an error row.
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    # Concurrent drivers (`pipelines.lease`): a run holds the lease of OUT/<run_name> while it runs, and its
+    # edit job that of OUT/<run_name>/edits (renewed every lease_ttl_s / 3; a driver that dies frees it after
+    # lease_ttl_s, or at once seen from its own machine); a second eval of the same run name waits up to
+    # lease_wait_s for it, then refuses (exit code 5). At start _tmp/ leftovers older than tmp_max_age_s go.
+    lease_ttl_s: float = 120.0
+    lease_wait_s: float = 0.0
+    tmp_max_age_s: float = 86400.0
     ray_address: str | None = None
     num_cpus: int | None = None
     progress: bool = False
@@ -80,6 +92,7 @@ class EvalConfig:
         if (self.dataset is None) == (self.edits is None):
             raise ConfigError("eval needs exactly one of dataset (davis:URI | tgve:URI) or edits (an edit job's DST)")
         self.baselines = tuple(self.baselines)
+        self.retries = RetryConfig.from_value(self.retries)
         unknown = set(self.baselines) - set(BASELINES)
         if unknown:
             raise ConfigError(f"baselines: expected some of {BASELINES}, found {sorted(unknown)}")
@@ -98,6 +111,7 @@ class EvalConfig:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
         self.gate = GateConfig.from_value(self.gate)
+        check_lease_settings(self)
         self.edit_grid()  # validate now, not after minutes of work
 
     @classmethod

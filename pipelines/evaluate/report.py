@@ -55,6 +55,8 @@ class EvalSummary:
     seconds: float = 0.0
     gate: dict[str, Any] = field(default_factory=dict)  # regression.GateResult.as_dict()
     gate_line: str = ""
+    # writes after the results were committed that failed (the edit job's run record): exit code 6
+    bookkeeping_errors: list[str] = field(default_factory=list)
 
     @property
     def regressed(self) -> bool:

@@ -1,4 +1,5 @@
-"""The evaluation driver: `run_eval` edits a dataset with our model (the edit pipeline) and the baselines
+"""The evaluation driver: `run_eval` takes the lease of ``OUT/<run_name>`` (`pipelines.lease`), edits a dataset
+with our model (the edit pipeline, under the lease of ``OUT/<run_name>/edits``) and the baselines
 (`BaselineStage`), or takes an edit job's manifest (`evaluate_edits`), measures every output on an actor pool,
 assembles the per-video table, records failed videos in ``OUT/<run_name>/errors/`` and hands the rest to
 `pipelines.evaluate.report`."""
@@ -25,8 +26,24 @@ from pipelines.edit import EditJobConfig, baseline_key, model_key, read_manifest
 from pipelines.evaluate.config import METRICS, EvalConfig
 from pipelines.evaluate.report import EvalSummary, join_uri, log_run
 from pipelines.evaluate.stages import BaselineStage, MetricsStage
-from pipelines.failures import STATUS_OK, error_record, with_error_columns
-from pipelines.runtime import ActorPool, actor_pool, cluster_resources, init_ray, new_run_id, plan_resources
+from pipelines.failures import (
+    LOST_STAGE,
+    STATUS_OK,
+    WorkerLost,
+    error_record,
+    mark_failed,
+    with_error_columns,
+)
+from pipelines.lease import Lease, hold_dst
+from pipelines.runtime import (
+    ActorPool,
+    actor_pool,
+    cluster_resources,
+    init_ray,
+    new_run_id,
+    plan_resources,
+    tolerate_lost_blocks,
+)
 from pipelines.schema import ERRORS_DIR, TableStore
 
 log = logging.getLogger(__name__)
@@ -120,20 +137,32 @@ def _actor_args(cfg: EvalConfig, name: str, concurrency: int) -> dict[str, Any]:
     """``map_batches`` arguments of one model-actor pool (`pipelines.runtime.plan_resources`). The eval's
     passes run no CPU tasks beside their actors (the rows are in memory), so none are reserved."""
     pool = ActorPool(name, concurrency, min(cfg.num_gpus, cluster_resources()[1]))
-    return {"compute": actor_pool(concurrency), **plan_resources([pool], cfg.actor_num_cpus, task_num_cpus=0.0)[name]}
+    return {**actor_pool(cfg.retries, concurrency), **plan_resources([pool], cfg.actor_num_cpus, task_num_cpus=0.0)[name]}
 
 
-def _run_ours(cfg: EvalConfig, clips: list[SequenceClip], edits_dir: str) -> pd.DataFrame:
-    """Our model over the grid through the edit pipeline; returns its manifest rows."""
+def _with_lost(inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], what: str) -> pd.DataFrame:
+    """The rows a pass returned, plus an error row (`WorkerLost`) for each input it lost with its actor."""
+    back = {r["edit_key"] for r in outputs}
+    lost = [{k: v for k, v in r.items() if k != "clip"} for r in inputs if r["edit_key"] not in back]
+    for row in lost:
+        mark_failed(with_error_columns(row), LOST_STAGE, WorkerLost(f"{what} of {row['edit_key']}"))
+    return pd.DataFrame(outputs + lost)
+
+
+def _run_ours(cfg: EvalConfig, clips: list[SequenceClip], edits_dir: str, bookkeeping_errors: list[str]) -> pd.DataFrame:
+    """Our model over the grid through the edit pipeline; returns its manifest rows. The edit job's failed
+    bookkeeping writes are added to ``bookkeeping_errors``."""
     edit_cfg = EditJobConfig(
         dst=edits_dir, clips=clips, models=cfg.models, grid=cfg.edit_grid(), steps=cfg.steps, sampler=cfg.sampler,
         prompts=tuple(PromptSpec.parse(p) for p in cfg.prompts), auto_prompts=0 if cfg.prompts else cfg.auto_prompts,
         metrics=False, previews=True, edit_concurrency=cfg.edit_concurrency, device=cfg.device,
         actor_num_cpus=cfg.actor_num_cpus, progress=cfg.progress, storage_options=cfg.storage_options,
-        max_failure_fraction=1.0,
+        max_failure_fraction=1.0, retries=cfg.retries, lease_ttl_s=cfg.lease_ttl_s, lease_wait_s=cfg.lease_wait_s,
+        tmp_max_age_s=cfg.tmp_max_age_s,
     )
     summary = run_edit(edit_cfg)
     log.info("%s", summary.line())
+    bookkeeping_errors.extend(summary.bookkeeping_errors)
     return read_manifest(edits_dir, cfg.storage_options).to_pandas()
 
 
@@ -170,14 +199,14 @@ def _run_baselines(cfg: EvalConfig, specs: ModelSpecs, tasks: list[dict], out_di
 
     counts = {m: sum(t["method"] == m for t in tasks) for m in cfg.baselines}
     log.info("baselines: %s edits (SDEdit strength %.2f)", counts, cfg.sdedit_strength)
-    ds = ray.data.from_items(tasks, override_num_blocks=len(tasks))
+    ds = tolerate_lost_blocks(ray.data.from_items(tasks, override_num_blocks=len(tasks)), cfg.retries)
     ds = ds.map_batches(
         BaselineStage,
         fn_constructor_kwargs={"specs": specs, "out": out_dir, "device": cfg.device,
                                "storage_options": cfg.storage_options},
         batch_size=1, batch_format="pandas", **_actor_args(cfg, "baselines", cfg.baseline_concurrency),
     )
-    return pd.DataFrame(ds.take_all())
+    return _with_lost(tasks, ds.take_all(), "baseline")
 
 
 def _measure(cfg: EvalConfig, specs: ModelSpecs, rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -186,23 +215,24 @@ def _measure(cfg: EvalConfig, specs: ModelSpecs, rows: list[dict[str, Any]]) -> 
     if not rows:
         return pd.DataFrame()
     n = max(1, math.ceil(len(rows) / cfg.metrics_batch_size))
-    ds = ray.data.from_items(rows, override_num_blocks=n).map_batches(
+    ds = tolerate_lost_blocks(ray.data.from_items(rows, override_num_blocks=n), cfg.retries).map_batches(
         MetricsStage,
         fn_constructor_kwargs={"specs": specs, "device": cfg.device, "storage_options": cfg.storage_options},
         batch_size=cfg.metrics_batch_size, batch_format="pandas",
         **_actor_args(cfg, "metrics", cfg.metrics_concurrency),
     )
-    return pd.DataFrame(ds.take_all())
+    return _with_lost(rows, ds.take_all(), "metrics")
 
 
-def _outputs(cfg: EvalConfig, specs: ModelSpecs, run_dir: str) -> list[dict[str, Any]]:
+def _outputs(cfg: EvalConfig, specs: ModelSpecs, run_dir: str, bookkeeping_errors: list[str]) -> list[dict[str, Any]]:
     """The rows to measure: our model's and the baselines' outputs of the dataset, or the manifest of
-    ``cfg.edits``; every row carries its input clip (pickled, or None) and the error columns."""
+    ``cfg.edits``; every row carries its input clip (pickled, or None) and the error columns. Failed
+    bookkeeping writes of the edit job go to ``bookkeeping_errors``."""
     if cfg.dataset:
         clips = dataset_clips(cfg, specs)
         if not clips:
             raise ConfigError(f"{cfg.dataset}: no sequences selected")
-        ours = _run_ours(cfg, clips, join_uri(run_dir, "edits"))
+        ours = _run_ours(cfg, clips, join_uri(run_dir, "edits"), bookkeeping_errors)
         by_id = {c.clip_id: pickle.dumps(c) for c in clips}
         rows = [{**r, "clip": by_id.get(r["clip_id"]), "method": "gen1", "sdedit_strength": None}
                 for r in ours.to_dict("records")]
@@ -237,16 +267,17 @@ def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _commit_errors(cfg: EvalConfig, run_dir: str, failed: pd.DataFrame) -> list[dict[str, Any]]:
-    """The failed rows as error records, committed to ``run_dir/errors/`` (ERRORS_SCHEMA)."""
+def _commit_errors(store: TableStore, lease: Lease, failed: pd.DataFrame) -> list[dict[str, Any]]:
+    """The failed rows as error records, committed to ``run_dir/errors/`` (ERRORS_SCHEMA) under the run's
+    lease of ``run_dir`` (``store``)."""
     records: list[dict[str, Any]] = [
         {**error_record(r), "message": f"edit {r['edit_key']}: {r['error_message']}"}
         for r in failed.to_dict("records")
     ]
     if records:
-        committer = Committer(TableStore(run_dir, cfg.storage_options), ERRORS_DIR, new_run_id(), key=None)
+        committer = Committer(store, ERRORS_DIR, lease.owner.run_id, key=None, lease=lease)
         committer.commit_errors(records)
-        log.warning("%d videos failed; their errors are in %s", len(records), join_uri(run_dir, ERRORS_DIR))
+        log.warning("%d videos failed; their errors are in %s", len(records), join_uri(store.dst, ERRORS_DIR))
     return records
 
 
@@ -277,15 +308,19 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
     if specs.is_tiny:
         log.warning("tiny random models: the numbers are plumbing checks, not results")
     t0 = time.monotonic()
-    started = init_ray(cfg.ray_address, cfg.num_cpus)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
-        measured, failed = _split(_measure(cfg, specs, _outputs(cfg, specs, run_dir)))
-    finally:
-        if started:
-            ray.shutdown()
-    errors = _commit_errors(cfg, run_dir, failed)
-    summary = log_run(cfg, specs, per_video_table(measured), run_name, run_dir, errors)
+    store = TableStore(run_dir, cfg.storage_options)
+    bookkeeping_errors: list[str] = []
+    with hold_dst(store, "eval", new_run_id(), cfg, (ERRORS_DIR,)) as lease:
+        started = init_ray(cfg.ray_address, cfg.num_cpus)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+            measured, failed = _split(_measure(cfg, specs, _outputs(cfg, specs, run_dir, bookkeeping_errors)))
+        finally:
+            if started:
+                ray.shutdown()
+        errors = _commit_errors(store, lease, failed)
+        summary = log_run(cfg, specs, per_video_table(measured), run_name, run_dir, errors)
+    summary.bookkeeping_errors = bookkeeping_errors
     summary.seconds = time.monotonic() - t0
     log.info("%s", summary.line())
     return summary

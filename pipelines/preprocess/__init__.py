@@ -7,8 +7,10 @@ Ray Data streams clips through plain stage classes (`pipelines.preprocess.stages
     list videos (driver) -> drop quarantined videos (driver)
       -> PlanStage (`pipelines.sources`; CPU tasks, or the driver for a few videos: probe, pick clips)
       -> drop clips already in DST or quarantined (driver)
-      -> DecodeStage (CPU tasks) -> DepthStage (actor pool) -> ClipStage (actor pool)
-      -> [LatentsStage (actor pool)] -> ShardWriter (CPU tasks: write shards/_tmp/..., errors/_tmp/...)
+      -> DecodeStage (actor pool: one video per call, decoded in a child process)
+      -> DepthStage (actor pool) -> ClipStage (actor pool) -> [LatentsStage (actor pool)]
+         (on a CPU-only cluster one pool runs them all in each actor: FusedModels, ``fuse_models``)
+      -> ShardWriter (CPU tasks: write shards/_tmp/..., errors/_tmp/...)
       -> Committer (`pipelines.commits`, one per table; driver: move each tmp file to its final name,
          one at a time)
 
@@ -16,11 +18,17 @@ Failures are data: a clip that cannot be decoded or fails in a stage becomes an 
 to the writer and lands in ``DST/errors`` (`pipelines.failures`). Completion is tracked per clip id:
 a rerun plans the same clips, skips those already committed and retries the ones that failed. The
 driver is the only committer and drops rows whose clip id is already committed (also by another run
-that committed meanwhile), so DST never holds a clip id twice. Whatever is neither committed nor in
-errors when the stream ends (e.g. the stream itself failed) is recorded as a ``pipeline`` error, so
-every planned clip ends either written or in ``errors``. Inputs that failed in two runs are skipped
-(`pipelines.quarantine`) unless ``retry_quarantined`` is set; each run ends by rewriting the quarantine
-list and its run record, ``DST/runs/<run_id>.json``.
+that committed meanwhile), so DST never holds a clip id twice. Every Ray Data call has bounded retries
+(``retries``, `pipelines.runtime.RetryConfig`): a clip whose worker or actor died on every attempt, also
+when streamed again alone, becomes an error (stage ``worker``, error_type ``crash``) that counts toward
+quarantine, and the job finishes. What is neither committed nor in errors when a broken stream ends is
+recorded as a ``pipeline`` error, so every planned clip ends either written or in ``errors``. A model
+call past ``model_timeout_s`` retires its actor (`pipelines.timeouts.Retirement`). Inputs that failed in
+two runs are skipped (`pipelines.quarantine`) unless ``retry_quarantined`` is set; each run ends by
+rewriting the quarantine list and its run record, ``DST/runs/<run_id>.json`` (a failed write of either is
+reported and the command exits 6). One driver at a time: a run holds DST's lease from start to end
+(`pipelines.lease`), and a second driver waits for it or refuses; at start the run removes ``_tmp/``
+leftovers of runs that died.
 
 Storage: listing, probes, decodes, shards, errors, quarantine and run records all go through the
 config's fsspec ``storage_options``, handed to each stage as an argument.
@@ -41,6 +49,7 @@ from pipelines.preprocess.stages import (
     ClipStage,
     DecodeStage,
     DepthStage,
+    FusedModels,
     LatentsStage,
     ModelStage,
     ShardWriter,
@@ -52,6 +61,7 @@ __all__ = [
     "ClipStage",
     "DecodeStage",
     "DepthStage",
+    "FusedModels",
     "LatentsStage",
     "ModelStage",
     "PreprocessConfig",

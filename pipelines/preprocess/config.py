@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from gen1.config import ConfigError, ModelSpecs, config_from_mapping, load_model_specs, read_yaml_mapping
+from pipelines.lease import check_lease_settings
+from pipelines.runtime import RetryConfig
 from pipelines.sources import VIDEO_EXTENSIONS
 from pipelines.timeouts import check_time_limits
 
@@ -56,6 +58,11 @@ class PreprocessConfig:
     depth_batch_frames: int = 16  # frames per depth call
     clip_batch_frames: int = 32  # frames per CLIP call
     latents_batch_frames: int = 16
+    # One actor pool for every model stage (depth, then CLIP, then latents, in each actor) instead of one
+    # pool per model. None: fused on a CPU-only cluster, where each pool's process pays its own torch and
+    # transformers imports (about 8 CPU seconds) and the models take turns on the same cores anyway; separate
+    # on a GPU cluster, where each pool gets its GPU share. A fused pool has depth_concurrency actors.
+    fuse_models: bool | None = None
     depth_concurrency: int = 1  # actors per model pool
     clip_concurrency: int = 1
     latents_concurrency: int = 1
@@ -85,6 +92,17 @@ class PreprocessConfig:
     model_threads: int | None = None
     # inputs that failed in 2 runs are skipped (pipelines.quarantine) unless this is set
     retry_quarantined: bool = False
+    # Bounded retries of every Ray Data call (`pipelines.runtime.RetryConfig`; YAML: a mapping of its fields).
+    # A clip whose Ray worker or actor died on every attempt, also when run again alone, becomes an error
+    # row (stage "worker", error_type "crash") that counts toward quarantine.
+    retries: RetryConfig = field(default_factory=RetryConfig)
+    # Concurrent drivers (`pipelines.lease`): a run holds DST's lease while it runs (renewed every
+    # lease_ttl_s / 3; a driver that dies frees it after lease_ttl_s, or at once seen from its own machine); a
+    # second driver waits up to lease_wait_s for it, then refuses (exit code 5). At start the run removes
+    # DST's _tmp/ leftovers older than tmp_max_age_s (what runs that died wrote and never committed).
+    lease_ttl_s: float = 120.0
+    lease_wait_s: float = 0.0
+    tmp_max_age_s: float = 86400.0
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started here
     num_cpus: int | None = None  # CPUs of a local Ray (None: the machine's)
     progress: bool = True  # Ray Data progress bars
@@ -95,6 +113,7 @@ class PreprocessConfig:
         if self.size is not None:
             self.size = (int(self.size[0]), int(self.size[1]))
         self.extensions = tuple(self.extensions)
+        self.retries = RetryConfig.from_value(self.retries)
         if self.frames_format not in ("jpeg", "raw"):
             raise ConfigError(f"frames_format: expected 'jpeg' or 'raw'; found {self.frames_format!r}")
         for name in ("shard_size", "plan_batch_size", "decode_batch_size", "depth_batch_frames",
@@ -110,6 +129,7 @@ class PreprocessConfig:
         if int(self.decode_threads) < 0:
             raise ConfigError(f"decode_threads: expected an integer >= 0; found {self.decode_threads!r}")
         check_time_limits(self, ("decode_timeout_s", "model_timeout_s"))
+        check_lease_settings(self)
         if not 0 <= self.max_failure_fraction <= 1:
             raise ConfigError(f"max_failure_fraction: expected a value in [0, 1]; found {self.max_failure_fraction}")
 

@@ -1,7 +1,16 @@
-"""The driver of a preprocess run: `run_preprocess` lists and plans the videos, skips what DST already has
+"""The driver of a preprocess run: `run_preprocess` takes DST's lease (`pipelines.lease`: one driver at a
+time; leftovers of dead runs under ``_tmp/`` go), lists and plans the videos, skips what DST already has
 or holds in quarantine, streams the rest through the stages (`pipelines.preprocess.stages`), commits what
-the writer reports, records lost clips as ``pipeline`` errors, then updates the quarantine list and writes
-the run record (``DST/runs/<run_id>.json``). Its `PreprocessSummary` counts every clip.
+the writer reports, records lost clips, then updates the quarantine list and writes the run record
+(``DST/runs/<run_id>.json``) and gives the lease back. Its `PreprocessSummary` counts every clip
+and names the bookkeeping writes that failed.
+
+Lost clips (`pipelines.failures`): the clips a finished stream did not return were lost with a Ray worker
+or actor (every attempt of their block died within ``retries``), together with the clips that shared their
+blocks; they are streamed again, each clip alone in its blocks, and those lost again become errors
+(stage ``worker``, error_type ``crash``) that count toward quarantine. Videos lost while planning are
+planned again one per task if they shared one, and become ``plan`` errors of error_type ``crash``. What a
+broken stream leaves undone becomes ``pipeline`` errors, which do not count.
 """
 
 from __future__ import annotations
@@ -11,34 +20,53 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pipelines.commits import Committer
-from pipelines.failures import STATUS_OK, error_record, missing_record
+from pipelines.failures import (
+    LOST_STAGE,
+    STATUS_OK,
+    WorkerLost,
+    error_record,
+    mark_failed,
+    missing_record,
+    with_error_columns,
+)
+from pipelines.lease import Lease, LeaseError, hold_dst
 from pipelines.preprocess.config import PreprocessConfig, ResolvedConfig
 from pipelines.preprocess.stages import (
     ClipStage,
     DecodeStage,
     DepthStage,
+    FusedModels,
     LatentsStage,
     ShardWriter,
     video_rows,
 )
-from pipelines.quarantine import QUARANTINE_AFTER, Quarantine, load_quarantine, write_quarantine
+from pipelines.quarantine import (
+    QUARANTINE_AFTER,
+    QUARANTINE_DIR,
+    QUARANTINE_FILE,
+    Quarantine,
+    load_quarantine,
+    write_quarantine,
+)
 from pipelines.runtime import (
     ActorPool,
     actor_pool,
+    bookkeeping,
     cluster_resources,
     init_ray,
     new_run_id,
     operator_seconds,
     plan_resources,
     task_pool,
+    tolerate_lost_blocks,
     write_run_record,
 )
-from pipelines.schema import ERRORS_DIR, SHARDS_DIR, TableStore
+from pipelines.schema import ERRORS_DIR, RUNS_DIR, SHARDS_DIR, TableStore
 from pipelines.sources import PlanStage, list_videos
 
 logger = logging.getLogger(__name__)
@@ -59,6 +87,8 @@ class PreprocessSummary:
     in_quarantine: int = 0  # inputs on the quarantine list after this run (DST/quarantine)
     seconds: float = 0.0
     error: str | None = None  # the exception that stopped the stream, if any
+    # writes after the results were committed that failed: the quarantine list, the run record (exit code 6)
+    bookkeeping_errors: list[str] = dataclasses.field(default_factory=list)
     # per Ray Data operator: UDF and task wall seconds, rows out (`pipelines.runtime.operator_seconds`)
     stage_seconds: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
 
@@ -91,20 +121,30 @@ class PreprocessSummary:
 
 
 def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> PreprocessSummary:
-    """Build feature shards under ``dst`` for the videos under ``src`` (see `pipelines.preprocess`)."""
-    import ray
-
+    """Build feature shards under ``dst`` for the videos under ``src`` (see `pipelines.preprocess`).
+    `pipelines.lease.LeaseHeldError` when another driver holds DST's lease past ``cfg.lease_wait_s``."""
     cfg = cfg or PreprocessConfig()
     res = cfg.resolved()
     run_id = new_run_id()
     logger.info("preprocess %s -> %s, run %s, models %s", src, dst, run_id, res.specs.label())
     logger.debug("config: %s", json.dumps(cfg.as_dict(), default=str))  # -v; the run record keeps it
     _check_weights(res)
-    t0 = time.monotonic()
     store = TableStore(dst, cfg.storage_options)
-    commits = run_committers(store, run_id)
+    with hold_dst(store, "preprocess", run_id, cfg, (SHARDS_DIR, ERRORS_DIR)) as lease:
+        summary = _run(src, store, lease, run_id, cfg, res)
+    logger.info("%s", summary.line())
+    return summary
+
+
+def _run(src: str, store: TableStore, lease: Lease, run_id: str, cfg: PreprocessConfig,
+         res: ResolvedConfig) -> PreprocessSummary:
+    """The run, under DST's lease: every commit, the quarantine list and the run record."""
+    import ray
+
+    t0 = time.monotonic()
+    commits = run_committers(store, run_id, lease)
     shards, errors = commits[SHARDS_DIR], commits[ERRORS_DIR]
-    summary = PreprocessSummary(run_id=run_id, dst=dst)
+    summary = PreprocessSummary(run_id=run_id, dst=store.dst)
 
     uris = list_videos(src, cfg.extensions, cfg.manifest_column, cfg.storage_options)
     summary.videos = len(uris)
@@ -115,8 +155,7 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
         ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
         todo = _clips_to_do(uris, shards, errors, quarantine, cfg, res, summary)
         if todo:
-            summary.error, summary.stage_seconds = _stream(todo, commits, dst, run_id, cfg, res)
-            _record_missing(todo, shards, errors, summary.error)
+            summary.error, summary.stage_seconds = _run_clips(todo, commits, store.dst, run_id, cfg, res)
         summary.ok = len(shards.written)
         summary.failed = len(errors.written - shards.written)
     finally:
@@ -125,19 +164,21 @@ def run_preprocess(src: str, dst: str, cfg: PreprocessConfig | None = None) -> P
             committer.remove_tmp()
         if started:
             ray.shutdown()
+    lease.check()  # the quarantine list and the run record are DST's too: only while this run holds it
     _update_quarantine(store, shards, summary)
-    write_run_record(store, run_id, {"run_id": run_id, "src": src, "config": cfg.as_dict(),
-                                     "summary": summary.as_dict()})
-    logger.info("%s", summary.line())
+    record = store.uri(store.path(RUNS_DIR, f"{run_id}.json"))
+    bookkeeping(summary.bookkeeping_errors, f"the run record {record}",
+                lambda: write_run_record(store, run_id, {"run_id": run_id, "src": src, "config": cfg.as_dict(),
+                                                         "summary": summary.as_dict()}))
     return summary
 
 
-def run_committers(store: TableStore, run_id: str) -> dict[str, Committer]:
+def run_committers(store: TableStore, run_id: str, lease: Lease | None = None) -> dict[str, Committer]:
     """The driver's committers of a run, by table: ``shards`` (a clip id once, tracking the source URIs
-    that have a clip) and ``errors`` (every row)."""
+    that have a clip) and ``errors`` (every row); each checks ``lease`` before a commit."""
     return {
-        SHARDS_DIR: Committer(store, SHARDS_DIR, run_id, key="clip_id", track=("source_uri",)),
-        ERRORS_DIR: Committer(store, ERRORS_DIR, run_id, key=None),
+        SHARDS_DIR: Committer(store, SHARDS_DIR, run_id, key="clip_id", track=("source_uri",), lease=lease),
+        ERRORS_DIR: Committer(store, ERRORS_DIR, run_id, key=None, lease=lease),
     }
 
 
@@ -172,16 +213,30 @@ def _check_weights(res: ResolvedConfig) -> None:
 
 
 def _plan(uris: list[str], cfg: PreprocessConfig, res: ResolvedConfig) -> list[dict[str, Any]]:
-    """Plan rows (PLAN_SCHEMA) of every video: in the driver for a few videos, else in Ray tasks."""
-    import ray
-
+    """Plan rows (PLAN_SCHEMA) of every video: in the driver for a few videos, else in Ray tasks. A video
+    lost with its task worker is planned again alone if it shared its task, and is then a ``plan`` error
+    (`pipelines.failures.WorkerLost`)."""
     stage = PlanStage(res.frames, res.stride, cfg.clips_per_video, res.size, cfg.decode_timeout_s,
                       cfg.storage_options)
     if len(uris) <= cfg.plan_in_driver_max:
         return stage({"uri": uris}).to_pylist()
-    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / cfg.plan_batch_size))
-    ds = ds.map_batches(stage, batch_size=cfg.plan_batch_size, batch_format="pandas", num_cpus=cfg.task_num_cpus,
-                        compute=task_pool(cfg.task_concurrency))
+    plans = _plan_in_tasks(stage, uris, cfg, cfg.plan_batch_size)
+    lost = sorted(set(uris) - {p["source_uri"] for p in plans})
+    if lost and cfg.plan_batch_size > 1:
+        logger.warning("%d videos were lost with their planning tasks; planning them again, one per task", len(lost))
+        plans += _plan_in_tasks(stage, lost, cfg, 1)
+        lost = sorted(set(lost) - {p["source_uri"] for p in plans})
+    plans += [stage.error_row(uri, WorkerLost(f"probe {uri}", alone=cfg.plan_batch_size > 1)) for uri in lost]
+    return plans
+
+
+def _plan_in_tasks(stage: PlanStage, uris: list[str], cfg: PreprocessConfig, batch: int) -> list[dict[str, Any]]:
+    import ray
+
+    ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / batch))
+    ds = tolerate_lost_blocks(ds, cfg.retries).map_batches(
+        stage, batch_size=batch, batch_format="pandas", num_cpus=cfg.task_num_cpus,
+        **task_pool(cfg.retries, cfg.task_concurrency))
     return ds.take_all()
 
 
@@ -244,6 +299,16 @@ def _model_passes(cfg: PreprocessConfig, res: ResolvedConfig) -> list[_ModelPass
     return passes
 
 
+def fuse_models(cfg: PreprocessConfig) -> bool:
+    """Whether one actor pool runs every model stage: ``fuse_models``, else on a CPU-only cluster."""
+    return cfg.fuse_models if cfg.fuse_models is not None else cluster_resources()[1] == 0
+
+
+def fused_pool(cfg: PreprocessConfig, passes: Sequence[_ModelPass]) -> ActorPool:
+    """The one pool of fused model stages: depth_concurrency actors, each with every model's GPU share."""
+    return ActorPool("models", cfg.depth_concurrency, sum(p.pool.num_gpus for p in passes))
+
+
 def decode_actors(cfg: PreprocessConfig, videos: int) -> int:
     """How many decode actors (each decoding one video at a time): max_concurrent_decodes, else half the
     cluster's CPUs; at least 1 and at most one per video."""
@@ -266,54 +331,99 @@ def writer_batch_rows(cfg: PreprocessConfig, res: ResolvedConfig) -> int:
         return cfg.shard_size
     return max(1, cfg.target_shard_bytes // estimated_row_bytes(cfg, res))
 
+
 def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: PreprocessConfig,
-                   res: ResolvedConfig):
+                   res: ResolvedConfig, alone: bool = False):
+    """The stream of ``todo``; ``alone``: every clip in blocks of its own (its own decode task, model calls
+    and shard), and one call queued per model actor, so a retired actor's next call is never another's."""
     import ray
 
     passes = _model_passes(cfg, res)
-    resources = plan_resources([p.pool for p in passes], cfg.actor_num_cpus, cfg.task_num_cpus)
-    videos = video_rows(todo)
+    fused = fuse_models(cfg)
+    pools = [fused_pool(cfg, passes)] if fused else [p.pool for p in passes]
+    resources = plan_resources(pools, cfg.actor_num_cpus, cfg.task_num_cpus)
+    videos = [video_rows([p])[0] for p in todo] if alone else video_rows(todo)
     # A generator stage's clips leave in blocks of about decode_batch_size clips (Ray Data cuts a
     # generator's output at the target block size).
-    ds = ray.data.from_items(videos, override_num_blocks=len(videos))
+    ds = tolerate_lost_blocks(ray.data.from_items(videos, override_num_blocks=len(videos)), cfg.retries)
     clip_bytes = res.frames * res.size[0] * res.size[1] * 3
     ds.context.target_max_block_size = max(2**20, cfg.decode_batch_size * clip_bytes)  # this run's datasets only
     ds = ds.map_batches(
         DecodeStage,
-        fn_constructor_kwargs={"timeout_s": cfg.decode_timeout_s, "batch_clips": cfg.decode_batch_size,
+        fn_constructor_kwargs={"timeout_s": cfg.decode_timeout_s, "batch_clips": 1 if alone else cfg.decode_batch_size,
                                "storage_options": cfg.storage_options, "threads": cfg.decode_threads},
         batch_size=1, batch_format="pandas", num_cpus=cfg.task_num_cpus,
-        compute=actor_pool(decode_actors(cfg, len(videos)), tasks_per_actor=1),
+        **actor_pool(cfg.retries, decode_actors(cfg, len(videos)), tasks_per_actor=1),
     )
-    for i, p in enumerate(passes):
-        last = i == len(passes) - 1  # the last reader of the frames: it drops them unless they are stored
+    stages = [(p.stage, {"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s,
+                         "drop_frames": i == len(passes) - 1 and not cfg.store_frames,  # the frames' last reader
+                         "batch_frames": p.batch_frames, "threads": cfg.model_threads})
+              for i, p in enumerate(passes)]
+    if fused:
+        stages = [(FusedModels, {"stages": stages})]
+        passes = [_ModelPass(FusedModels, "", min(p.batch_frames for p in passes), fused_pool(cfg, passes))]
+    for p, (stage, kwargs) in zip(passes, stages, strict=True):
         ds = ds.map_batches(  # a class: Ray Data runs it in a pool of `concurrency` actors
-            p.stage,
-            fn_constructor_kwargs={"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s,
-                                   "drop_frames": last and not cfg.store_frames, "batch_frames": p.batch_frames,
-                                   "threads": cfg.model_threads},
-            batch_size=max(1, p.batch_frames // res.frames),  # whole clips: as many as fit in batch_frames
+            stage,
+            fn_constructor_kwargs=kwargs,
+            batch_size=1 if alone else max(1, p.batch_frames // res.frames),  # whole clips: as many as fit
             batch_format="pandas",
-            compute=actor_pool(p.pool.concurrency),
+            **actor_pool(cfg.retries, p.pool.concurrency, tasks_per_actor=1 if alone else None),
             **resources[p.pool.name],
         )
     writer = ShardWriter(dst, run_id, {"depth": res.depth_model, "clip": res.clip_model, "vae": res.vae_model},
                          cfg.store_frames, cfg.frames_format, cfg.jpeg_quality, cfg.storage_options,
                          target_bytes=cfg.target_shard_bytes)
-    return ds.map_batches(writer, batch_size=writer_batch_rows(cfg, res), batch_format="pandas",
-                          num_cpus=cfg.task_num_cpus, compute=task_pool(cfg.task_concurrency))
+    return ds.map_batches(writer, batch_size=1 if alone else writer_batch_rows(cfg, res), batch_format="pandas",
+                          num_cpus=cfg.task_num_cpus, **task_pool(cfg.retries, cfg.task_concurrency))
+
+
+def _run_clips(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: str, run_id: str,
+               cfg: PreprocessConfig, res: ResolvedConfig) -> tuple[str | None, dict[str, dict[str, float]]]:
+    """Stream ``todo``, then the clips a finished stream lost again, each alone; records the clips lost
+    again (`WorkerLost`) and what a broken stream left (``pipeline`` errors). Returns what broke the
+    stream ("Type: message") or None, and the operators' times."""
+    shards, errors = commits[SHARDS_DIR], commits[ERRORS_DIR]
+    error, stats = _stream(todo, commits, dst, run_id, cfg, res)
+    lost = _lost(todo, shards, errors) if error is None else []
+    if lost:
+        logger.warning("%d clips were lost with their Ray workers or actors (and the clips sharing their "
+                       "blocks); streaming them again, each clip alone", len(lost))
+        error, again = _stream(lost, commits, dst, run_id, cfg, res, alone=True)
+        for name, entry in again.items():
+            for key, value in entry.items():
+                stats.setdefault(name, dict.fromkeys(entry, 0.0))[key] += value
+        if error is None:
+            errors.commit_errors([_lost_record(p) for p in _lost(lost, shards, errors)])
+    _record_missing(todo, shards, errors, error)
+    return error, stats
+
+
+def _lost(todo: list[dict[str, Any]], shards: Committer, errors: Committer) -> list[dict[str, Any]]:
+    """The clips of ``todo`` neither committed (by any run) nor recorded as failed by this one."""
+    ended = shards.refresh() | errors.written
+    return [p for p in todo if p["clip_id"] not in ended]
+
+
+def _lost_record(plan: dict[str, Any]) -> dict[str, Any]:
+    what = f"clip {plan['clip_id']} (start {plan['start']}) of {plan['source_uri']}"
+    return error_record(mark_failed(with_error_columns(dict(plan)), LOST_STAGE, WorkerLost(what, alone=True)))
 
 
 def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: str, run_id: str,
-            cfg: PreprocessConfig, res: ResolvedConfig) -> tuple[str | None, dict[str, dict[str, float]]]:
-    """Stream ``todo`` through the stages, committing each file the writer reports as it comes; returns the
-    exception that stopped the stream early ("Type: message") or None, and the operators' times."""
+            cfg: PreprocessConfig, res: ResolvedConfig, alone: bool = False
+            ) -> tuple[str | None, dict[str, dict[str, float]]]:
+    """Stream ``todo`` through the stages (`_build_dataset`), committing each file the writer reports as it
+    comes; returns the exception that stopped the stream early ("Type: message") or None, and the
+    operators' times."""
     ds = None
     try:
-        ds = _build_dataset(todo, dst, run_id, cfg, res)
+        ds = _build_dataset(todo, dst, run_id, cfg, res, alone)
         for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
             for w in batch.to_dict("records"):
                 commits[w["table"]].commit_file(w["tmp_path"], [str(i) for i in w["clip_ids"]])
+    except LeaseError:
+        raise  # another driver took DST over: this one commits nothing more, error rows included (exit 5)
     except Exception as e:  # the stream broke: what is not committed yet becomes a pipeline error
         logger.exception("the pipeline stopped early: %s", e)
         return f"{type(e).__name__}: {e}", operator_seconds(ds) if ds is not None else {}
@@ -321,7 +431,7 @@ def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: s
 
 
 def _record_missing(todo: list[dict[str, Any]], shards: Committer, errors: Committer, error: str | None) -> None:
-    """Planned clips neither written nor in errors (the stream broke, or lost them) -> `pipeline` errors."""
+    """Planned clips neither written nor in errors (the stream broke) -> `pipeline` errors."""
     ended = shards.written | errors.written
     missing = [p for p in todo if p["clip_id"] not in ended]
     if not missing:
@@ -333,11 +443,14 @@ def _record_missing(todo: list[dict[str, Any]], shards: Committer, errors: Commi
 
 
 def _update_quarantine(store: TableStore, shards: Committer, summary: PreprocessSummary) -> None:
-    """Recompute the quarantine list with this run's errors and write it to DST/quarantine."""
-    try:
+    """Recompute the quarantine list with this run's errors and write it to DST/quarantine (bookkeeping: a
+    failure is reported in ``summary.bookkeeping_errors``)."""
+
+    def update() -> None:
         quarantine = _current_quarantine(store, shards)
         write_quarantine(store, quarantine)
         summary.in_quarantine = len(quarantine)
-    except Exception:
-        logger.exception("could not update the quarantine list under %s", store.dst)
+
+    path = store.uri(store.path(QUARANTINE_DIR, QUARANTINE_FILE))
+    bookkeeping(summary.bookkeeping_errors, f"the quarantine list {path}", update)
 

@@ -5,6 +5,7 @@ callable without Ray.
   video's planned clips) -> one row per clip with its decoded, resized frames in ``frames_raw``.
 - `ModelStage`, the base of `DepthStage`, `ClipStage` and `LatentsStage` (actor pools): the frames ->
   ``depth``; ``clip_embedding`` and ``clip_dim``; ``latents`` and ``lat_c``, ``lat_h``, ``lat_w``.
+- `FusedModels` (an actor pool): several model stages in one actor, applied in turn.
 - `ShardWriter` (CPU tasks): the healthy rows of a batch -> shard files, its error rows -> an errors file,
   all under ``_tmp/``; it returns one `WRITTEN_COLUMNS` row per file, for the driver to commit.
 
@@ -44,7 +45,7 @@ from pipelines.schema import (
     encode_frames,
 )
 from pipelines.sources import PLAN_COLUMNS
-from pipelines.timeouts import StageTimeout
+from pipelines.timeouts import Retirement, StageTimeout
 
 # Added by the stages (bytes are b"" and ints 0 where a stage did not run, so types never vary).
 FEATURE_COLUMNS = ("frames_raw", "depth", "clip_embedding", "clip_dim", "latents", "lat_c", "lat_h", "lat_w")
@@ -209,7 +210,8 @@ class ModelStage:
     """A model over the healthy clips of a batch: the model is loaded once (`load`, from ``__init__``);
     `predict` runs on every clip of a call at once, and on each clip alone when that raises
     (`pipelines.failures.apply_per_clip`); `store` writes one clip's output into its row. A clip that
-    fails alone becomes an error row of stage `name`.
+    fails alone becomes an error row of stage `name`. A model call past ``timeout_s`` retires the stage
+    (`pipelines.timeouts.Retirement`): in a Ray actor its next call ends the process first.
     """
 
     name: str  # the stage of its error rows
@@ -220,6 +222,7 @@ class ModelStage:
         self.spec, self.timeout_s = spec, timeout_s  # timeout_s: per model call (`apply_per_clip`)
         self.drop_frames = drop_frames  # the last stage that needs the frames, and they are not stored
         self.batch_frames = int(batch_frames)  # frames per forward
+        self.retirement = Retirement()
         if threads:
             import torch
 
@@ -247,8 +250,9 @@ class ModelStage:
         raise NotImplementedError
 
     def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        self.retirement.check()
         rows = _rows(batch)
-        apply_per_clip(rows, self.name, self.infer, clip_frames, self.store, self.timeout_s)
+        apply_per_clip(rows, self.name, self.infer, clip_frames, self.store, self.timeout_s, self.retirement)
         return _frame(_without_frames(rows) if self.drop_frames else rows)
 
 
@@ -335,6 +339,21 @@ class LatentsStage(ModelStage):
     def store(self, row: dict[str, Any], z: np.ndarray) -> None:
         row["latents"] = encode_array(z, "float16")[0]
         row["lat_c"], _, row["lat_h"], row["lat_w"] = (int(s) for s in z.shape)
+
+
+class FusedModels:
+    """Model stages run one after another in one actor: ``stages`` is ``[(ModelStage subclass, its keyword
+    arguments), ...]``, each built once here and applied to each batch in order. Saves a process (its
+    imports and its copy of the batch) per model on a CPU-only cluster, where the models share the cores.
+    """
+
+    def __init__(self, stages: Sequence[tuple[type[ModelStage], Mapping[str, Any]]]):
+        self.stages = [cls(**dict(kwargs)) for cls, kwargs in stages]
+
+    def __call__(self, batch: pd.DataFrame | Mapping[str, Any]) -> pd.DataFrame:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch if isinstance(batch, pd.DataFrame) else _frame(_rows(batch))
 
 
 class ShardWriter:
