@@ -72,4 +72,4 @@ def test_ci_requires_the_real_parts_for_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     require = ci.find(f"export {REQUIRE_ENV}=1\n")
     assert require != -1, f".ci/run does not export {REQUIRE_ENV}=1"
-    assert require < ci.find("\n.venv/bin/python -m pytest\n"), f".ci/run sets {REQUIRE_ENV} after running the tests"
+    assert require < ci.find("\n.venv/bin/python -m pytest -n 2 --dist loadgroup\n"), f".ci/run sets {REQUIRE_ENV} after running the tests"
