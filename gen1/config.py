@@ -1,9 +1,10 @@
-"""Dataclass configs: model presets ("sd15" full size, "tiny" for tests and the demo), every component's
-architecture config (`COMPONENT_CONFIGS`), sampler settings.
+"""Dataclass configs: model presets ("sd15" and "sdiv" full size, "tiny" for tests and the demo), every
+component's architecture config (`COMPONENT_CONFIGS`), the content-embedding convention, sampler settings.
 
 A *weight spec* names where a component's weights live (see `gen1.weights`):
 
-- ``hf:<org>/<name>[/<subfolder>]``  the local Hugging Face cache only (never the network);
+- ``hf:<org>/<name>[@<revision>][/<subfolder>]``  the local Hugging Face cache only (never the network);
+  ``@<revision>`` (a tag, branch or commit hash) pins the snapshot, else the cache's ``main``;
 - a local directory;
 - an fsspec URI (``s3://bucket/models/dpt-large``), downloaded once to a local cache;
 - ``tiny:<component>``  a tiny random-initialised model of the real class, built once with a fixed seed,
@@ -22,6 +23,10 @@ import yaml
 COMPONENTS = ("vae", "unet", "clip", "depth", "caption", "prior")
 
 
+class ConfigError(ValueError):
+    """A config file or preset name is wrong; the message says what was expected and what was found."""
+
+
 @dataclass(frozen=True)
 class TemporalConfig:
     """How the image UNet is inflated to video (`gen1.temporal`, `gen1.unet`)."""
@@ -32,11 +37,52 @@ class TemporalConfig:
 
 
 @dataclass(frozen=True)
+class ContentConvention:
+    """How a frame becomes the content embedding the UNet cross-attends to (`gen1.clip.ClipEmbedder`).
+
+    ``resize``: ``"crop"`` = shortest side to the CLIP input size, then the central square (open_clip's
+    eval transform); ``"squash"`` = straight to the square, aspect not kept. ``antialias``: low-pass the
+    image when shrinking. ``unit_norm``: the embedding is L2-normalised; else it is the raw projected
+    embedding (open_clip ``encode_image``, transformers ``CLIPVisionModelWithProjection.image_embeds``) and
+    prior samples are rescaled to the prior's typical norm (`gen1.content.prior_to_convention`).
+    """
+
+    resize: str = "crop"
+    antialias: bool = True
+    unit_norm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.resize not in ("crop", "squash"):
+            raise ConfigError(f"content convention: resize must be 'crop' or 'squash', found {self.resize!r}")
+
+    def label(self) -> str:
+        """e.g. ``crop, antialias, unit-norm``: how `gen1 models` and logs name it."""
+        return ", ".join([self.resize, "antialias" if self.antialias else "no antialias",
+                          "unit-norm" if self.unit_norm else "raw norm"])
+
+    def model_id(self, clip_spec: str) -> str:
+        """The CLIP model id outputs record: the spec, plus this label unless it is the default convention
+        (so feature shards made for one convention are told apart from another's)."""
+        return clip_spec if self == ContentConvention() else f"{clip_spec} ({self.label()})"
+
+
+# Ours (sd15): open_clip's eval transform, unit-normalised embeddings.
+UNIT_CONTENT = ContentConvention()
+# What lambdalabs/sd-image-variations-diffusers' UNet was trained on (justinpinkney/stable-diffusion,
+# ldm/modules/encoders/modules.py FrozenCLIPImageEmbedder): OpenAI CLIP ViT-L/14 ``encode_image`` of the
+# image resized to 224x224 (no crop) with bicubic interpolation, align_corners=True and no antialias, CLIP
+# mean/std, not normalised, one token. The model card's inference transform is the same squash without
+# antialias (torchvision, align_corners=False); diffusers' pipeline given a PIL image would instead apply the
+# feature_extractor's antialiased resize + centre crop, which the card warns against.
+SDIV_CONTENT = ContentConvention(resize="squash", antialias=False, unit_norm=False)
+
+
+@dataclass(frozen=True)
 class ModelSpecs:
     """The weight spec of every component of a preset, plus the shapes the model works at.
 
     ``clip_dim`` is the CLIP embedding width; it must equal the UNet's ``cross_attention_dim``
-    (768 for SD 1.5 with ViT-L/14). ``width`` x ``height`` is the video clips' size; ``image_buckets`` the
+    (768 for SD 1.5 with ViT-L/14). ``content`` is the convention the UNet's content embedding follows. ``width`` x ``height`` is the video clips' size; ``image_buckets`` the
     (width, height) sizes image steps are cut to (their transposes are added, see `gen1.training`).
     """
 
@@ -55,6 +101,7 @@ class ModelSpecs:
     # the paper's image sizes (§3.4: 320x320, 384x320, 448x256 "and flipped"); image and video areas alike
     image_buckets: tuple[tuple[int, int], ...] = ((320, 320), (384, 320), (448, 256))
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    content: ContentConvention = UNIT_CONTENT  # how the UNet's content embedding is made (must match its training)
 
     @property
     def is_tiny(self) -> bool:
@@ -99,7 +146,25 @@ TINY = ModelSpecs(
     temporal=TemporalConfig(max_frames=16, attention_head_dim=8),
 )
 
-PRESETS: dict[str, ModelSpecs] = {"sd15": SD15, "tiny": TINY}
+# Stage 1 already done: SD fine-tuned on CLIP ViT-L/14 image embeddings (lambdalabs/sd-image-variations-
+# diffusers, v2: from SD 1.4, 46k steps cross-attention only + 50k steps whole UNet, model card). Train from
+# stage 2 (jobs/train/stage2-from-sdiv.yaml). Its UNet has SD 1.5's architecture (COMPONENT_CONFIGS["sd15"]
+# "unet"); its conditioning follows SDIV_CONTENT. The CLIP encoder is ours (open_clip, OpenAI ViT-L/14): the
+# same weights the UNet was trained with (OpenAI's `clip.load("ViT-L/14")`), whose unnormalised
+# ``encode_image`` equals the checkpoint's ``image_encoder`` (transformers CLIPVisionModelWithProjection)
+# ``image_embeds`` (tests/test_content_prior.py converts one into the other on the tiny models).
+# Revision: the model card's tag "v2.0" (the diffusers layout: unet/, vae/, image_encoder/); its commit hash
+# could not be verified offline, so the tag is pinned, not a hash.
+SDIV_REPO = "hf:lambdalabs/sd-image-variations-diffusers@v2.0"
+SDIV = dataclasses.replace(
+    SD15,
+    name="sdiv",
+    vae=f"{SDIV_REPO}/vae",
+    unet=f"{SDIV_REPO}/unet",
+    content=SDIV_CONTENT,
+)
+
+PRESETS: dict[str, ModelSpecs] = {"sd15": SD15, "sdiv": SDIV, "tiny": TINY}
 
 # Every component's constructor config, full size ("sd15") and tiny, in one table: `gen1.architectures`
 # builds the full-size ones on ``meta``, `gen1.tiny` builds and saves the tiny ones. Full-size configs are
@@ -300,10 +365,6 @@ COMPONENT_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
 assert all(set(configs) == set(COMPONENTS) for configs in COMPONENT_CONFIGS.values())
 
 
-class ConfigError(ValueError):
-    """A config file or preset name is wrong; the message says what was expected and what was found."""
-
-
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
     """The mapping in the YAML file ``path`` (empty file: {}); `ConfigError` for anything else.
     ``what`` names its contents in the message, e.g. "edit settings"."""
@@ -326,7 +387,7 @@ def config_from_mapping(cls: type, data: dict[str, Any], source: str | Path, ove
 def load_model_specs(preset_or_yaml: str) -> ModelSpecs:
     """Return the preset named ``preset_or_yaml`` or the specs in that YAML file.
 
-    A YAML file may name ``base: sd15|tiny`` and override any field of it, e.g.
+    A YAML file may name ``base: sd15|sdiv|tiny`` and override any field of it, e.g.
     ``{base: sd15, depth: s3://models/dpt-large}``.
     """
     if preset_or_yaml in PRESETS:
@@ -348,6 +409,8 @@ def load_model_specs(preset_or_yaml: str) -> ModelSpecs:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; expected some of {sorted(known)}")
     if "temporal" in data:
         data["temporal"] = TemporalConfig(**data["temporal"])
+    if "content" in data:
+        data["content"] = ContentConvention(**data["content"])
     if "image_buckets" in data:
         data["image_buckets"] = tuple(tuple(int(x) for x in size) for size in data["image_buckets"])
     data.setdefault("name", path.stem)

@@ -2,7 +2,11 @@
 
 In training it is the embedding of one frame of the clip (a random one); at inference it comes from a
 reference image, or from a text prompt through the prior (CLIP text -> CLIP image embedding). ``null()``
-is the all-zeros "no content" embedding used for classifier-free guidance.
+is the all-zeros "no content" embedding used for classifier-free guidance (as diffusers' image-variation
+pipeline's unconditional embedding too).
+
+Both follow the preset's `gen1.config.ContentConvention` (the CLIP embedder's ``convention``): image
+embeddings are made that way; prior samples are brought to it by `prior_to_convention`.
 """
 
 from __future__ import annotations
@@ -19,11 +23,19 @@ from gen1.prior import DEFAULT_GUIDANCE, Prior
 log = logging.getLogger(__name__)
 
 
+def prior_to_convention(embeds: torch.Tensor, unit_norm: bool, norm: float) -> torch.Tensor:
+    """Prior samples (n, d) -> (n, d) in the UNet's convention, each row's direction kept: L2-normalised
+    (``unit_norm``), else rescaled to ``norm``, the typical norm of raw image embeddings
+    (`gen1.prior.Prior.typical_norm`): a sample's own norm is the diffusion's noise as much as the data's."""
+    unit = F.normalize(embeds.float(), dim=-1)
+    return unit if unit_norm else unit * float(norm)
+
+
 class ContentEncoder:
     """CLIP image embedding (dim,) of a frame, a reference image or (via the prior) a text prompt.
 
-    ``clip`` is a ``gen1.clip.ClipEmbedder`` (``dim``, ``embed_images``, ``text_tokens_and_pooled``);
-    ``prior`` is needed only for ``from_text``.
+    ``clip`` is a ``gen1.clip.ClipEmbedder`` (``dim``, ``convention``, ``embed_images``,
+    ``text_tokens_and_pooled``); ``prior`` is needed only for ``from_text``.
     """
 
     def __init__(self, clip, prior: Prior | None = None, prior_steps: int = 25):
@@ -31,11 +43,12 @@ class ContentEncoder:
         self.prior = prior
         self.prior_steps = prior_steps
         self.dim = int(clip.dim)
+        self.convention = clip.convention
         if prior is not None and prior.dim != self.dim:
             raise ValueError(f"prior produces {prior.dim}-d embeddings but the CLIP model's are {self.dim}-d")
 
     def from_image(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """uint8 (h, w, 3) -> (dim,) L2-normalised embedding."""
+        """uint8 (h, w, 3) -> (dim,) embedding in the convention."""
         if image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"image must be uint8 (h, w, 3), found shape {tuple(image.shape)}")
         return self.clip.embed_images(image[None])[0]
@@ -70,7 +83,7 @@ class ContentEncoder:
         guidance_scale: float = DEFAULT_GUIDANCE,
         steps: int | None = None,
     ) -> torch.Tensor:
-        """A prompt -> (dim,) CLIP image embedding sampled by the prior, L2-normalised like image embeddings."""
+        """A prompt -> (dim,) CLIP image embedding sampled by the prior, in the convention of image embeddings."""
         if self.prior is None:
             raise ValueError("from_text needs a prior (ContentEncoder(clip, prior)); none was given")
         pooled, tokens, mask = self.text_inputs([text])
@@ -84,7 +97,7 @@ class ContentEncoder:
             guidance_scale=guidance_scale,
             uncond=uncond,
         )
-        return F.normalize(emb, dim=-1)[0]
+        return prior_to_convention(emb, self.convention.unit_norm, self.prior.typical_norm())[0]
 
     def null(self) -> torch.Tensor:
         """(dim,) zeros: the unconditional content for classifier-free guidance."""

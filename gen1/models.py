@@ -62,7 +62,7 @@ class Gen1Models:
         vae = load_vae(specs.vae, device=device, dtype=dtype).eval()
         unet = load_video_unet(specs.unet, specs.temporal).to(device=device, dtype=dtype).eval()
         depth = DepthEstimator(specs.depth, device=device)
-        clip = ClipEmbedder(specs.clip, device=device)
+        clip = ClipEmbedder(specs.clip, device=device, convention=specs.content)
         prior = Prior.load(specs.prior, device=device)
         if clip.dim != unet.cross_attention_dim:
             raise ValueError(

@@ -87,6 +87,13 @@ class Prior:
         """Set the normalisation from a sample of image embeddings (n, d), as Karlo's ViT-L-14_stats."""
         self.set_clip_stats(image_embeds.float().mean(0), image_embeds.float().std(0).clamp_min(eps))
 
+    def typical_norm(self) -> float:
+        """The root-mean-square L2 norm of the image embeddings the prior's statistics describe:
+        ``sqrt(sum(clip_mean**2 + clip_std**2))`` (E|x|^2 = |mean|^2 + sum(var)). For a prior fitted on raw
+        embeddings it is their typical norm; on unit-norm ones about 1."""
+        mean, std = self.prior.clip_mean.detach().float(), self.prior.clip_std.detach().float()
+        return float((mean.square() + std.square()).sum().sqrt())
+
     def normalise(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """CLIP image embeddings (n, d) -> the prior's diffusion space (n, d)."""
         mean, std = self.prior.clip_mean.detach(), self.prior.clip_std.detach()

@@ -2,8 +2,9 @@
 
 A spec (see `gen1.config`) is one of
 
-- ``hf:<org>/<name>[/<subfolder>]``: a snapshot in the local Hugging Face cache (``HF_HUB_CACHE``, else
-  ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), looked up with ``local_files_only=True``;
+- ``hf:<org>/<name>[@<revision>][/<subfolder>]``: a snapshot in the local Hugging Face cache
+  (``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``), looked up with
+  ``local_files_only=True``: ``main`` or the pinned revision (tag, branch or commit hash);
 - a local directory (``~`` expanded) or a ``file://`` URI, used in place;
 - any other fsspec URI (``s3://bucket/models/dpt-large``, ``memory://...``): the directory is downloaded
   once into ``$GEN1_CACHE_DIR`` (default ``~/.cache/gen1/weights``) under a name derived from the URI,
@@ -118,10 +119,11 @@ def _how_to_provide(spec: str, component: str | None) -> str:
         f"`{key}: /path/to/{name}` (or `{key}: s3://bucket/models/{name}`);",
     ]
     if spec.startswith(HF_PREFIX):
-        repo_id, _ = parse_hf_spec(spec)
+        repo_id, revision, _ = parse_hf_spec(spec)
         cache = hf_hub_cache()
+        args = f"{repo_id} --revision {revision}" if revision else repo_id
         lines.append(
-            f"  - or, on a machine with network, `hf download {repo_id}` (`huggingface-cli download {repo_id}` "
+            f"  - or, on a machine with network, `hf download {args}` (`huggingface-cli download {args}` "
             f"with huggingface_hub < 1.0), then copy its cache folder models--{repo_id.replace('/', '--')} into "
             f"{cache} (or set HF_HUB_CACHE / HF_HOME to a cache that has it);"
         )
@@ -143,14 +145,16 @@ def _not_found(spec: str, tried: Sequence[str], component: str | None) -> Weight
 # ---- resolving -------------------------------------------------------------------------------------------
 
 
-def parse_hf_spec(spec: str) -> tuple[str, str | None]:
-    """``hf:org/name[/sub/folder]`` -> (``org/name``, ``sub/folder`` or None)."""
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """``hf:org/name[@revision][/sub/folder]`` -> (``org/name``, ``revision`` or None, ``sub/folder`` or None)."""
     parts = [p for p in spec[len(HF_PREFIX) :].strip("/").split("/") if p]
-    if len(parts) < 2:
+    name, _, revision = parts[1].partition("@") if len(parts) >= 2 else ("", "", "")
+    if len(parts) < 2 or not name or (revision == "" and "@" in parts[1]):
         raise WeightSpecError(
-            f"weight spec {spec!r}: expected hf:<org>/<name>[/<subfolder>], e.g. hf:Intel/dpt-large", spec=spec
+            f"weight spec {spec!r}: expected hf:<org>/<name>[@<revision>][/<subfolder>], e.g. hf:Intel/dpt-large",
+            spec=spec,
         )
-    return "/".join(parts[:2]), ("/".join(parts[2:]) or None)
+    return f"{parts[0]}/{name}", (revision or None), ("/".join(parts[2:]) or None)
 
 
 def _non_empty_dir(path: Path) -> bool:
@@ -158,23 +162,30 @@ def _non_empty_dir(path: Path) -> bool:
 
 
 def resolve_hf(spec: str, component: str | None = None) -> Path:
-    """A ``hf:`` spec -> the snapshot (sub)directory in the local HF cache; never touches the network."""
+    """A ``hf:`` spec -> the snapshot (sub)directory in the local HF cache; never touches the network.
+
+    Without ``@revision`` the cache's ``main``, else (a copied cache may lack refs/main) its newest snapshot;
+    with one, that revision only (a tag or branch through ``refs/``, a commit hash by its snapshot).
+    """
     from huggingface_hub import snapshot_download
 
-    repo_id, subfolder = parse_hf_spec(spec)
+    repo_id, revision, subfolder = parse_hf_spec(spec)
     cache = hf_hub_cache()
     repo_dir = cache / f"models--{repo_id.replace('/', '--')}"
     snapshots: list[Path] = []
     reasons: dict[Path, str] = {}
     try:
-        snapshots.append(Path(snapshot_download(repo_id, cache_dir=cache, local_files_only=True)))
+        snapshots.append(
+            Path(snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=True))
+        )
     except Exception as err:  # huggingface_hub raises several types for "not in the cache"
-        reasons[repo_dir] = f"no snapshot for revision 'main': {type(err).__name__}"
-        # A copied cache may lack refs/main: any snapshot of the repo will do, newest first.
-        found = sorted((repo_dir / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
-        if found:
-            log.warning("%s: refs/main missing in %s; using snapshot %s", spec, repo_dir, found[0].name)
-        snapshots += found
+        reasons[repo_dir] = f"no snapshot for revision {revision or 'main'!r}: {type(err).__name__}"
+        if revision is None:
+            # A copied cache may lack refs/main: any snapshot of the repo will do, newest first.
+            found = sorted((repo_dir / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime, reverse=True)
+            if found:
+                log.warning("%s: refs/main missing in %s; using snapshot %s", spec, repo_dir, found[0].name)
+            snapshots += found
     tried = []
     for snapshot in snapshots:
         path = snapshot / subfolder if subfolder else snapshot
@@ -372,7 +383,7 @@ def _registry_quick_gelu(spec: str) -> bool:
         return False
     import open_clip
 
-    repo_id, _ = parse_hf_spec(spec)
+    repo_id, _, _ = parse_hf_spec(spec)
     for model_name, tag in open_clip.list_pretrained():
         cfg = open_clip.get_pretrained_cfg(model_name, tag)
         if cfg.get("hf_hub", "").strip("/") == repo_id:

@@ -98,7 +98,7 @@ def local_source(cfg: TrainConfig, data: str, specs: ModelSpecs | None = None) -
 
         if specs is None:
             raise ValueError("prior training from an image folder needs the model specs (for CLIP)")
-        rows = read_captioned_images(data, ClipEmbedder(specs.clip))
+        rows = read_captioned_images(data, ClipEmbedder(specs.clip, convention=specs.content))
         return RowSource(len(rows), lambda idx: [rows[i] for i in idx], cfg.batch_size, cfg.seed,
                          collate=_collate_for(cfg))
     has_latents = shards_have_latents(data)

@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import PriorTransformer, UnCLIPScheduler
 
-from gen1.content import ContentEncoder
+from gen1.clip import OPENAI_MEAN, OPENAI_STD
+from gen1.config import SDIV, SDIV_CONTENT, UNIT_CONTENT, ContentConvention
+from gen1.content import ContentEncoder, prior_to_convention
 from gen1.prior import Prior
 from gen1.schedule import KARLO_PRIOR_SCHEDULER_CONFIG, load_prior_scheduler
 
@@ -198,8 +200,9 @@ class StubClip:
 
     dim = DIM
 
-    def __init__(self):
+    def __init__(self, convention: ContentConvention = UNIT_CONTENT):
         self.embedded: list[np.ndarray] = []
+        self.convention = convention
 
     def embed_images(self, frames):
         frames = np.asarray(frames)
@@ -255,3 +258,137 @@ def test_null_and_misconfiguration():
     wide = PriorTransformer(num_attention_heads=2, attention_head_dim=8, num_layers=1, embedding_dim=24)
     with pytest.raises(ValueError, match="24-d"):
         ContentEncoder(StubClip(), Prior(wide))
+
+
+# ---- the sdiv convention (lambdalabs/sd-image-variations-diffusers' UNet) ------------------------------------
+
+
+def open_clip_visual_to_transformers(model) -> torch.nn.Module:
+    """open_clip ``CLIP``'s image tower -> a transformers ``CLIPVisionModelWithProjection`` (the checkpoint's
+    ``image_encoder`` class) holding the same weights, as OpenAI's ViT-L/14 exists in both formats."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    v = model.visual
+    blocks = v.transformer.resblocks
+    width = v.conv1.out_channels
+    config = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=blocks[0].mlp.c_fc.out_features,
+        num_hidden_layers=len(blocks),
+        num_attention_heads=blocks[0].attn.num_heads,
+        image_size=v.image_size[0],
+        patch_size=v.patch_size[0],
+        projection_dim=v.output_dim,
+        hidden_act="quick_gelu",  # OpenAI's activation (open_clip's quick_gelu=True)
+        layer_norm_eps=v.ln_pre.eps,
+    )
+    hf = CLIPVisionModelWithProjection(config).eval()
+    state = {
+        "vision_model.embeddings.class_embedding": v.class_embedding,
+        "vision_model.embeddings.patch_embedding.weight": v.conv1.weight,
+        "vision_model.embeddings.position_embedding.weight": v.positional_embedding,
+        "vision_model.pre_layrnorm.weight": v.ln_pre.weight,
+        "vision_model.pre_layrnorm.bias": v.ln_pre.bias,
+        "vision_model.post_layernorm.weight": v.ln_post.weight,
+        "vision_model.post_layernorm.bias": v.ln_post.bias,
+        "visual_projection.weight": v.proj.T,  # open_clip: x @ proj; transformers: Linear(x) = x @ W.T
+    }
+    for i, block in enumerate(blocks):
+        hf_layer = f"vision_model.encoder.layers.{i}"
+        q, k, val = block.attn.in_proj_weight.chunk(3)
+        qb, kb, vb = block.attn.in_proj_bias.chunk(3)
+        state.update({
+            f"{hf_layer}.self_attn.q_proj.weight": q, f"{hf_layer}.self_attn.q_proj.bias": qb,
+            f"{hf_layer}.self_attn.k_proj.weight": k, f"{hf_layer}.self_attn.k_proj.bias": kb,
+            f"{hf_layer}.self_attn.v_proj.weight": val, f"{hf_layer}.self_attn.v_proj.bias": vb,
+            f"{hf_layer}.self_attn.out_proj.weight": block.attn.out_proj.weight,
+            f"{hf_layer}.self_attn.out_proj.bias": block.attn.out_proj.bias,
+            f"{hf_layer}.layer_norm1.weight": block.ln_1.weight, f"{hf_layer}.layer_norm1.bias": block.ln_1.bias,
+            f"{hf_layer}.layer_norm2.weight": block.ln_2.weight, f"{hf_layer}.layer_norm2.bias": block.ln_2.bias,
+            f"{hf_layer}.mlp.fc1.weight": block.mlp.c_fc.weight, f"{hf_layer}.mlp.fc1.bias": block.mlp.c_fc.bias,
+            f"{hf_layer}.mlp.fc2.weight": block.mlp.c_proj.weight, f"{hf_layer}.mlp.fc2.bias": block.mlp.c_proj.bias,
+        })
+    missing, unexpected = hf.load_state_dict({k: t.detach().clone() for k, t in state.items()}, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    return hf
+
+
+def frames_hw(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """uint8 (n, h, w, 3) with detail at every scale (noise over a gradient), so resampling choices show."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 160, w)[None, :, None]
+    return np.clip(ramp + rng.normal(0, 50, (n, h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def clips(tiny_models):
+    from gen1.clip import ClipEmbedder
+
+    return {c: ClipEmbedder("tiny:clip", device="cpu", convention=c) for c in (UNIT_CONTENT, SDIV_CONTENT)}
+
+
+def test_sdiv_preset_names_the_checkpoint_pinned_and_its_convention():
+    assert SDIV.unet == "hf:lambdalabs/sd-image-variations-diffusers@v2.0/unet"
+    assert SDIV.clip == "hf:timm/vit_large_patch14_clip_224.openai" and SDIV.clip_dim == 768
+    assert (SDIV.content.resize, SDIV.content.antialias, SDIV.content.unit_norm) == ("squash", False, False)
+    assert SDIV_CONTENT.model_id(SDIV.clip).endswith("(squash, no antialias, raw norm)")
+    assert UNIT_CONTENT.model_id(SDIV.clip) == SDIV.clip
+
+
+def test_sdiv_preprocessing_squashes_without_antialias_as_the_unet_was_trained(clips):
+    sdiv, unit = clips[SDIV_CONTENT], clips[UNIT_CONTENT]
+    frames = frames_hw(2, 40, 72)  # not square: a crop and a squash see different pixels
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+    # the training code's kornia.geometry.resize((224, 224), "bicubic", align_corners=True, antialias=False)
+    want = (F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=True) - mean) / std
+    torch.testing.assert_close(sdiv.preprocess(torch.from_numpy(frames)), want, atol=1e-6, rtol=0)
+    assert (unit.preprocess(torch.from_numpy(frames)) - want).abs().mean() > 0.1  # crop + antialias differ
+
+
+def test_sdiv_embedding_is_the_image_variation_encoders_image_embeds_with_converted_weights(clips):
+    sdiv = clips[SDIV_CONTENT]
+    image_encoder = open_clip_visual_to_transformers(sdiv.model)
+    frames = frames_hw(3, 48, 64, seed=1)
+    with torch.no_grad():
+        theirs = image_encoder(sdiv.preprocess(torch.from_numpy(frames))).image_embeds  # diffusers' _encode_image
+    ours = sdiv.embed_images(frames)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    assert (ours.norm(dim=-1) - 1).abs().min() > 0.1  # raw: not normalised, as the UNet saw it
+    # up to scale it is the unit-norm convention's embedding of the same pixels
+    unit_same_pixels = ContentConvention(resize="squash", antialias=False, unit_norm=True)
+    from gen1.clip import ClipEmbedder
+
+    unit = ClipEmbedder.from_model(sdiv.model, sdiv.tokenizer, device="cpu", convention=unit_same_pixels)
+    torch.testing.assert_close(unit.embed_images(frames), F.normalize(theirs, dim=-1), atol=1e-5, rtol=1e-4)
+
+
+def test_prior_samples_are_brought_to_the_convention():
+    g = gen(3)
+    raw = torch.randn(4, DIM, generator=g) * torch.linspace(0.5, 3.0, 4)[:, None]
+    unit = prior_to_convention(raw, unit_norm=True, norm=9.0)
+    torch.testing.assert_close(unit.norm(dim=-1), torch.ones(4))
+    scaled = prior_to_convention(raw, unit_norm=False, norm=9.0)
+    torch.testing.assert_close(scaled.norm(dim=-1), torch.full((4,), 9.0))
+    torch.testing.assert_close(F.normalize(scaled, dim=-1), unit)  # direction kept
+
+
+def test_typical_norm_is_the_norm_of_the_embeddings_the_prior_was_fitted_on():
+    g = gen(4)
+    directions = F.normalize(torch.randn(4096, DIM, generator=g) + 2.0, dim=-1)  # not centred, as CLIP's
+    raw = directions * (12.0 + torch.randn(4096, 1, generator=g))  # raw image_embeds: norms around 12
+    prior = Prior(tiny_prior_transformer())
+    prior.fit_clip_stats(raw)
+    assert prior.typical_norm() == pytest.approx(raw.norm(dim=-1).square().mean().sqrt().item(), rel=1e-3)
+    prior.fit_clip_stats(directions)
+    assert prior.typical_norm() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_from_text_under_the_sdiv_convention_has_the_priors_typical_norm():
+    prior = Prior(tiny_prior_transformer())
+    raw_enc = ContentEncoder(StubClip(SDIV_CONTENT), prior, prior_steps=4)
+    unit_enc = ContentEncoder(StubClip(UNIT_CONTENT), prior, prior_steps=4)
+    raw, unit = raw_enc.from_text("a red car", generator=gen(0)), unit_enc.from_text("a red car", generator=gen(0))
+    assert abs(prior.typical_norm() - 1.0) > 0.3  # the test prior's stats: far from unit norm
+    torch.testing.assert_close(raw.norm(), torch.tensor(prior.typical_norm()))
+    torch.testing.assert_close(F.normalize(raw, dim=0), unit)

@@ -331,6 +331,25 @@ def test_hf_spec_honours_hf_home_and_a_cache_without_refs(tiny_models, tmp_path,
     assert no_network == []
 
 
+def test_hf_spec_pins_a_revision_and_never_falls_back_to_another_snapshot(tiny_models, tmp_path, monkeypatch,
+                                                                         no_network):
+    snapshot = fake_hf_cache(tmp_path / "hub", "acme/tiny-sd", {"unet": tiny_models["unet"]})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    refs = tmp_path / "hub" / "models--acme--tiny-sd" / "refs"
+    (refs / "v2.0").write_text(snapshot.name)  # a tag, as `hf download acme/tiny-sd --revision v2.0` leaves it
+    assert weights.parse_hf_spec("hf:acme/tiny-sd@v2.0/unet") == ("acme/tiny-sd", "v2.0", "unet")
+    assert resolve_spec("hf:acme/tiny-sd@v2.0/unet") == snapshot / "unet"
+    assert resolve_spec(f"hf:acme/tiny-sd@{snapshot.name}/unet") == snapshot / "unet"  # a commit hash
+    (refs / "main").unlink()  # unpinned specs may fall back to any snapshot; pinned ones must not
+    assert resolve_spec("hf:acme/tiny-sd/unet") == snapshot / "unet"
+    with pytest.raises(WeightsNotFoundError) as info:
+        resolve_spec("hf:acme/tiny-sd@v1.0/unet", component="unet")
+    assert "revision 'v1.0'" in str(info.value) and "hf download acme/tiny-sd --revision v1.0" in str(info.value)
+    with pytest.raises(WeightSpecError, match="revision"):
+        resolve_spec("hf:acme/tiny-sd@/unet")
+    assert no_network == []
+
+
 def test_missing_hf_spec_names_spec_paths_and_how_to_get_it(tmp_path, monkeypatch, no_network):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(WeightsNotFoundError) as info:

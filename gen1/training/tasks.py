@@ -311,7 +311,7 @@ class PriorTask:
         self.prior = Prior.load(model_spec, device=device)
         self.prior.prior.to(dtype=torch.float32)
         self.model = self.prior.prior
-        self.text = ContentEncoder(ClipEmbedder(specs.clip, device=str(device)), None)
+        self.text = ContentEncoder(ClipEmbedder(specs.clip, device=str(device), convention=specs.content), None)
         self.pairs = Cursor(pairs, "prior pairs")
         self.amp_dtype = _amp_dtype(cfg, device)
         self.model.requires_grad_(False)
@@ -401,6 +401,6 @@ def image_featurizer(cfg: TrainConfig, specs: ModelSpecs, runtime: Runtime) -> I
     from gen1.depth import DepthEstimator
     from gen1.structure import StructureEncoder
 
-    clip = ClipEmbedder(specs.clip, device=str(runtime.device))
+    clip = ClipEmbedder(specs.clip, device=str(runtime.device), convention=specs.content)
     depth = StructureEncoder(DepthEstimator(specs.depth, device=str(runtime.device)), None).depth
     return ImageFeaturizer(clip, depth if cfg.use_structure else None, cfg.width or specs.width, cfg.height or specs.height)

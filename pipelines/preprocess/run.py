@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.commits import Committer
@@ -284,6 +284,7 @@ class _ModelPass:
     spec: str
     batch_frames: int
     pool: ActorPool
+    options: dict[str, Any] = field(default_factory=dict)  # the stage's own constructor arguments
 
 
 def _model_passes(cfg: PreprocessConfig, res: ResolvedConfig) -> list[_ModelPass]:
@@ -291,7 +292,7 @@ def _model_passes(cfg: PreprocessConfig, res: ResolvedConfig) -> list[_ModelPass
         _ModelPass(DepthStage, res.depth_model, cfg.depth_batch_frames,
                    ActorPool("depth", cfg.depth_concurrency, cfg.depth_num_gpus)),
         _ModelPass(ClipStage, res.clip_model, cfg.clip_batch_frames,
-                   ActorPool("clip", cfg.clip_concurrency, cfg.clip_num_gpus)),
+                   ActorPool("clip", cfg.clip_concurrency, cfg.clip_num_gpus), {"convention": res.specs.content}),
     ]
     if res.vae_model:
         passes.append(_ModelPass(LatentsStage, res.vae_model, cfg.latents_batch_frames,
@@ -357,7 +358,7 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
     )
     stages = [(p.stage, {"spec": p.spec, "device": cfg.device, "timeout_s": cfg.model_timeout_s,
                          "drop_frames": i == len(passes) - 1 and not cfg.store_frames,  # the frames' last reader
-                         "batch_frames": p.batch_frames, "threads": cfg.model_threads})
+                         "batch_frames": p.batch_frames, "threads": cfg.model_threads, **p.options})
               for i, p in enumerate(passes)]
     if fused:
         stages = [(FusedModels, {"stages": stages})]
@@ -371,7 +372,8 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
             **actor_pool(cfg.retries, p.pool.concurrency, tasks_per_actor=1 if alone else None),
             **resources[p.pool.name],
         )
-    writer = ShardWriter(dst, run_id, {"depth": res.depth_model, "clip": res.clip_model, "vae": res.vae_model},
+    writer = ShardWriter(dst, run_id, {"depth": res.depth_model, "clip": res.specs.content.model_id(res.clip_model),
+                                       "vae": res.vae_model},
                          cfg.store_frames, cfg.frames_format, cfg.jpeg_quality, cfg.storage_options,
                          target_bytes=cfg.target_shard_bytes)
     return ds.map_batches(writer, batch_size=1 if alone else writer_batch_rows(cfg, res), batch_format="pandas",

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from gen1.config import UNIT_CONTENT, ContentConvention
 from pipelines.failures import (
     STATUS_ERROR,
     STATUS_OK,
@@ -285,14 +286,20 @@ class DepthStage(ModelStage):
 
 
 class ClipStage(ModelStage):
-    """Per-frame CLIP image embeddings (`gen1.clip.ClipEmbedder`) -> ``clip_embedding`` (float16 bytes)."""
+    """Per-frame CLIP image embeddings (`gen1.clip.ClipEmbedder`) -> ``clip_embedding`` (float16 bytes), in
+    the preset's content ``convention`` (`gen1.config.ContentConvention`): what the UNet trains on."""
 
     name = "clip"
+
+    def __init__(self, spec: str, convention: ContentConvention = UNIT_CONTENT, **kwargs: Any):
+        self.convention = convention
+        super().__init__(spec, **kwargs)
 
     def load(self, device: str | None) -> None:
         from gen1.clip import ClipEmbedder
 
-        self.embedder = ClipEmbedder(self.spec, device=device, batch_size=self.batch_frames)
+        self.embedder = ClipEmbedder(self.spec, device=device, batch_size=self.batch_frames,
+                                     convention=self.convention)
         self.device = str(self.embedder.device)
 
     def predict(self, clips: list[np.ndarray]) -> list[np.ndarray]:
