@@ -148,8 +148,9 @@ TINY = ModelSpecs(
 
 # Stage 1 already done: SD fine-tuned on CLIP ViT-L/14 image embeddings (lambdalabs/sd-image-variations-
 # diffusers, v2: from SD 1.4, 46k steps cross-attention only + 50k steps whole UNet, model card). Train from
-# stage 2 (jobs/train/stage2-from-sdiv.yaml). Its UNet has SD 1.5's architecture (COMPONENT_CONFIGS["sd15"]
-# "unet"); its conditioning follows SDIV_CONTENT. The CLIP encoder is ours (open_clip, OpenAI ViT-L/14): the
+# stage 2 (jobs/train/stage2-from-sdiv.yaml). Its UNet keeps SD 1.4's architecture, which is SD 1.5's
+# (COMPONENT_CONFIGS["sd15"]["unet"]; the fine-tune changed weights, not the config; its unet/config.json was
+# not at hand offline to compare); its conditioning follows SDIV_CONTENT. The CLIP encoder is ours (open_clip, OpenAI ViT-L/14): the
 # same weights the UNet was trained with (OpenAI's `clip.load("ViT-L/14")`), whose unnormalised
 # ``encode_image`` equals the checkpoint's ``image_encoder`` (transformers CLIPVisionModelWithProjection)
 # ``image_embeds`` (tests/test_content_prior.py converts one into the other on the tiny models).

@@ -169,6 +169,24 @@ def test_models_command_sd15(capsys):
             assert f"{component}: missing: " in out and spec in out.split("\n\n", 1)[1]
 
 
+def test_models_command_sdiv(capsys):
+    from gen1.config import SDIV
+
+    assert main(["models", "--models", "sdiv"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[:2] == ["models: sdiv", "content embedding: squash, no antialias, raw norm (CLIP 768-d)"]
+    rows = table_rows(out)
+    assert set(rows) == set(COMPONENTS)
+    assert rows["unet"][2] == "hf:lambdalabs/sd-image-variations-diffusers@v2.0/unet"
+    assert rows["unet"][-1] == "859,520,964"  # SD 1.5's UNet architecture, fine-tuned
+    assert rows["video_unet"][-1] == f"{SD15_VIDEO_UNET_PARAMS:,}"
+    for component in ("vae", "unet", "clip", "depth", "caption", "prior"):
+        spec = getattr(SDIV, component)
+        assert rows[component][2] == spec and rows[component][-2] == expected_status(spec)
+    if expected_status(SDIV.unet) == "missing":
+        assert "hf download lambdalabs/sd-image-variations-diffusers --revision v2.0" in out
+
+
 def test_models_command_reports_a_missing_local_directory(tmp_path, capsys):
     cfg = tmp_path / "models.yaml"
     cfg.write_text(f"base: sd15\ndepth: {tmp_path / 'no-such-dpt'}\n")

@@ -7,6 +7,7 @@ opencv-doc clips (real footage).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from pathlib import Path
@@ -93,6 +94,9 @@ def test_packaged_configs_declare_the_paper_stages():
         assert cfg.accumulation(world_size=8) == math.ceil(1152 / (cfg.batch_size * 8))
         assert cfg.images_per_batch(8) * cfg.accumulation(1) >= 9216  # the paper's image batch
     assert [packaged(s).max_steps for s in STAGES] == [15000, 75000, 25000, 10000]
+    from_sdiv = packaged("stage2-from-sdiv")  # stage 2 exactly, but from the preset's image UNet
+    assert from_sdiv.init_from is None and resolve_init(from_sdiv, TINY, "runs/stage2") == TINY.unet
+    assert dataclasses.replace(from_sdiv, stage=s2.stage, init_from=s2.init_from) == s2
     custom, prior = packaged("customize"), packaged("prior")
     assert custom.subject_fraction == 0.5 and custom.trainable == ("spatial",) and custom.image_batch_prob == 1.0
     assert prior.task == "prior" and prior.trainable == ("all",)
@@ -742,6 +746,40 @@ def test_stages_chain_and_train_exactly_what_they_declare(real_shards, inflated,
     assert again.init_from == f"{runs}/stage1/final"
     s2_lr0 = unet_state(runs / "stage2-lr0" / "final")
     assert all(torch.equal(s2_lr0[k], s1[k]) for k in s1)
+
+
+def test_stage_chain_from_sdiv_starts_at_stage_2_with_its_content_convention(real_clips, tmp_path):
+    """sdiv -> stage2-from-sdiv -> stage3 -> stage4 with tiny stand-ins: the tiny image UNet as the already
+    image-conditioned UNet, shards embedded in the sdiv convention (raw projected CLIP embeddings)."""
+    import dataclasses
+
+    from gen1.clip import ClipEmbedder
+    from gen1.config import SDIV_CONTENT
+    from pipelines.train import train_local
+
+    specs = dataclasses.replace(TINY, name="tiny-sdiv", content=SDIV_CONTENT)
+    features = {**load_tiny_features(), "clip": ClipEmbedder(specs.clip, device="cpu", convention=specs.content)}
+    rows = shard_rows_from_clips(real_clips, features)
+    norms = [np.linalg.norm(np.frombuffer(r["clip_embedding"], np.float16).reshape(FRAMES, -1), axis=1) for r in rows]
+    assert np.abs(np.concatenate(norms) - 1).min() > 0.1  # raw, as the sdiv UNet was trained on
+    shards = write_feature_shards(str(tmp_path / "pre"), rows, parts=1)
+    runs, chain = tmp_path / "runs", ("stage2-from-sdiv", "stage3", "stage4")
+    outputs = dict(zip(chain, ("stage2", "stage3", "stage4"), strict=True))
+    results = {name: train_local(stage_cfg(name), specs, shards, str(runs / outputs[name])) for name in chain}
+    assert results["stage2-from-sdiv"].init_from == specs.unet  # the preset's image UNet: no stage 1
+    assert results["stage3"].init_from == f"{runs}/stage2/final"
+    assert results["stage4"].init_from == f"{runs}/stage3/final"
+    from gen1.unet import load_video_unet
+
+    start = load_video_unet(specs.unet, specs.temporal).state_dict()
+    s2, s3 = unet_state(runs / "stage2" / "final"), unet_state(runs / "stage3" / "final")
+    temporal = temporal_names(VideoUNet.from_pretrained(runs / "stage2" / "final"))
+    zero_at_start = [k for k in temporal if not start[k].any()]  # the identity-initialised residuals
+    assert zero_at_start and all(s2[k].any() for k in zero_at_start)  # temporal layers added and trained
+    spatial = [k for k in s2 if k not in temporal and k != "image_unet.conv_in.weight"]
+    assert sum(not torch.equal(s2[k], start[k]) for k in spatial) > 0.5 * len(spatial)  # from the sdiv weights
+    conv_in = "image_unet.conv_in.weight"
+    assert not s2[conv_in][:, 4:].any() and s3[conv_in][:, 4:].abs().sum() > 0  # structure enters at stage 3
 
 
 def write_images(folder: Path, uri: str, n: int, captions: bool = False) -> Path:

@@ -1,5 +1,6 @@
-"""`gen1 models`: what a preset is made of: each component's class, weight spec, whether its weights are
-here, and its parameter count (from a weightless ``meta`` build, so nothing is loaded)."""
+"""`gen1 models`: what a preset is made of: its content-embedding convention, and each component's class,
+weight spec, whether its weights are here, and its parameter count (from a weightless ``meta`` build, so
+nothing is loaded)."""
 
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     rows, notes = describe(specs)
     print(f"models: {specs.label()}")
+    print(f"content embedding: {specs.content.label()} (CLIP {specs.clip_dim}-d)")
     if specs.is_tiny:
         print(
             "tiny:<component> specs are TINY RANDOM MODELS of the real classes (built on first use, cached): "
