@@ -33,3 +33,21 @@ def test_edit_bench_cpu_tiny(tiny_models, tmp_path):
     assert report["max_abs_pixel_diff_batched_vs_unbatched"] <= 2
     assert report["unbatched_over_batched"] > 0
     assert report["video"] == "4x128x64"
+
+
+def test_stage_costs_count_the_real_architecture_and_follow_the_stated_formula():
+    from gen1.architectures import build_component
+    from gen1.config import TINY
+    from jobs.benchmarks.stage_costs import StageCost, sample_flops, stage_costs
+
+    unet = build_component("video_unet", TINY).train()
+    cpu = sample_flops(unet, 4, 64, 64, checkpointing=False)
+    meta = sample_flops(build_component("video_unet", TINY, device="meta").train(), 4, 64, 64, checkpointing=False)
+    assert cpu == meta > 0  # counting on meta counts what the real tensors compute
+    with_ckpt = sample_flops(unet, 4, 64, 64, checkpointing=True)
+    assert cpu < with_ckpt < 1.5 * cpu  # + one recomputed forward (backward is about twice a forward)
+    assert sample_flops(unet, 1, 64, 64, checkpointing=False) < cpu / 4  # an image: one frame, no temporal layers
+    (s1,) = stage_costs(TINY, ("stage1",))
+    assert (s1.steps, s1.image_prob, s1.clips, s1.images) == (15000, 1.0, 1152, 1152 * TINY.frames)
+    cost = StageCost("x", steps=3600, image_prob=0.0, clips=1, images=8, flops_per_step=989e12 * 0.4)
+    assert cost.gpu_hours(989.0, 0.4) == pytest.approx(1.0)
