@@ -159,8 +159,47 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri(None, tmp_path) == ("http://127.0.0.1:5000", None)
     assert tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/x.db", tmp_path) == (
         f"sqlite:///{tmp_path}/x.db", (tmp_path / "mlartifacts").as_uri())
-    assert tracking.flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": "x" * 7000}) == {
-        "a.b": "1", "a.c": "[1, 2]", "d": "x" * tracking.MAX_PARAM_CHARS}
+
+
+def test_a_param_over_mlflows_limit_is_left_out_with_a_warning_not_cut(caplog):
+    """A value cut to MLflow's 6000 characters would read as another value (or as invalid JSON)."""
+    params = {"a": {"b": 1, "c": [1, 2]}, "prompts": ["a long prompt"] * 500, "fits": "x" * tracking.MAX_PARAM_CHARS}
+    assert tracking.flatten_params(params) == {"a.b": "1", "a.c": "[1, 2]", "fits": "x" * tracking.MAX_PARAM_CHARS}
+    assert "MLflow param 'prompts' left out: 8500 characters" in caplog.text
+    assert tracking.CONFIG_ARTIFACT in caplog.text  # where the whole value is
+    # the whole config goes to config.yaml as plain YAML values: tuples as lists, objects as text
+    assert tracking.plain_config({"size": (64, 48), "path": Path("/x"), "grid": {"w": (7.5,)}}) == {
+        "size": [64, 48], "path": "/x", "grid": {"w": [7.5]}}
+
+
+def test_dataset_sources_are_mlflows_where_it_has_one_and_record_the_uri_otherwise(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a local path resolves without MLflow's "multiple ways" warning
+        local = tracking.dataset_source(str(tmp_path))
+    assert (local._get_source_type(), local.to_dict()) == ("local", {"uri": str(tmp_path)})
+    assert tracking.dataset_source("s3://bucket/DAVIS").to_dict() == {"uri": "s3://bucket/DAVIS"}
+    memory = tracking.dataset_source("memory://gen1/edits")  # a scheme MLflow has no source for
+    assert (memory._get_source_type(), memory.to_dict()) == ("uri", {"uri": "memory://gen1/edits"})
+    assert tracking.dataset_source("https://u:secret@host/d").to_dict() == {"url": "https://***@host/d"}
+
+
+def test_the_clip_table_has_one_row_per_evaluated_clip_failed_ones_included():
+    from pipelines.evaluate.report import CLIP_COLUMNS, clip_table, dataset_name
+
+    table = per_video_table(pd.DataFrame([
+        {"clip_id": c, "method": m, "source_uri": f"/d/JPEGImages/480p/{v}", "start": 0, "stride": 2, "num_frames": 4,
+         "width": 64, "height": 64, "fps": 8.0, "t_s": 3, "w": 7.5, "w_t": 1.0, "prompt": PROMPT}
+        for c, v in (("c1", "bear"), ("c2", "walking")) for m in (None, "per_frame")]))
+    errors = [{"clip_id": "c2", "uri": "/d/JPEGImages/480p/walking", "start": 0},
+              {"clip_id": "c3", "uri": "/d/JPEGImages/480p/surf", "start": 0}]
+    clips = clip_table(table, errors)
+    assert list(clips.columns) == [*CLIP_COLUMNS, "outputs", "failed"]
+    assert clips[["clip_id", "video", "outputs", "failed"]].values.tolist() == [
+        ["c1", "bear", 2, 0], ["c2", "walking", 2, 1], ["c3", "surf", 0, 1]]
+    assert dataset_name(EvalConfig(dataset="davis:s3://b/data/DAVIS/")) == ("davis:DAVIS", "s3://b/data/DAVIS/")
+    assert dataset_name(EvalConfig(edits="/runs/edits")) == ("edits:edits", "/runs/edits")
 
 
 # ------------------------------------------------------------------------------------- tiny models
