@@ -12,6 +12,9 @@ Both paths decode shard rows with `pipelines.schema`'s row helpers and collate t
   (`pipelines.tracking.MlflowTracker`), so they behave the same as in a local run; every worker also
   reports its logged metrics to Ray Train.
 
+With a tracker, the run's input is the data described by `training_data` (the committed shards: their URI,
+clip count and a digest of their clip ids; or the image folder of a prior run).
+
 Prior training reads (caption, CLIP image embedding) pairs: shard rows that carry a caption, or a folder
 of images with same-name ``.txt`` captions.
 """
@@ -19,9 +22,11 @@ of images with same-name ``.txt`` captions.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import logging
 import os
+import posixpath
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from gen1.config import ModelSpecs
-from gen1.train_data import ClipBatch, PriorBatch, RowSource, collate_clips, collate_prior_rows
-from gen1.training import Runtime, Tracker, TrainConfig, TrainResult, check_output, train
+from gen1.train_data import ClipBatch, PriorBatch, RowSource, collate_clips, collate_prior_rows, list_images
+from gen1.training import Runtime, Tracker, TrainConfig, TrainingData, TrainResult, check_output, train
 from pipelines.runtime import forwarded_env, init_ray
 from pipelines.schema import (
     SHARDS_DIR,
@@ -120,6 +125,19 @@ def _has_shards(data: str) -> bool:
     return bool(TableStore(data).committed(SHARDS_DIR))
 
 
+def training_data(data: str) -> TrainingData:
+    """What a run under ``data`` trains on, for its tracker: the committed feature shards (digest: of their
+    sorted clip ids, so it changes when clips are added, whatever the sharding), or a folder of captioned
+    images (digest: of the image URIs)."""
+    base = posixpath.basename(data.rstrip("/")) or data
+    if _has_shards(data):
+        items, name = sorted(read_shards(data, ["clip_id"]).column("clip_id").to_pylist()), f"{base} feature shards"
+    else:
+        items, name = list_images(data), f"{base} images"
+    digest = hashlib.sha256("\n".join(items).encode()).hexdigest()[:16]
+    return TrainingData(name=name, source=data, digest=digest, rows=len(items))
+
+
 # ------------------------------------------------------------------------------------------ Ray Data
 
 
@@ -204,7 +222,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     runtime = Runtime.current(device=ray.train.torch.get_device(), report=ray.train.report)
     source = RayShardSource(ray.train.get_dataset_shard("train"), cfg)
     train(cfg, config["specs"], source, config["output"], resume=config["resume"], runtime=runtime,
-          tracker=config["tracker"])
+          tracker=config["tracker"], dataset=config["dataset"])
 
 
 def train_with_ray(
@@ -241,6 +259,7 @@ def train_with_ray(
                 "output": output,
                 "resume": resume,
                 "tracker": tracker,
+                "dataset": training_data(data) if tracker is not None else None,
             },
             torch_config=TorchConfig(backend="nccl" if settings.use_gpu else "gloo"),
             scaling_config=ray.train.ScalingConfig(
@@ -276,4 +295,5 @@ def train_local(
     return train(
         cfg, specs, local_source(cfg, data, specs), output, resume=resume,
         runtime=Runtime.current(device=device), tracker=tracker, callbacks=callbacks,
+        dataset=training_data(data) if tracker is not None else None,
     )

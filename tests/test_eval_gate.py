@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from gen1.config import ConfigError
 from jobs.exit_codes import EXIT_BAD_INPUT
@@ -113,19 +114,21 @@ def test_worst_videos_rank_by_per_video_drop_else_by_score():
 
 @pytest.fixture
 def fake_eval(monkeypatch):
-    """`gen1 eval --edits` with the Ray/model part replaced by a fixed measured table (set ``tables[run]``):
-    the rest (per-video table, MLflow logging, the gate, exit codes) is the real code."""
-    from gen1.config import load_model_specs
-    from pipelines import evaluate
-    from pipelines.evaluate.report import join_uri, log_run
+    """`gen1 eval --edits` with the Ray/model part (the weights check and `pipelines.evaluate.run._measured`)
+    replaced by a fixed measured table (set ``tables[run]``, or a function returning one, called where the
+    measuring would run): the rest (the lease, the MLflow run, the per-video table, the gate, acceptance,
+    exit codes) is the real code."""
+    import gen1.models
+    from pipelines.evaluate import run
 
     tables: dict[str, pd.DataFrame] = {}
 
-    def run_eval(cfg):
-        table = per_video_table(tables[cfg.run_name])
-        return log_run(cfg, load_model_specs("tiny"), table, cfg.run_name, join_uri(cfg.out, cfg.run_name))
+    def measured(cfg, specs, run_dir, bookkeeping_errors):
+        table = tables[cfg.run_name]
+        return (table() if callable(table) else table).assign(status="ok")
 
-    monkeypatch.setattr(evaluate, "run_eval", run_eval)
+    monkeypatch.setattr(gen1.models, "check_weights", lambda specs, components: None)
+    monkeypatch.setattr(run, "_measured", measured)
     return tables
 
 
@@ -229,11 +232,61 @@ def test_a_tracking_uri_with_credentials_is_never_logged_printed_or_stored_verba
         assert main(["--accept", run.info.run_id, "--tracking-uri", uri]) == 0
     out = capsys.readouterr()
     summary = json.loads(next(line for line in out.out.splitlines() if line.startswith("{")))
-    stored = json.dumps({"params": run.data.params, "tags": run.data.tags})
+    config = Path(MlflowClient(mlflow_server_uri).download_artifacts(run.info.run_id, "config.yaml",
+                                                                    str(tmp_path))).read_text()
+    stored = json.dumps({"params": run.data.params, "tags": run.data.tags}) + config  # tags: the description too
     for text in (caplog.text, out.out, out.err, stored):
         assert "pw-4k2j" not in text and "gen1-user" not in text
     assert summary["tracking_uri"] == mlflow_server_uri.replace("://", "://***@")
-    assert "://***@127.0.0.1" in json.loads(run.data.params["config"])["tracking_uri"]
+    assert "://***@127.0.0.1" in yaml.safe_load(config)["tracking_uri"]
     assert "MLflow: tracking http://***@127.0.0.1" in caplog.text
     queried = EvalConfig(edits="e", tracking_uri="https://u:p@mlflow.example.com/api?token=tok-9&ws=a").as_dict()
     assert queried["tracking_uri"] == "https://***@mlflow.example.com/api?token=***&ws=***"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_the_eval_run_spans_the_evaluation_and_reads_well_in_mlflow(mlflow_server_uri, fake_eval, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Issue 18: the run is open for the whole evaluation (2 s of measuring show in its duration), names the
+    evaluated clips as its input dataset, samples system metrics, has the summary line as its description and
+    the whole config as config.yaml (not as a param); an evaluation that raises leaves a FAILED run."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+    uri, exp = mlflow_server_uri, "reads-well"
+    client = MlflowClient(uri)
+    fake_eval["slow"] = lambda: (time.sleep(2.0), _measured())[1]
+    assert _eval(uri, tmp_path, exp, "slow", "--json") == 0
+    summary = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
+    run = _run(client, exp, "slow")
+    assert run.info.status == "FINISHED" and run.info.end_time - run.info.start_time >= 2000
+
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.name == "edits:edits" and len(used.dataset.digest) >= 8
+    assert json.loads(used.dataset.source) == {"uri": str(tmp_path / "edits")}
+    assert [(t.key, t.value) for t in used.tags] == [("mlflow.data.context", "eval")]
+    assert json.loads(used.dataset.profile)["num_rows"] == len(VIDEOS)  # one row per clip
+    columns = [c["name"] for c in json.loads(used.dataset.schema)["mlflow_colspec"]]
+    assert columns[:3] == ["clip_id", "video", "source_uri"] and columns[-2:] == ["outputs", "failed"]
+
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and all(0 <= m.value <= 100 for m in cpu)
+    description = run.data.tags["mlflow.note.content"]
+    assert description.startswith(f"eval slow: {len(VIDEOS) * 5} videos (0 failed; gen1 6, no_structure 3, ")
+    assert f"MLflow run {run.info.run_id}" in description and description.endswith(summary["gate_line"])
+    config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text())
+    assert (config["edits"], config["run_name"], config["sample_videos"]) == (str(tmp_path / "edits"), "slow", 0)
+    assert "config" not in run.data.params and run.data.params["videos"] == str(len(VIDEOS))
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {"eval/per_video.json",
+                                                                              "eval/per_video.csv"}
+
+    def fails():
+        raise RuntimeError("measuring failed")
+
+    fake_eval["boom"] = fails
+    with pytest.raises(RuntimeError, match="measuring failed"):
+        _eval(uri, tmp_path, exp, "boom")
+    assert _run(client, exp, "boom").info.status == "FAILED"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -159,8 +160,47 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert tracking.resolve_tracking_uri(None, tmp_path) == ("http://127.0.0.1:5000", None)
     assert tracking.resolve_tracking_uri(f"sqlite:///{tmp_path}/x.db", tmp_path) == (
         f"sqlite:///{tmp_path}/x.db", (tmp_path / "mlartifacts").as_uri())
-    assert tracking.flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": "x" * 7000}) == {
-        "a.b": "1", "a.c": "[1, 2]", "d": "x" * tracking.MAX_PARAM_CHARS}
+
+
+def test_a_param_over_mlflows_limit_is_left_out_with_a_warning_not_cut(caplog):
+    """A value cut to MLflow's 6000 characters would read as another value (or as invalid JSON)."""
+    params = {"a": {"b": 1, "c": [1, 2]}, "prompts": ["a long prompt"] * 500, "fits": "x" * tracking.MAX_PARAM_CHARS}
+    assert tracking.flatten_params(params) == {"a.b": "1", "a.c": "[1, 2]", "fits": "x" * tracking.MAX_PARAM_CHARS}
+    assert "MLflow param 'prompts' left out: 8500 characters" in caplog.text
+    assert tracking.CONFIG_ARTIFACT in caplog.text  # where the whole value is
+    # the whole config goes to config.yaml as plain YAML values: tuples as lists, objects as text
+    assert tracking.plain_config({"size": (64, 48), "path": Path("/x"), "grid": {"w": (7.5,)}}) == {
+        "size": [64, 48], "path": "/x", "grid": {"w": [7.5]}}
+
+
+def test_dataset_sources_are_mlflows_where_it_has_one_and_record_the_uri_otherwise(tmp_path):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a local path resolves without MLflow's "multiple ways" warning
+        local = tracking.dataset_source(str(tmp_path))
+    assert (local._get_source_type(), local.to_dict()) == ("local", {"uri": str(tmp_path)})
+    assert tracking.dataset_source("s3://bucket/DAVIS").to_dict() == {"uri": "s3://bucket/DAVIS"}
+    memory = tracking.dataset_source("memory://gen1/edits")  # a scheme MLflow has no source for
+    assert (memory._get_source_type(), memory.to_dict()) == ("uri", {"uri": "memory://gen1/edits"})
+    assert tracking.dataset_source("https://u:secret@host/d").to_dict() == {"url": "https://***@host/d"}
+
+
+def test_the_clip_table_has_one_row_per_evaluated_clip_failed_ones_included():
+    from pipelines.evaluate.report import CLIP_COLUMNS, clip_table, dataset_name
+
+    table = per_video_table(pd.DataFrame([
+        {"clip_id": c, "method": m, "source_uri": f"/d/JPEGImages/480p/{v}", "start": 0, "stride": 2, "num_frames": 4,
+         "width": 64, "height": 64, "fps": 8.0, "t_s": 3, "w": 7.5, "w_t": 1.0, "prompt": PROMPT}
+        for c, v in (("c1", "bear"), ("c2", "walking")) for m in (None, "per_frame")]))
+    errors = [{"clip_id": "c2", "uri": "/d/JPEGImages/480p/walking", "start": 0},
+              {"clip_id": "c3", "uri": "/d/JPEGImages/480p/surf", "start": 0}]
+    clips = clip_table(table, errors)
+    assert list(clips.columns) == [*CLIP_COLUMNS, "outputs", "failed"]
+    assert clips[["clip_id", "video", "outputs", "failed"]].values.tolist() == [
+        ["c1", "bear", 2, 0], ["c2", "walking", 2, 1], ["c3", "surf", 0, 1]]
+    assert dataset_name(EvalConfig(dataset="davis:s3://b/data/DAVIS/")) == ("davis:DAVIS", "s3://b/data/DAVIS/")
+    assert dataset_name(EvalConfig(edits="/runs/edits")) == ("edits:edits", "/runs/edits")
 
 
 # ------------------------------------------------------------------------------------- tiny models
@@ -330,72 +370,142 @@ def test_baseline_stage_dispatches_on_the_method(models, video, tmp_path, monkey
 
 # --------------------------------------------------------------------------------- MLflow server
 
+SCREENSHOT = ROOT / "docs" / "mlflow-eval-run.png"  # the README's picture of the run page (GEN1_SCREENSHOT_UPDATE=1)
+
+
+@pytest.fixture(scope="module")
+def davis_eval_run(tiny_models, davis_root, tmp_path_factory):
+    """A tiny-model DAVIS eval logged to its own MLflow server (SQLite, 127.0.0.1), the server kept up for the
+    module's tests: ``(server URI, EvalSummary, scratch dir)``. System metrics are sampled every second."""
+    from pipelines.evaluate import run_eval
+
+    tmp = tmp_path_factory.mktemp("davis_eval")
+    with mlflow_server(tmp) as uri, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+        cfg = EvalConfig(
+            dataset=f"davis:{davis_root}", out=str(tmp / "out"), models="tiny", steps=2,
+            grid={"t_s": [3], "w": [7.5], "w_t": [1.0], "seeds": [0]}, prompts=(PROMPT,), mask="objects",
+            tracking_uri=uri, experiment="gen1-eval-test", run_name="tiny-davis", sample_videos=1, num_cpus=2,
+            progress=False,
+        )
+        summary = run_eval(cfg)
+        assert os.environ.get("MLFLOW_TRACKING_URI") != uri  # run_eval restored MLflow's global tracking URI
+        yield uri, summary, tmp
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_davis_eval_is_logged_to_an_mlflow_server(tiny_models, davis_root, tmp_path):
+def test_davis_eval_is_logged_to_an_mlflow_server(davis_eval_run, davis_root):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.evaluate import run_eval
+    uri, summary, tmp_path = davis_eval_run
+    # 2 sequences x (gen1, per_frame, sdedit, no_structure)
+    assert summary.videos == 8 and summary.failed == 0
+    assert summary.by_method == {"gen1": 2, "per_frame": 2, "sdedit": 2, "no_structure": 2}
 
-    with mlflow_server(tmp_path) as uri:
-        cfg = EvalConfig(
-            dataset=f"davis:{davis_root}", out=str(tmp_path / "out"), models="tiny", steps=2,
-            grid={"t_s": [3], "w": [7.5], "w_t": [1.0], "seeds": [0]}, prompts=(PROMPT,), mask="objects",
-            tracking_uri=uri, experiment="gen1-eval-test", run_name="tiny-davis", sample_videos=1, num_cpus=2,
-        )
-        summary = run_eval(cfg)
-        # 2 sequences x (gen1, per_frame, sdedit, no_structure)
-        assert summary.videos == 8 and summary.failed == 0
-        assert summary.by_method == {"gen1": 2, "per_frame": 2, "sdedit": 2, "no_structure": 2}
+    client = MlflowClient(uri)
+    run = client.get_run(summary.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny-davis"
+    params = run.data.params
+    assert params["models.unet"] == "tiny:unet" and params["models.tiny"] == "true"
+    assert params["sampler"] == "ddim" and params["steps"] == "2"
+    assert json.loads(params["guidance"]) == [7.5] and json.loads(params["t_s"]) == [3]
+    assert json.loads(params["temporal_guidance"]) == [1.0]  # the grid's: no w_t = 0 added for a baseline
+    assert json.loads(params["baselines"]) == ["per_frame", "sdedit", "no_structure"]
+    assert run.data.tags["gen1.tiny_models"] == "true"
+    assert "TINY RANDOM MODELS" in run.data.tags["gen1.models"]
 
-        client = MlflowClient(uri)
-        run = client.get_run(summary.run_id)
-        assert run.info.status == "FINISHED" and run.info.run_name == "tiny-davis"
-        params = run.data.params
-        assert params["models.unet"] == "tiny:unet" and params["models.tiny"] == "true"
-        assert params["sampler"] == "ddim" and params["steps"] == "2"
-        assert json.loads(params["guidance"]) == [7.5] and json.loads(params["t_s"]) == [3]
-        assert json.loads(params["temporal_guidance"]) == [1.0]  # the grid's: no w_t = 0 added for a baseline
-        assert json.loads(params["baselines"]) == ["per_frame", "sdedit", "no_structure"]
-        assert run.data.tags["gen1.tiny_models"] == "true"
-        assert "TINY RANDOM MODELS" in run.data.tags["gen1.models"]
+    # mlflow.log_table's JSON: {"columns": [...], "data": [[...], ...]} (read through the client: no
+    # global MLflow state is left behind for later tests)
+    local = client.download_artifacts(summary.run_id, "eval/per_video.json", str(tmp_path / "dl"))
+    logged = json.loads(Path(local).read_text())
+    table = pd.DataFrame(logged["data"], columns=logged["columns"])
+    assert len(table) == 8 and set(table["video"]) == {"walking", "megamind"}
+    assert table.groupby("method").size().to_dict() == {"gen1": 2, "no_structure": 2, "per_frame": 2, "sdedit": 2}
+    assert set(table["setting"]) == {"ts3-w7.5-wt1", "ts3-w7.5", "s0.6-w7.5"}
+    assert table[table["video"] == "walking"]["masked"].all()  # DAVIS annotations -> masked edits
+    metrics = run.data.metrics
+    for name in ("frame_consistency", "prompt_consistency", "frame_consistency_all_pairs", "flow_warp_error",
+                 "depth_fidelity", "frame_consistency/per_frame", "frame_consistency/per_frame/ts3-w7.5",
+                 "frame_consistency/sdedit/s0.6-w7.5", "frame_consistency/no_structure/s0.6-w7.5",
+                 "prompt_consistency/gen1/ts3-w7.5-wt1"):
+        assert np.isfinite(metrics[name]), name
+    gen1 = table[table["method"] == "gen1"]
+    assert metrics["frame_consistency"] == pytest.approx(gen1["frame_consistency"].mean())
+    for method in ("sdedit", "no_structure"):
+        assert metrics[f"prompt_consistency/{method}"] == pytest.approx(
+            table[table["method"] == method]["prompt_consistency"].mean())
+    assert 0.5 < metrics["depth_fidelity"] <= 1.0 and metrics["flow_warp_error"] >= 0
 
-        # mlflow.log_table's JSON: {"columns": [...], "data": [[...], ...]} (read through the client: no
-        # global MLflow state is left behind for later tests)
-        local = client.download_artifacts(summary.run_id, "eval/per_video.json", str(tmp_path / "dl"))
-        logged = json.loads(Path(local).read_text())
-        table = pd.DataFrame(logged["data"], columns=logged["columns"])
-        assert os.environ.get("MLFLOW_TRACKING_URI") != uri  # run_eval restored MLflow's global tracking URI
-        assert len(table) == 8 and set(table["video"]) == {"walking", "megamind"}
-        assert table.groupby("method").size().to_dict() == {"gen1": 2, "no_structure": 2, "per_frame": 2, "sdedit": 2}
-        assert set(table["setting"]) == {"ts3-w7.5-wt1", "ts3-w7.5", "s0.6-w7.5"}
-        assert table[table["video"] == "walking"]["masked"].all()  # DAVIS annotations -> masked edits
-        metrics = run.data.metrics
-        for name in ("frame_consistency", "prompt_consistency", "frame_consistency_all_pairs", "flow_warp_error",
-                     "depth_fidelity", "frame_consistency/per_frame", "frame_consistency/per_frame/ts3-w7.5",
-                     "frame_consistency/sdedit/s0.6-w7.5", "frame_consistency/no_structure/s0.6-w7.5",
-                     "prompt_consistency/gen1/ts3-w7.5-wt1"):
-            assert np.isfinite(metrics[name]), name
-        gen1 = table[table["method"] == "gen1"]
-        assert metrics["frame_consistency"] == pytest.approx(gen1["frame_consistency"].mean())
-        for method in ("sdedit", "no_structure"):
-            assert metrics[f"prompt_consistency/{method}"] == pytest.approx(
-                table[table["method"] == method]["prompt_consistency"].mean())
-        assert 0.5 < metrics["depth_fidelity"] <= 1.0 and metrics["flow_warp_error"] >= 0
+    plots = {a.path for a in client.list_artifacts(summary.run_id, "plots")}
+    assert plots == {"plots/frame_vs_prompt_consistency.png", "plots/consistency_vs_wt.png"}
+    png = Path(client.download_artifacts(summary.run_id, "plots/consistency_vs_wt.png", str(tmp_path)))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = [a.path for a in client.list_artifacts(summary.run_id, "samples")]
+    assert len(samples) == 1 and samples[0].endswith(".mp4")
+    from gen1.decoding import probe
 
-        plots = {a.path for a in client.list_artifacts(summary.run_id, "plots")}
-        assert plots == {"plots/frame_vs_prompt_consistency.png", "plots/consistency_vs_wt.png"}
-        png = Path(client.download_artifacts(summary.run_id, "plots/consistency_vs_wt.png", str(tmp_path)))
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        samples = [a.path for a in client.list_artifacts(summary.run_id, "samples")]
-        assert len(samples) == 1 and samples[0].endswith(".mp4")
-        from gen1.decoding import probe
+    sample = probe(client.download_artifacts(summary.run_id, samples[0], str(tmp_path)))
+    assert sample.width == 5 * TINY.width  # input | ours | per-frame | SDEdit | no structure
+    assert Path(summary.table_uri).is_file()
+    assert not (tmp_path / "out" / "mlflow.db").exists()  # the configured server, not the local default
 
-        sample = probe(client.download_artifacts(summary.run_id, samples[0], str(tmp_path)))
-        assert sample.width == 5 * TINY.width  # input | ours | per-frame | SDEdit | no structure
-        assert Path(summary.table_uri).is_file()
-        assert not (tmp_path / "out" / "mlflow.db").exists()  # the configured server, not the local default
+    # the evaluated clips as the run's input: the dataset's root as source, one row per clip
+    (used,) = run.inputs.dataset_inputs
+    name = f"davis:{davis_root.name}"
+    assert (used.dataset.name, json.loads(used.dataset.source)) == (name, {"uri": str(davis_root)})
+    assert json.loads(used.dataset.profile)["num_rows"] == 2
+    assert run.info.end_time - run.info.start_time >= 1000 * summary.seconds * 0.9  # it spans the evaluation
+    assert run.data.tags["mlflow.note.content"].startswith("eval tiny-davis: 8 videos (0 failed; gen1 2, ")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(480)
+def test_the_eval_run_page_shows_metrics_dataset_and_per_video_table_in_a_browser(davis_eval_run, davis_root):
+    """The run as its reader sees it in the MLflow UI (headless Chromium): the summary line, the duration of
+    the evaluation, the input dataset, system and model metrics; the per-video table in the Artifacts tab.
+    With GEN1_SCREENSHOT_UPDATE=1 the run page's screenshot is written to docs/ for the README."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.fixtures import browser
+
+    uri, summary, tmp_path = davis_eval_run
+    run = MlflowClient(uri).get_run(summary.run_id)
+    page_url = f"{uri}/#/experiments/{summary.experiment_id}/runs/{summary.run_id}"
+    page = browser.page_text(page_url)
+    assert "tiny-davis" in page and "Finished" in page, page[:3000]
+    assert "eval tiny-davis: 8 videos (0 failed; gen1 2, no_structure 2, per_frame 2, sdedit 2)" in page  # description
+    duration = re.search(r"Duration ([\d.]+)(s|min)", page)
+    assert duration, page[:3000]
+    seconds = float(duration[1]) * (60 if duration[2] == "min" else 1)
+    assert seconds == pytest.approx((run.info.end_time - run.info.start_time) / 1000, rel=0.1, abs=0.2)
+    assert seconds >= 0.9 * summary.seconds  # the evaluation's duration, not the seconds it took to log it
+    digest = run.inputs.dataset_inputs[0].dataset.digest
+    assert re.search(rf"Datasets davis:{davis_root.name} \({digest[:8]}\w*\) eval", page, re.I), page[:3000]
+    assert "system/cpu_utilization_percentage" in page and "system/system_memory_usage_megabytes" in page
+    for name in ("frame_consistency", "prompt_consistency", "depth_fidelity", "frame_consistency/per_frame"):
+        assert re.search(rf"(^| ){re.escape(name)} -?[\d.]+", page), name
+
+    # the Artifacts tab shows the per-video table: its columns, and its first page of rows (3 a page)
+    text = browser.page_text(f"{page_url}/artifacts/eval/per_video.json")
+    assert "eval/per_video.json" in text and "View as table" in text, text[:3000]
+    logged = pd.read_parquet(summary.table_uri)
+    header = re.search(re.escape(" ".join(logged.columns)), text)
+    assert header, text[:3000]
+    rows = text[header.end():]
+    for row in logged.head(3).to_dict("records"):
+        shown = re.search(rf"{row['video']} {row['clip_id']} {row['method']} {re.escape(row['setting'])} {PROMPT} "
+                          r".*?\[[\d, ]+\] (-?[\d.]+)", rows)  # ... frame_indices, then frame_consistency
+        assert shown and float(shown[1]) == pytest.approx(row["frame_consistency"], abs=1e-9), (row, rows[:2000])
+        rows = rows[shown.end():]
+
+    png = browser.screenshot(page_url, tmp_path / "run.png", size=(1400, 1500))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if os.environ.get("GEN1_SCREENSHOT_UPDATE") == "1":
+        from PIL import Image
+
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        Image.open(png).convert("RGB").quantize(colors=128).save(SCREENSHOT, optimize=True)
 
 
 # ---------------------------------------------------------------------------------- ray job submit

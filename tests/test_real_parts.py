@@ -1,5 +1,6 @@
-"""Issue 17, item 8: CI cannot pass without the real parts. A test whose opencv-doc clips, `ray` CLI or moto is
-missing skips on a developer's machine and fails where ``GEN1_REQUIRE_REAL_PARTS=1`` (as `.ci/run` sets)."""
+"""Issue 17, item 8: CI cannot pass without the real parts. A test whose opencv-doc clips, `ray` CLI, moto or
+Chromium is missing skips on a developer's machine and fails where ``GEN1_REQUIRE_REAL_PARTS=1`` (as `.ci/run`
+sets)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 
 import pytest
 
-from tests.fixtures import clips, ray_cluster, s3
+from tests.fixtures import browser, clips, ray_cluster, s3
 
 
 @pytest.fixture(params=["required", "optional"])
@@ -45,6 +46,11 @@ def test_moto(mode, monkeypatch):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "moto" else find_spec(name, *a))
     s3.require_moto()
+
+
+def test_chromium(mode, monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    browser.chromium()
 '''
 
 
@@ -59,13 +65,15 @@ def test_a_missing_real_part_fails_where_parts_are_required_and_skips_elsewhere(
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
-    assert re.search(r"\b3 failed, 3 skipped\b", out), out
+    assert re.search(r"\b4 failed, 4 skipped\b", out), out
     failed = sorted(re.findall(r"^_+ (test_\w+)\[(\w+)\] _+$", out, flags=re.M))  # the FAILURES headers
-    assert failed == [("test_moto", "required"), ("test_opencv_doc", "required"), ("test_ray_cli", "required")], out
+    assert failed == [("test_chromium", "required"), ("test_moto", "required"), ("test_opencv_doc", "required"),
+                      ("test_ray_cli", "required")], out
     assert len(re.findall(rf"^{re.escape(MARKER)} .*\({REQUIRE_ENV}=1: this run needs every real part\)$", out,
-                          flags=re.M)) == 3, out
+                          flags=re.M)) == 4, out
     skipped = re.findall(r"^SKIPPED \[1\] .*?" + re.escape(MARKER) + r" (.*)$", out, flags=re.M)
-    assert len(skipped) == 3 and any("opencv-doc" in s for s in skipped) and any("moto" in s for s in skipped), out
+    assert len(skipped) == 4 and any("opencv-doc" in s for s in skipped) and any("moto" in s for s in skipped), out
+    assert any("apt-get install chromium" in s for s in skipped), out
 
 
 def test_ci_requires_the_real_parts_for_the_readme_test_command():

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gen1.config import TINY
 from tests.test_training import load_tiny_features, shard_rows_from_clips, write_feature_shards
@@ -127,8 +128,14 @@ def test_two_worker_ray_train_run_logs_to_mlflow(real_clips, tiny_models, ray_cl
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["world_size"] == "2" and run.data.params["stage"] == "stage3-structure"
-    for key in ("loss", "lr", "samples_per_s", "frames_per_s"):
+    for key in ("loss", "lr", "steps_per_s", "samples_per_s", "frames_per_s"):
         history = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in history] == [1, 2, 3, 4], key
         assert all(m.value > 0 and m.value == m.value for m in history), key
+    # what the run page shows: the shards as its input, its summary line, the whole config (issue 18)
+    (used,) = run.inputs.dataset_inputs
+    assert (used.dataset.name, json.loads(used.dataset.source)) == ("pre feature shards", {"uri": data})
+    assert run.data.tags["mlflow.note.content"].startswith("trained stage3-structure: steps 0 -> 4 in ")
+    config = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "dl"))
+    assert yaml.safe_load(Path(config).read_text())["max_steps"] == 4
 

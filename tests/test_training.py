@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import uuid
 from pathlib import Path
 
@@ -648,63 +649,137 @@ class RecordingTracker:
     def log_params(self, params):
         self.calls.append(("params", dict(params)))
 
+    def log_config(self, config):
+        self.calls.append(("config", dict(config)))
+
+    def log_dataset(self, data):
+        self.calls.append(("dataset", data))
+
     def log_metrics(self, metrics, step):
         self.calls.append(("metrics", step, sorted(metrics)))
 
-    def finish(self, status):
-        self.calls.append(("finish", status))
+    def finish(self, status, summary):
+        self.calls.append(("finish", status, summary))
 
 
 def test_a_resumed_run_reports_to_the_run_its_checkpoint_names(real_shards, tmp_path):
-    from pipelines.train import train_local
+    from pipelines.train import train_local, training_data
 
     cfg = tiny_cfg(max_steps=3, checkpoint_every=2, log_every=1)
     output = str(tmp_path / "run")
 
     def kill_at_3(step, metrics):
         if step == 3:
-            raise Killed()
+            raise Killed("killed at 3")
 
     first = RecordingTracker()
     with pytest.raises(Killed):
         train_local(cfg, TINY, real_shards, output, tracker=first, callbacks=[kill_at_3])
-    keys = ["frames_per_s", "image_step_fraction", "loss", "lr", "samples_per_s"]
-    assert first.calls[0] == ("start", None) and first.calls[-1] == ("finish", "FAILED")
-    params = first.calls[1][1]
+    keys = ["frames_per_s", "image_step_fraction", "loss", "lr", "samples_per_s", "steps_per_s"]
+    assert first.calls[0] == ("start", None)
+    assert first.calls[-1] == ("finish", "FAILED", "test: failed at step 3 of 3: Killed: killed at 3")
+    (_, params), (_, config), (_, data) = first.calls[1:4]
     assert (params["stage"], params["models"], params["world_size"], params["max_steps"]) == ("test", "tiny", "1", "3")
-    assert first.calls[2:-1] == [("metrics", step, keys) for step in (1, 2, 3)]
+    assert config == cfg.as_dict()  # the whole config, beside the params
+    assert data == training_data(real_shards) and (data.rows, data.source) == (4, real_shards)
+    assert first.calls[4:-1] == [("metrics", step, keys) for step in (1, 2, 3)]
 
     again = RecordingTracker(new_id="not-this-one")
     resumed = train_local(cfg, TINY, real_shards, output, resume=True, tracker=again)
-    assert again.calls == [("start", "run-1"), ("metrics", 3, keys), ("finish", "FINISHED")]  # no params again
+    assert again.calls[:2] == [("start", "run-1"), ("metrics", 3, keys)]  # no params, config or dataset again
+    status, summary = again.calls[2][1:]
+    assert status == "FINISHED" and summary.startswith("trained test: steps 2 -> 3 in ") and len(again.calls) == 3
     assert resumed.run_id == "run-1"
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000003" / "state.pt", weights_only=True)
     assert state["mlflow_run_id"] == "run-1"
 
 
+def test_the_training_data_digest_follows_the_clips_not_the_sharding(real_shards, tmp_path):
+    from pipelines.schema import read_shards
+    from pipelines.train import training_data
+
+    rows = read_shards(real_shards).to_pylist()
+    resharded = training_data(write_feature_shards(str(tmp_path / "one"), rows, parts=1))
+    fewer = training_data(write_feature_shards(str(tmp_path / "fewer"), rows[:3], parts=2))
+    data = training_data(real_shards)
+    assert (data.name, data.rows) == ("latents feature shards", 4)
+    assert resharded.digest == data.digest and (fewer.rows, fewer.digest != data.digest) == (3, True)
+
+
+def test_format_duration():
+    from gen1.training.loop import format_duration
+
+    assert [format_duration(s) for s in (0.2, 7.4, 59.6, 125.0, 3725.0, float("inf"))] == [
+        "0s", "7s", "1m00s", "2m05s", "1h02m05s", "?"]
+
+
+STEP_LINE = re.compile(r"step (\d+)/(\d+): loss [\d.]+, lr \S+, ([\d.]+) steps/s, ([\d.]+) samples/s, "
+                       r"[\d.]+ frames/s, ETA (?:(\d+)h)?(?:(\d+)m)?(\d+)s$")
+
+
+def test_the_step_log_line_gives_steps_per_second_and_an_eta_that_add_up(real_shards, tmp_path, caplog):
+    """Each line's steps/s is its window's steps over the time since the previous line; samples/s is the
+    batch's clips times that; the ETA is the steps left at that rate."""
+    import logging
+
+    from pipelines.train import train_local
+
+    cfg = tiny_cfg(max_steps=6, log_every=2, checkpoint_every=6, image_batch_prob=0.0)
+    with caplog.at_level(logging.INFO, logger="gen1.training.loop"):
+        train_local(cfg, TINY, real_shards, str(tmp_path / "run"))
+    start = next(r.created for r in caplog.records if r.getMessage().startswith("batch: "))  # the first window's
+    lines = [(r.created, STEP_LINE.match(r.getMessage())) for r in caplog.records if r.getMessage().startswith("step ")]
+    assert lines and all(m for _, m in lines), [r.getMessage() for r in caplog.records]
+    assert [(int(m[1]), int(m[2])) for _, m in lines] == [(2, 6), (4, 6), (6, 6)]
+    previous = start
+    for created, m in lines:
+        step, rate, samples = int(m[1]), float(m[3]), float(m[4])
+        eta = int(m[5] or 0) * 3600 + int(m[6] or 0) * 60 + int(m[7])
+        assert rate > 0 and rate == pytest.approx(2 / (created - previous), rel=0.1, abs=0.01)
+        assert samples == pytest.approx(2 * rate, rel=0.02, abs=0.06)  # 2 clips per step
+        assert eta == pytest.approx((6 - step) / rate, abs=0.51 + 0.01 * (6 - step) / rate)
+        previous = created
+    assert lines[-1][1][0].endswith("ETA 0s")
+
+
 def test_mlflow_tracker_pickles_unstarted_and_continues_a_run_by_id(tmp_path, monkeypatch):
     import pickle
+    import time
 
     from mlflow.tracking import MlflowClient
 
+    from gen1.training import TrainingData
     from pipelines.tracking import MlflowTracker
 
     monkeypatch.chdir(tmp_path)  # a new experiment's default artifact root is relative
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = pickle.loads(pickle.dumps(MlflowTracker(uri, experiment="train-test", run_name="stage")))
     run_id = tracker.start(None)
     tracker.log_params({"lr": "0.001"})
+    tracker.log_config({"lr": 0.001, "image_buckets": [(64, 64), (80, 64)]})
+    tracker.log_dataset(TrainingData(name="pre feature shards", source=str(tmp_path / "pre"), digest="abc123",
+                                     rows=4))
     tracker.log_metrics({"loss": 0.5}, step=1)
-    tracker.finish("FAILED")
+    time.sleep(0.7)  # system metrics are sampled while the run is open
+    tracker.finish("FAILED", "stage: failed at step 1 of 2: Killed: ")
 
     again = MlflowTracker(uri, experiment="train-test")
     assert again.start(run_id) == run_id
-    again.log_metrics({"loss": 0.25}, step=2)
-    again.finish("FINISHED")
     client = MlflowClient(uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # continued: running again
+    again.log_metrics({"loss": 0.25}, step=2)
+    again.finish("FINISHED", "trained stage: steps 1 -> 2 in 1.0s; weights in /x/final")
     run = client.get_run(run_id)
     assert (run.info.status, run.info.run_name, run.data.params) == ("FINISHED", "stage", {"lr": "0.001"})
+    assert run.data.tags["mlflow.note.content"] == "trained stage: steps 1 -> 2 in 1.0s; weights in /x/final"
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 0.5), (2, 0.25)]
+    assert client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    config = yaml.safe_load(Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text())
+    assert config == {"lr": 0.001, "image_buckets": [[64, 64], [80, 64]]}
+    (used,) = run.inputs.dataset_inputs
+    assert (used.dataset.name, used.dataset.digest, used.tags[0].value) == ("pre feature shards", "abc123", "train")
+    assert str(tmp_path / "pre") in used.dataset.source
     assert len(client.search_runs([client.get_experiment_by_name("train-test").experiment_id])) == 1
 
 

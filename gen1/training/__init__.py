@@ -37,13 +37,15 @@ A checkpoint is written under ``checkpoints/.tmp-<name>`` and committed by renam
 ``latest``; ``resume`` restores everything in it, so a run killed and resumed reaches the same weights as
 one that ran through, and reports to the same tracker run.
 
-Params and metrics go to a `Tracker` the caller hands to `train` (``gen1 train`` passes
-`pipelines.tracking.MlflowTracker`); the library itself imports neither MLflow nor Ray.
+Params, the config, the input data (a `TrainingData` the caller describes) and metrics go to a `Tracker`
+the caller hands to `train` (``gen1 train`` passes `pipelines.tracking.MlflowTracker`); the library itself
+imports neither MLflow nor Ray. Every ``log_every`` steps the main worker logs loss, throughput (steps/s,
+samples/s, frames/s) and the ETA of ``max_steps``.
 
 Modules: `config` (`TrainConfig`), `objective` (the loss and its random draws, pure), `trainable` (what a
 stage unfreezes), `tasks` (the UNet's and the prior's data -> loss), `state` (`TrainState`: everything
 resumed besides the weights), `checkpoints` (the store; save, load, export), `distributed` (`Runtime`,
-DDP / FSDP), `tracking` (`Tracker`), `loop` (`train`).
+DDP / FSDP), `tracking` (`Tracker`, `TrainingData`), `loop` (`train`).
 """
 
 from gen1.training.checkpoints import CheckpointStore, check_output, checkpoint_name
@@ -63,7 +65,7 @@ from gen1.training.objective import (
 )
 from gen1.training.state import TrainState
 from gen1.training.tasks import Cursor, PriorTask, UNetTask, build_task
-from gen1.training.tracking import Tracker
+from gen1.training.tracking import Tracker, TrainingData
 from gen1.training.trainable import Trainable, select_trainable
 
 __all__ = [
@@ -77,6 +79,7 @@ __all__ = [
     "TrainResult",
     "TrainState",
     "Trainable",
+    "TrainingData",
     "UNetInputs",
     "UNetTask",
     "build_task",

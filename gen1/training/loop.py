@@ -2,7 +2,11 @@
 
 `train` sets a run up (model from a checkpoint or ``init_from``, a `TrainState`, the DDP / FSDP wrapper,
 the tracker) and runs optimizer steps to ``max_steps``; a step is ``accumulation`` micro-batches, all image
-or all video (an image step's images all at the one size drawn for the step), then one update.
+or all video (an image step's images all at the one size drawn for the step), then one update. Every
+``log_every`` steps a line gives the loss, the throughput since the last line (steps/s, samples/s,
+frames/s) and the ETA of ``max_steps`` at that rate::
+
+    step 40/1000: loss 0.12345, lr 1e-05, 1.92 steps/s, 15.4 samples/s, 123.1 frames/s, ETA 8m20s
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from gen1.training.distributed import Runtime, wrap_model
 from gen1.training.objective import draw_image_size, draw_image_step
 from gen1.training.state import TrainState, seed_everything
 from gen1.training.tasks import PriorTask, UNetTask, build_task
-from gen1.training.tracking import Tracker
+from gen1.training.tracking import Tracker, TrainingData
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,18 @@ class StepStats:
         return out
 
 
+def format_duration(seconds: float) -> str:
+    """``3725.0`` -> ``1h02m05s``, ``125.0`` -> ``2m05s``, ``7.4`` -> ``7s``; ``inf`` -> ``?``."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = max(0, round(seconds))
+    h, rest = divmod(s, 3600)
+    m, s = divmod(rest, 60)
+    if h:
+        return f"{h}h{m:02d}m{s:02d}s"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
 class ThroughputWindow:
     """Loss and throughput over the steps since the last log line, averaged over workers when reported."""
 
@@ -89,19 +105,23 @@ class ThroughputWindow:
         self.frames += stats.frames
         self.image_steps += int(stats.image_step)
 
-    def report(self, step: int, lr: float, runtime: Runtime, tracker: Tracker | None) -> None:
-        """Log the window (every worker takes part in the mean), send it on, start the next one."""
+    def report(self, step: int, max_steps: int, lr: float, runtime: Runtime, tracker: Tracker | None) -> None:
+        """Log the window with the ETA of ``max_steps`` at its rate (every worker takes part in the mean),
+        send it on, start the next one."""
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         loss, samples, frames = runtime.mean([self.loss / self.steps, self.samples, self.frames])
         metrics = {
             "loss": loss,
             "lr": lr,
+            "steps_per_s": self.steps / elapsed,
             "samples_per_s": samples * runtime.world_size / elapsed,
             "frames_per_s": frames * runtime.world_size / elapsed,
             "image_step_fraction": self.image_steps / self.steps,
         }
-        log.info("step %d: loss %.5f, lr %.3g, %.1f samples/s, %.1f frames/s", step, metrics["loss"], metrics["lr"],
-                 metrics["samples_per_s"], metrics["frames_per_s"])
+        eta = (max_steps - step) / metrics["steps_per_s"]
+        log.info("step %d/%d: loss %.5f, lr %.3g, %.2f steps/s, %.1f samples/s, %.1f frames/s, ETA %s", step,
+                 max_steps, metrics["loss"], metrics["lr"], metrics["steps_per_s"], metrics["samples_per_s"],
+                 metrics["frames_per_s"], format_duration(eta))
         if tracker is not None:
             tracker.log_metrics(metrics, step)
         if runtime.report is not None:
@@ -119,13 +139,15 @@ def train(
     runtime: Runtime | None = None,
     tracker: Tracker | None = None,
     callbacks: Sequence[StepCallback] = (),
+    dataset: TrainingData | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on ``data`` (clip batches, or prior pairs for ``task: prior``), writing under ``output``.
 
     With ``resume`` the run continues from ``output``'s latest checkpoint (model, optimizer, LR schedule,
     EMA, data position, RNG states) when there is one. Every worker of a data-parallel run calls this with
-    its own ``runtime`` and its own shard of the data. The main worker reports params and metrics to
-    ``tracker`` (a resumed run continues the run its checkpoint names).
+    its own ``runtime`` and its own shard of the data. The main worker reports to ``tracker`` (a resumed run
+    continues the run its checkpoint names): for a new run params, the config and ``dataset`` (what ``data``
+    reads, as the caller describes it), metrics every ``log_every`` steps, and at the end the summary line.
     """
     started = time.perf_counter()
     runtime = runtime or Runtime.current()
@@ -146,18 +168,27 @@ def train(
     state.model = wrap_model(task.model, cfg, runtime, task.find_unused_parameters)
     if runtime.is_main and ckpt is None:
         store.write_bytes(cfg.to_yaml().encode(), "config.yaml")
-    tracker = _start_tracker(tracker, state, cfg, specs, runtime)
+    tracker = _start_tracker(tracker, state, cfg, specs, runtime, dataset)
 
-    status = "FAILED"
+    status, summary = "FAILED", ""
     try:
         losses = _run_steps(cfg, task, state, store, runtime, tracker, callbacks)
         final = export_final(store, task, state, runtime)
         status = "FINISHED"
+        summary = (f"trained {cfg.stage}: steps {start_step} -> {state.step} in "
+                   f"{time.perf_counter() - started:.1f}s; weights in {final}")
+    except KeyboardInterrupt:
+        status = "KILLED"
+        summary = f"{cfg.stage}: interrupted at step {state.step} of {cfg.max_steps}"
+        raise
+    except BaseException as e:
+        summary = f"{cfg.stage}: failed at step {state.step} of {cfg.max_steps}: {type(e).__name__}: {e}"
+        raise
     finally:
         if tracker is not None:
-            tracker.finish(status)
+            tracker.finish(status, summary)
     seconds = time.perf_counter() - started
-    log.info("trained %s: steps %d -> %d in %.1fs; weights in %s", cfg.stage, start_step, state.step, seconds, final)
+    log.info("%s", summary)
     return TrainResult(
         output=output, steps=state.step, losses=losses, start_step=start_step, final=final, init_from=init_from,
         run_id=state.run_id, seconds=seconds,
@@ -188,9 +219,11 @@ def _load_task(
 
 
 def _start_tracker(
-    tracker: Tracker | None, state: TrainState, cfg: TrainConfig, specs: ModelSpecs, runtime: Runtime
+    tracker: Tracker | None, state: TrainState, cfg: TrainConfig, specs: ModelSpecs, runtime: Runtime,
+    dataset: TrainingData | None,
 ) -> Tracker | None:
-    """The main worker's tracker, started: the run ``state`` names (resumed) or a new one, its params logged."""
+    """The main worker's tracker, started: the run ``state`` names (resumed) or a new one, its params, config
+    and ``dataset`` logged."""
     if tracker is None or not runtime.is_main:
         state.run_id = None  # later checkpoints name no run
         return None
@@ -198,6 +231,9 @@ def _start_tracker(
     state.run_id = tracker.start(state.run_id)
     if not resumed:
         tracker.log_params({**cfg.as_params(), "models": specs.name, "world_size": str(runtime.world_size)})
+        tracker.log_config(cfg.as_dict())
+        if dataset is not None:
+            tracker.log_dataset(dataset)
     return tracker
 
 
@@ -224,7 +260,7 @@ def _run_steps(
             raise FloatingPointError(f"loss is {stats.loss} at step {step}")
         window.add(stats)
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            window.report(step, lr, runtime, tracker)
+            window.report(step, cfg.max_steps, lr, runtime, tracker)
         for callback in callbacks:
             callback(step, stats.metrics(lr))
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:

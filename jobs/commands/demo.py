@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"      {ed.line()}", flush=True)
         print("[3/3] eval: metrics on an actor pool -> MLflow", flush=True)
         ev = evaluate_edits(str(edits), str(results), models="tiny", tracking_uri=tracking_uri,
-                            experiment="gen1-demo", run_name="demo", sample_videos=len(videos))
+                            experiment="gen1-demo", run_name="demo", sample_videos=len(videos), progress=False)
         print(f"      {ev.line()}", flush=True)
     finally:
         if started:

@@ -105,6 +105,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu | cuda (default: cuda when the actor has a GPU)")
     p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to use (default: $RAY_ADDRESS, else local)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                   help="no Ray Data progress bars")
     p.add_argument("--lease-wait", dest="lease_wait_s", type=float, metavar="S",
                    help="when another eval of the same run name is writing into OUT/<run name> (holds its lease), "
                    "wait up to S seconds for it before exiting 5 (default 0: exit at once)")
@@ -139,7 +141,7 @@ def config_from_args(args: argparse.Namespace):
         "tracking_uri": args.tracking_uri, "experiment": args.experiment, "run_name": args.run_name,
         "sample_videos": args.sample_videos, "device": args.device, "ray_address": args.ray_address,
         "num_cpus": args.num_cpus, "accept_baseline": args.accept_baseline,
-        "lease_wait_s": args.lease_wait_s,
+        "lease_wait_s": args.lease_wait_s, "progress": args.progress,
         "baselines": None if args.baselines is None else tuple(args.baselines),
     }
     if args.config:

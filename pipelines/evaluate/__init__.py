@@ -2,11 +2,13 @@
 
 `run_eval` (``gen1 eval --dataset davis:URI``)::
 
+    MLflow run opened (eval_run: config.yaml, system metrics; it spans everything below)
     read_dataset (driver: DAVIS / TGVE sequences) -> SequenceClips (with object masks if asked)
       -> pipelines.edit.run_edit over the grid   t_s x w x w_t (ours, method gen1)
       -> BaselineStage (actor pool: gen1.baselines, one task per method)  on the same clips and prompts
       -> MetricsStage (actor pool: CLIP + depth, batched)  on every output video
-      -> per-video table (Parquet under OUT/<run>/) -> MLflow run: params, metrics, table, plots, samples
+      -> per-video table (Parquet under OUT/<run>/) -> log_run: params, metrics, the clips as the input
+         dataset, the table, plots, samples, the gate, the summary line as the description; run ended
 
 `evaluate_edits` (``gen1 eval --edits DST``, and `gen1 demo`) runs only the last two steps over the manifest
 of an earlier `gen1 edit` job (every row method ``gen1``).
@@ -45,7 +47,7 @@ driver, the per-video table), `report` (MLflow logging via `pipelines.tracking`,
 """
 
 from pipelines.evaluate.config import BASELINES, METHODS, METRICS, EvalConfig
-from pipelines.evaluate.report import EvalSummary, consistency_scatter, consistency_vs_wt, log_run
+from pipelines.evaluate.report import EvalSummary, consistency_scatter, consistency_vs_wt, eval_run, log_run
 from pipelines.evaluate.run import evaluate_edits, per_video_table, run_eval, setting_label
 from pipelines.evaluate.stages import BaselineStage, MetricsStage, read_video
 
@@ -59,6 +61,7 @@ __all__ = [
     "MetricsStage",
     "consistency_scatter",
     "consistency_vs_wt",
+    "eval_run",
     "evaluate_edits",
     "log_run",
     "per_video_table",

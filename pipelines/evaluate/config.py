@@ -84,7 +84,7 @@ class EvalConfig:
     tmp_max_age_s: float = 86400.0
     ray_address: str | None = None
     num_cpus: int | None = None
-    progress: bool = False
+    progress: bool = True  # Ray Data progress of every pass: bars on a terminal, else a log line every 10 s
     # fsspec options (credentials, endpoint) of every read and write: the dataset, OUT, edits, images, samples
     storage_options: dict[str, Any] = field(default_factory=dict)
 

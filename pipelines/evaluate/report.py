@@ -1,5 +1,12 @@
-"""What an evaluation reports: the MLflow run (`pipelines.tracking`: params, metrics, the per-video table,
-plots, sample videos), the regression gate's verdict, and the `EvalSummary` that `run_eval` returns.
+"""What an evaluation reports: the MLflow run (`pipelines.tracking`), the regression gate's verdict, and the
+`EvalSummary` that `run_eval` returns.
+
+`eval_run` opens the MLflow run before the evaluation starts (its config as ``config.yaml``, system metrics
+sampled while it runs) and ends it after the last artifact, so the run's duration is the evaluation's;
+`log_run` logs into it: params, metrics, the evaluated clips as the run's input dataset (``eval``), the
+per-video table (``eval/per_video.json``, a table in the UI's Artifacts tab, and ``.csv``), plots, sample
+videos, the regression gate's tags and the summary line as the run's description. Acceptance as the
+baseline (``accept_baseline``) waits for the run to end: a baseline must be a FINISHED run.
 
 Written under the run directory ``OUT/<run_name>/``: ``per_video.parquet`` (the per-video table),
 ``samples/`` (side-by-side videos); `pipelines.evaluate.run` adds ``errors/`` (failed videos).
@@ -7,12 +14,12 @@ Written under the run directory ``OUT/<run_name>/``: ``per_video.parquet`` (the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-import json
 import logging
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +29,14 @@ import pandas as pd
 
 from gen1.config import ModelSpecs
 from gen1.urls import redact_url
-from pipelines import tracking
+from pipelines import regression, tracking
 from pipelines.evaluate.config import METHODS, METRICS, EvalConfig
 from pipelines.evaluate.stages import input_clip, read_video
 
 log = logging.getLogger(__name__)
 
 TABLE_FILE = "per_video.parquet"
+CLIP_COLUMNS = ("clip_id", "video", "source_uri", "start", "stride", "num_frames", "width", "height", "fps")
 METHOD_COLORS = {"gen1": "tab:blue", "per_frame": "tab:orange", "sdedit": "tab:green", "no_structure": "tab:purple"}
 
 
@@ -60,9 +68,7 @@ class EvalSummary:
 
     @property
     def regressed(self) -> bool:
-        from pipelines.regression import REGRESSED
-
-        return self.gate.get("status") == REGRESSED
+        return self.gate.get("status") == regression.REGRESSED
 
     @property
     def failure_fraction(self) -> float:
@@ -83,64 +89,99 @@ class EvalSummary:
                 "failure_fraction": self.failure_fraction}
 
 
-def log_run(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame, run_name: str, run_dir: str,
-            errors: Sequence[Mapping[str, Any]] = ()) -> EvalSummary:
-    """Write the per-video ``table`` (measured videos) under ``run_dir`` and log it, its metrics, plots and
-    samples as MLflow run ``run_name``, then gate it; ``errors``: the error records of the videos that
-    failed (logged as ``eval/errors.json``)."""
-    import fsspec
-
+@contextlib.contextmanager
+def eval_run(cfg: EvalConfig, specs: ModelSpecs, run_name: str, run_dir: str) -> Iterator[EvalSummary]:
+    """The MLflow run of one evaluation, open for the block (the evaluation): yields the `EvalSummary` that
+    `log_run` fills. The run ends FAILED when the block raises; a run that `log_run` gated is accepted as the
+    experiment's baseline after it ends, when ``cfg.accept_baseline`` asks and it did not regress."""
     # the default local store: under OUT when OUT is local, else in the user's cache (never in a bucket)
     local_dir = tracking.local_path(cfg.out) if tracking.is_local(cfg.out) else Path("~/.cache/gen1/mlflow").expanduser()
     tracking_uri, artifact_location = tracking.resolve_tracking_uri(cfg.tracking_uri, local_dir)
     summary = EvalSummary(run_name=run_name, out=run_dir, tracking_uri=tracking_uri, tiny_models=specs.is_tiny)
+    what = cfg.dataset or f"edits:{cfg.edits}"
+    tags = {"gen1.models": specs.label(), "gen1.tiny_models": str(specs.is_tiny).lower(), "gen1.dataset": what}
+    description = f"eval {run_name}: {redact_url(what)} with models {specs.label()} (running)"
+    with tracking.start_run(tracking_uri, artifact_location, cfg.experiment, run_name, tags, description) as run:
+        summary.run_id, summary.experiment_id = run.info.run_id, run.info.experiment_id
+        summary.artifact_uri = run.info.artifact_uri
+        tracking.log_config(cfg.as_dict())
+        yield summary
+    if cfg.accept_baseline and summary.gate:
+        if summary.regressed:
+            log.error("not accepting run %s as baseline: it regressed", summary.run_id)
+        else:
+            regression.accept_baseline(summary.tracking_uri, summary.run_id)
+
+
+def log_run(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame, summary: EvalSummary,
+            errors: Sequence[Mapping[str, Any]] = (), seconds: float = 0.0) -> None:
+    """Write the per-video ``table`` (measured videos) under the run directory and log it, the evaluated clips,
+    metrics, plots and samples into the open run of `eval_run` (``summary``), gate it, and describe it with
+    the summary line (``seconds``: the evaluation's so far); ``errors``: the error records of the videos that
+    failed (logged as ``eval/errors.json``)."""
+    import fsspec
+
     summary.failed = len(errors)
     summary.videos = len(table) + summary.failed
     summary.by_method = {str(k): int(v) for k, v in table["method"].value_counts().items()} if len(table) else {}
 
-    table_uri = join_uri(run_dir, TABLE_FILE)
+    table_uri = join_uri(summary.out, TABLE_FILE)
     fs, path = fsspec.core.url_to_fs(table_uri, **cfg.storage_options)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     with fs.open(path, "wb") as fh:
         table.to_parquet(fh, index=False)
     summary.table_uri = table_uri
 
-    tags = {"gen1.models": specs.label(), "gen1.tiny_models": str(specs.is_tiny).lower(),
-            "gen1.dataset": cfg.dataset or f"edits:{cfg.edits}"}
-    with tracking.start_run(tracking_uri, artifact_location, cfg.experiment, run_name, tags) as run:
-        summary.run_id, summary.experiment_id = run.info.run_id, run.info.experiment_id
-        summary.artifact_uri = run.info.artifact_uri
-        tracking.log_params(_params(cfg, specs, table))
-        methods = list(table["method"].unique()) if len(table) else []
-        headline = "gen1" if "gen1" in methods or not methods else methods[0]
-        summary.metrics = tracking.summary_metrics(table, METRICS, headline)
-        summary.metrics["failed_videos"] = float(summary.failed)
-        tracking.log_metrics(summary.metrics)
-        tracking.log_table(table, "eval/per_video.json")
-        tracking.log_text(table.to_csv(index=False), "eval/per_video.csv")
-        if errors:
-            tracking.log_table(pd.DataFrame(list(errors)), "eval/errors.json")
-        label = specs.label()
-        tracking.log_figure(consistency_scatter(table, label), "plots/frame_vs_prompt_consistency.png")
-        tracking.log_figure(consistency_vs_wt(table, label), "plots/consistency_vs_wt.png")
-        for sample in _samples(cfg, specs, table, run_dir):
-            tracking.log_remote_file(sample, "samples", cfg.storage_options)
-            summary.samples.append(sample)
-    _gate(cfg, summary, table)  # after the run ends: an accepted baseline must be a FINISHED run
-    return summary
+    tracking.log_params(_params(cfg, specs, table))
+    name, source = dataset_name(cfg)
+    tracking.log_dataset(clip_table(table, errors), name, source, context="eval")
+    methods = list(table["method"].unique()) if len(table) else []
+    headline = "gen1" if "gen1" in methods or not methods else methods[0]
+    summary.metrics = tracking.summary_metrics(table, METRICS, headline)
+    summary.metrics["failed_videos"] = float(summary.failed)
+    tracking.log_metrics(summary.metrics)
+    tracking.log_table(table, regression.TABLE_ARTIFACT)
+    tracking.log_text(table.to_csv(index=False), "eval/per_video.csv")
+    if errors:
+        tracking.log_table(pd.DataFrame(list(errors)), "eval/errors.json")
+    label = specs.label()
+    tracking.log_figure(consistency_scatter(table, label), "plots/frame_vs_prompt_consistency.png")
+    tracking.log_figure(consistency_vs_wt(table, label), "plots/consistency_vs_wt.png")
+    for sample in _samples(cfg, specs, table, summary.out):
+        tracking.log_remote_file(sample, "samples", cfg.storage_options)
+        summary.samples.append(sample)
+    _gate(cfg, summary, table)
+    summary.seconds = seconds
+    tracking.describe(f"{summary.line()}\n\n{summary.gate_line}")
+
+
+def dataset_name(cfg: EvalConfig) -> tuple[str, str]:
+    """(name, source URI) of what an eval evaluates: ``davis:DAVIS`` and the dataset's root, or
+    ``edits:<DST name>`` and the edit job's DST."""
+    kind, uri = cfg.dataset.split(":", 1) if cfg.dataset else ("edits", cfg.edits)
+    return f"{kind}:{posixpath.basename(uri.rstrip('/')) or uri}", uri
+
+
+def clip_table(table: pd.DataFrame, errors: Sequence[Mapping[str, Any]] = ()) -> pd.DataFrame:
+    """The evaluated clips, one row each (CLIP_COLUMNS, then ``outputs``: rows of the per-video ``table``,
+    ``failed``: outputs that failed, from their error records ``errors``), sorted by clip id."""
+    clips: dict[str, dict[str, Any]] = {}
+    for row in table.to_dict("records"):
+        clip = clips.setdefault(row["clip_id"], {**{c: row[c] for c in CLIP_COLUMNS}, "outputs": 0, "failed": 0})
+        clip["outputs"] += 1
+    for error in errors:
+        uri = error["uri"]
+        clip = clips.setdefault(error["clip_id"], {
+            **dict.fromkeys(CLIP_COLUMNS), "clip_id": error["clip_id"], "source_uri": uri, "start": error["start"],
+            "video": posixpath.basename(str(uri).rstrip("/")), "outputs": 0, "failed": 0})
+        clip["failed"] += 1
+    return pd.DataFrame([clips[k] for k in sorted(clips)], columns=[*CLIP_COLUMNS, "outputs", "failed"])
 
 
 def _gate(cfg: EvalConfig, summary: EvalSummary, table: pd.DataFrame) -> None:
-    """The regression gate of the logged run, and acceptance of the run as baseline when asked and passed."""
-    from pipelines import regression
-
+    """The regression gate of the logged run: its verdict as tags (and, when it regressed, the worst videos)."""
     result = regression.run_gate(tracking.client(summary.tracking_uri), summary.run_id, summary.metrics, table, cfg.gate)
     summary.gate, summary.gate_line = result.as_dict(), result.line()
-    if cfg.accept_baseline:
-        if result.regressed:
-            log.error("not accepting run %s as baseline: it regressed", summary.run_id)
-        else:
-            regression.accept_baseline(summary.tracking_uri, summary.run_id)
 
 
 def _params(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame) -> dict[str, Any]:
@@ -155,7 +196,6 @@ def _params(cfg: EvalConfig, specs: ModelSpecs, table: pd.DataFrame) -> dict[str
         "models": {"preset": specs.name, "label": specs.label(), "tiny": specs.is_tiny,
                    **{c: getattr(specs, c) for c in ("vae", "unet", "clip", "depth", "prior", "caption")}},
         "videos": int(table["video"].nunique()) if len(table) else 0,
-        "config": json.dumps(cfg.as_dict(), default=str),
     }
     if cfg.dataset:
         grid = cfg.edit_grid()

@@ -1,8 +1,9 @@
-"""The evaluation driver: `run_eval` takes the lease of ``OUT/<run_name>`` (`pipelines.lease`), edits a dataset
-with our model (the edit pipeline, under the lease of ``OUT/<run_name>/edits``) and the baselines
-(`BaselineStage`), or takes an edit job's manifest (`evaluate_edits`), measures every output on an actor pool,
-assembles the per-video table, records failed videos in ``OUT/<run_name>/errors/`` and hands the rest to
-`pipelines.evaluate.report`."""
+"""The evaluation driver: `run_eval` takes the lease of ``OUT/<run_name>`` (`pipelines.lease`), opens the run's
+MLflow run (`pipelines.evaluate.report.eval_run`), edits a dataset with our model (the edit pipeline, under the
+lease of ``OUT/<run_name>/edits``) and the baselines (`BaselineStage`), or takes an edit job's manifest
+(`evaluate_edits`), measures every output on an actor pool, assembles the per-video table, records failed
+videos in ``OUT/<run_name>/errors/`` and hands the rest to `pipelines.evaluate.report.log_run`. Ray Data's
+progress (bars on a terminal, log lines otherwise) shows by default (``progress``)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pipelines.commits import Committer
 from pipelines.datasets import SequenceClip, read_dataset
 from pipelines.edit import EditJobConfig, baseline_key, model_key, read_manifest, run_edit
 from pipelines.evaluate.config import METRICS, EvalConfig
-from pipelines.evaluate.report import EvalSummary, join_uri, log_run
+from pipelines.evaluate.report import EvalSummary, eval_run, join_uri, log_run
 from pipelines.evaluate.stages import BaselineStage, MetricsStage
 from pipelines.failures import (
     LOST_STAGE,
@@ -292,10 +293,21 @@ def _split(measured: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def run_eval(cfg: EvalConfig) -> EvalSummary:
-    """Edit ``cfg.dataset`` with our model and the baselines (or take ``cfg.edits``), measure, log to MLflow."""
+def _measured(cfg: EvalConfig, specs: ModelSpecs, run_dir: str, bookkeeping_errors: list[str]) -> pd.DataFrame:
+    """Every output edited (dataset) or read (``--edits``) and measured on Ray: rows with a status column."""
     import ray
 
+    started = init_ray(cfg.ray_address, cfg.num_cpus)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+        return _measure(cfg, specs, _outputs(cfg, specs, run_dir, bookkeeping_errors))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def run_eval(cfg: EvalConfig) -> EvalSummary:
+    """Edit ``cfg.dataset`` with our model and the baselines (or take ``cfg.edits``), measure, log to MLflow."""
     from gen1.models import check_weights
 
     specs = load_model_specs(cfg.models)
@@ -310,16 +322,11 @@ def run_eval(cfg: EvalConfig) -> EvalSummary:
     t0 = time.monotonic()
     store = TableStore(run_dir, cfg.storage_options)
     bookkeeping_errors: list[str] = []
-    with hold_dst(store, "eval", new_run_id(), cfg, (ERRORS_DIR,)) as lease:
-        started = init_ray(cfg.ray_address, cfg.num_cpus)
-        try:
-            ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
-            measured, failed = _split(_measure(cfg, specs, _outputs(cfg, specs, run_dir, bookkeeping_errors)))
-        finally:
-            if started:
-                ray.shutdown()
+    with hold_dst(store, "eval", new_run_id(), cfg, (ERRORS_DIR,)) as lease, \
+            eval_run(cfg, specs, run_name, run_dir) as summary:
+        measured, failed = _split(_measured(cfg, specs, run_dir, bookkeeping_errors))
         errors = _commit_errors(store, lease, failed)
-        summary = log_run(cfg, specs, per_video_table(measured), run_name, run_dir, errors)
+        log_run(cfg, specs, per_video_table(measured), summary, errors, seconds=time.monotonic() - t0)
     summary.bookkeeping_errors = bookkeeping_errors
     summary.seconds = time.monotonic() - t0
     log.info("%s", summary.line())
