@@ -7,6 +7,8 @@ their layout is in `pipelines.edit`. The preprocess layout under a destination `
     DST/shards/_tmp/<run_id>/<uuid>.parquet    shards being written; never read as data
     DST/errors/part-<run>-<n>-<uuid>.parquet   committed error rows (ERRORS_SCHEMA)
     DST/errors/_tmp/<run_id>/<uuid>.parquet
+    DST/_index/shards/part-<run>-<n>-<uuid>.parquet  the clip ids (hashed) of that shard (`pipelines.commit_index`)
+    DST/_index/shards/merged.parquet           the clip ids of many shards at once, read at start
     DST/runs/<run_id>.json                     config and summary of each run
     DST/_lease/lease-<generation>.json         the driver writing into DST now (`pipelines.lease`)
 
