@@ -58,7 +58,10 @@ class Committer:
         self.parts = 0  # parts committed by this run
         self.dropped_duplicates = 0
 
-    def _loaded(self) -> CommittedKeys:
+    @property
+    def index(self) -> CommittedKeys:
+        """The table's committed keys and tracked values, loaded at first use (with the counts of what
+        start-up read), plus this run's commits since."""
         if self.key is None:
             raise ValueError(f"table {self.table!r} has no key: nothing to look up")
         if self._index is None:
@@ -72,12 +75,12 @@ class Committer:
     @property
     def committed(self) -> KeySet:
         """Every committed key: DST's as listed at first use, and this run's commits since."""
-        return self._loaded().keys
+        return self.index.keys
 
     @property
     def values(self) -> dict[str, KeySet]:
         """Per tracked column, its committed values (as `committed`)."""
-        return self._loaded().values
+        return self.index.values
 
     def _name(self) -> str:
         self.parts += 1
