@@ -128,7 +128,7 @@ def _read_parts(store: TableStore, table: str, key: str, track: Sequence[str], p
                 tracked[c].append(row[2][c])
     if legacy:
         logger.info("%d of %d committed parts of %s have no key index (committed by older code); reading their "
-                    "%s column", len(legacy), out.parts, store.uri(store.path(table)), ", ".join([key, *track]))
+                    "column(s) %s instead", len(legacy), out.parts, store.uri(store.path(table)), ", ".join([key, *track]))
     for part in legacy:
         data = store.read(store.path(table, part), [key, *track])
         keys.append(key_hashes(data.column(key).to_pylist()))

@@ -21,9 +21,12 @@ copy (two levels into one new array), so a set of n hashes briefly needs up to 2
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
+
+Row = TypeVar("Row", bound=Mapping[str, Any])
 
 HASH_NAME = "blake2b-64"  # recorded in what is written (`pipelines.commit_index`)
 
@@ -114,6 +117,15 @@ class KeySet:
     def count_not_in(self, other: KeySet) -> int:
         """How many keys of this set ``other`` does not hold."""
         return sum(int(np.count_nonzero(~other.contains_hashes(level))) for level in self._levels)
+
+
+def rows_not_in(rows: Sequence[Row], key: str, *sets: KeySet) -> list[Row]:
+    """The rows of ``rows`` (in order) whose ``key`` value is in none of ``sets``."""
+    hashes = key_hashes([r[key] for r in rows])
+    found = np.zeros(len(rows), dtype=bool)
+    for keys in sets:
+        found |= keys.contains_hashes(hashes)
+    return [r for r, f in zip(rows, found, strict=True) if not f]
 
 
 def _merge(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -41,7 +41,7 @@ from pipelines.failures import (
     missing_record,
     with_error_columns,
 )
-from pipelines.keyset import KeySet
+from pipelines.keyset import KeySet, rows_not_in
 from pipelines.lease import Lease, LeaseError, hold_dst
 from pipelines.runtime import (
     ActorPool,
@@ -380,12 +380,12 @@ class EditRun:
         finished = KeySet()  # edit keys that came back (hashes: a library's edits need not fit as strings)
         try:
             self._consume(self._edit_pass(todo, cfg.edit_batch_size), buffer, finished)
-            lost = _not_in(todo, finished)
+            lost = rows_not_in(todo, "edit_key", finished)
             if lost and cfg.edit_batch_size > 1:
                 logger.warning("%d edits were lost with their edit actors (and those sharing their calls); "
                                "running them again, one per call", len(lost))
                 self._consume(self._edit_pass(lost, 1), buffer, finished)
-                lost = _not_in(lost, finished)
+                lost = rows_not_in(lost, "edit_key", finished)
             for t in lost:
                 row = with_error_columns({k: t.get(k) for k in ("clip_id", "source_uri", "start")})
                 self.fail(mark_failed(row, LOST_STAGE, WorkerLost(f"edit {t['edit_key']}", cfg.edit_batch_size > 1)))
@@ -400,7 +400,7 @@ class EditRun:
             buffer.flush()
             self.errors.flush()
             self.summary.ok = self.manifest.rows
-        missing = _not_in(todo, finished)
+        missing = rows_not_in(todo, "edit_key", finished)
         if missing:
             message = f"the pipeline ended without this edit: {self.summary.error or 'no result came back'}"
             self.errors.add(
@@ -478,12 +478,6 @@ class EditRun:
         )
 
 
-def _not_in(tasks: list[dict[str, Any]], keys: KeySet) -> list[dict[str, Any]]:
-    """The edit tasks of ``tasks`` whose edit key ``keys`` does not hold."""
-    found = keys.contains([t["edit_key"] for t in tasks])
-    return [t for t, f in zip(tasks, found, strict=True) if not f]
-
-
 def run_edit(config: EditJobConfig) -> EditSummary:
     """Mass-edit ``config.src`` (or ``config.clips``) into ``config.dst``; see `pipelines.edit`.
     `pipelines.lease.LeaseHeldError` when another driver holds DST's lease past ``config.lease_wait_s``."""
@@ -536,7 +530,7 @@ def _run(run: EditRun) -> None:
                 "%d clips have no prompts and are not edited (first: %s)", len(unprompted), unprompted[0]
             )
         tasks = plan_tasks(clips, prompts_for, config.grid, config.steps, config.sampler, specs)
-        todo = _not_in(tasks, run.manifest.committed)  # the committed edit keys, from the manifest's key index
+        todo = rows_not_in(tasks, "edit_key", run.manifest.committed)  # from the manifest's key index
         summary.tasks, summary.skipped = len(tasks), len(tasks) - len(todo)
         logger.info(
             "%d clips -> %d edits: %d to do, %d already in %s",

@@ -24,8 +24,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from pipelines.commits import Committer
 from pipelines.failures import (
     LOST_STAGE,
@@ -36,7 +34,7 @@ from pipelines.failures import (
     missing_record,
     with_error_columns,
 )
-from pipelines.keyset import KeySet, key_hashes
+from pipelines.keyset import rows_not_in
 from pipelines.lease import Lease, LeaseError, hold_dst
 from pipelines.preprocess.config import PreprocessConfig, ResolvedConfig
 from pipelines.preprocess.stages import (
@@ -249,7 +247,7 @@ def _clips_to_do(uris: list[str], shards: Committer, errors: Committer, quaranti
     in ``summary``."""
     plans = _plan(uris, cfg, res)
     ok_plans = _unique_clips([p for p in plans if p["status"] == STATUS_OK])
-    todo = _not_in(ok_plans, shards.committed)
+    todo = rows_not_in(ok_plans, "clip_id", shards.committed)
     summary.skipped = len(ok_plans) - len(todo)
     if not cfg.retry_quarantined:
         held_clips = [p for p in todo if p["clip_id"] in quarantine.clips]
@@ -402,16 +400,7 @@ def _run_clips(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst
 
 def _lost(todo: list[dict[str, Any]], shards: Committer, errors: Committer) -> list[dict[str, Any]]:
     """The clips of ``todo`` neither committed (by any run) nor recorded as failed by this one."""
-    return _not_in(todo, shards.committed, errors.written)
-
-
-def _not_in(plans: list[dict[str, Any]], *sets: KeySet) -> list[dict[str, Any]]:
-    """The plans of ``plans`` whose clip id is in none of ``sets``."""
-    hashes = key_hashes([p["clip_id"] for p in plans])
-    ended = np.zeros(len(plans), dtype=bool)
-    for keys in sets:
-        ended |= keys.contains_hashes(hashes)
-    return [p for p, e in zip(plans, ended, strict=True) if not e]
+    return rows_not_in(todo, "clip_id", shards.committed, errors.written)
 
 
 def _lost_record(plan: dict[str, Any]) -> dict[str, Any]:
@@ -441,7 +430,7 @@ def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: s
 
 def _record_missing(todo: list[dict[str, Any]], shards: Committer, errors: Committer, error: str | None) -> None:
     """Planned clips neither written nor in errors (the stream broke) -> `pipeline` errors."""
-    missing = _not_in(todo, shards.written, errors.written)
+    missing = rows_not_in(todo, "clip_id", shards.written, errors.written)
     if not missing:
         return
     message = f"the pipeline ended without this clip: {error}" if error else "the pipeline ended without this clip"
