@@ -20,7 +20,8 @@ many at a time: concurrently on S3). A part without an index -- committed by cod
 has its key and tracked columns read and hashed instead, and a log line says how many. A merged index
 that covers a part no longer listed (deleted by hand) is not used: every part is read from its own index.
 When ``merge`` and at least `MERGE_AFTER_PARTS` parts were not covered, a new merged index covering every
-listed part replaces the old one (written aside, then moved), so the next start reads one file. Only the
+listed part replaces the old one (written aside, then moved), so the next start reads one file; a failed
+write of it is a warning (the run goes on, the next start reads the part indexes again). Only the
 holder of DST's lease (`pipelines.lease`) may merge: it is then the one writer of DST.
 """
 
@@ -100,7 +101,11 @@ def load_committed(store: TableStore, table: str, key: str, track: Sequence[str]
         for c in track:
             out.values[c].add_hashes(_sorted(tracked_parts[c]))
     if merge and len(todo) >= MERGE_AFTER_PARTS:
-        _write_merged(store, table, listed, out)
+        try:
+            _write_merged(store, table, listed, out)
+        except Exception as e:  # an optimisation of the next start: this run goes on without it
+            logger.warning("could not write the merged key index of %s (%s: %s); the next start reads the parts' "
+                           "own indexes again", store.uri(store.path(table)), type(e).__name__, e)
     return out
 
 
@@ -128,7 +133,8 @@ def _read_parts(store: TableStore, table: str, key: str, track: Sequence[str], p
                 tracked[c].append(row[2][c])
     if legacy:
         logger.info("%d of %d committed parts of %s have no key index (committed by older code); reading their "
-                    "column(s) %s instead", len(legacy), out.parts, store.uri(store.path(table)), ", ".join([key, *track]))
+                    "column(s) %s instead", len(legacy), out.parts, store.uri(store.path(table)),
+                    ", ".join([key, *track]))
     for part in legacy:
         data = store.read(store.path(table, part), [key, *track])
         keys.append(key_hashes(data.column(key).to_pylist()))
