@@ -270,12 +270,16 @@ class TableStore:
         return self.fs.unstrip_protocol(path)
 
     def committed(self, table: str) -> list[str]:
-        """Paths of the committed parts of ``table``, sorted."""
+        """Paths of the committed parts of ``table``, sorted: one fresh listing of its folder (names only;
+        the filesystem's cache of it is dropped after, since 100K parts' details would stay there)."""
+        root = self.path(table)
         try:
-            found = self.fs.glob(self.path(table, f"{PART_PREFIX}*.parquet"))
+            found = self.fs.ls(root, detail=False, refresh=True)
         except FileNotFoundError:
             return []
-        return sorted(found)
+        finally:
+            self.fs.invalidate_cache(root)
+        return sorted(p for p in found if p.rsplit("/", 1)[-1].startswith(PART_PREFIX) and p.endswith(".parquet"))
 
     def write_tmp(self, table: str, data: pa.Table, run_id: str) -> str:
         """Write ``data`` under ``table/_tmp/<run_id>/`` and return its path (not yet committed)."""

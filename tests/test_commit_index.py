@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import commit_index
-from pipelines.commit_index import INDEX_DIR, MERGED_FILE, index_path, load_committed
+from pipelines.commit_index import INDEX_DIR, MERGED_FILE, index_path, load_committed, read_index
 from pipelines.commits import Committer
 from pipelines.keyset import KeySet, key_hashes
 from pipelines.schema import SHARDS_DIR, TableStore
@@ -53,10 +53,12 @@ def test_committer_lists_once_then_commits_without_listing(tmp_path, monkeypatch
     for i in range(3):
         assert _commit(first, [f"c{i}a", f"c{i}b"], [f"v{i}", f"v{i}"]) == 2
     part = store.committed(SHARDS_DIR)[0].rsplit("/", 1)[-1]
-    index = pq.read_table(index_path(store, SHARDS_DIR, part))
-    assert index.column("parts").to_pylist() == [[part]]
-    assert index.column("keys").to_pylist() == [sorted(key_hashes(["c0a", "c0b"]).tolist())]
-    assert index.column("track:source_uri").to_pylist() == [key_hashes(["v0"]).tolist()]
+    index = read_index(index_path(store, SHARDS_DIR, part))
+    assert list(index) == ["parts", "keys", "track:source_uri"]
+    assert index["parts"].tolist() == key_hashes([part]).tolist()
+    assert index["keys"].tolist() == sorted(key_hashes(["c0a", "c0b"]).tolist())
+    assert index["track:source_uri"].tolist() == key_hashes(["v0"]).tolist()
+    assert pq.ParquetFile(index_path(store, SHARDS_DIR, part)).schema_arrow.names == ["hash"]  # flat: one column
 
     listings = []
     real = store.committed
@@ -95,7 +97,7 @@ def test_start_up_reads_the_merged_index_and_the_key_columns_of_parts_without_on
     with caplog.at_level(logging.INFO, logger="pipelines.commit_index"):
         cold = load_committed(store, SHARDS_DIR, "clip_id", ("source_uri",))
     assert (cold.parts, cold.read_parts, cold.legacy_parts) == (4, 4, 1)
-    assert "1 of 4 committed parts" in caplog.text and "no key index" in caplog.text
+    assert "1 of 4 committed parts" in caplog.text and "no key index we read" in caplog.text
     assert store.fs.exists(merged)  # 4 parts read one by one >= MERGE_AFTER_PARTS: merged for the next start
     expected = ["c0", "c1", "c2", "old1", "old2"]
     assert len(cold.keys) == 5 and cold.keys.contains(expected).all()
