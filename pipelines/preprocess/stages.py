@@ -291,9 +291,10 @@ class ClipStage(ModelStage):
 
     name = "clip"
 
-    def __init__(self, spec: str, convention: ContentConvention = UNIT_CONTENT, **kwargs: Any):
+    def __init__(self, spec: str, device: str | None = None, *, convention: ContentConvention = UNIT_CONTENT,
+                 **kwargs: Any):
         self.convention = convention
-        super().__init__(spec, **kwargs)
+        super().__init__(spec, device, **kwargs)
 
     def load(self, device: str | None) -> None:
         from gen1.clip import ClipEmbedder
