@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.keyset import KeySet
 from pipelines.schema import COMPRESSION, ERRORS_DIR, ERRORS_SCHEMA, TableStore
 
 logger = logging.getLogger(__name__)
@@ -69,21 +70,26 @@ class Quarantine:
         return pa.Table.from_pylist(rows, schema=QUARANTINE_SCHEMA)
 
 
-def find_quarantined(errors: pa.Table, committed_ids: Iterable[str], committed_uris: Iterable[str],
+def find_quarantined(errors: pa.Table, committed_ids: KeySet, committed_uris: KeySet,
                      after: int = QUARANTINE_AFTER) -> Quarantine:
     """The inputs of ``errors`` (ERRORS_SCHEMA rows) that failed in ``after`` or more runs and have not
-    succeeded since (see the module docstring)."""
-    done_ids, done_uris = set(committed_ids), set(committed_uris)
+    succeeded since (see the module docstring): ``committed_ids`` and ``committed_uris`` are the clip ids and
+    the source URIs that DST/shards has committed."""
     history: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in errors.select(list(_ERROR_COLUMNS)).to_pylist():
         if row["stage"] in NOT_COUNTED_STAGES:
             continue
         key = (KIND_VIDEO, row["uri"]) if row["stage"] == "plan" else (KIND_CLIP, row["clip_id"])
         history.setdefault(key, []).append(row)
+    inputs = list(history)
+    done = np.where([kind == KIND_CLIP for kind, _ in inputs],
+                    committed_ids.contains([key for _, key in inputs]),
+                    committed_uris.contains([key for _, key in inputs]))
     out = Quarantine()
-    for (kind, key), rows in history.items():
-        if (kind == KIND_CLIP and key in done_ids) or (kind == KIND_VIDEO and key in done_uris):
+    for (kind, key), succeeded in zip(inputs, done, strict=True):
+        if succeeded:
             continue
+        rows = history[(kind, key)]
         rows.sort(key=lambda r: r["timestamp"])
         runs = list(dict.fromkeys(r["run_id"] for r in rows))
         if len(runs) < after:
@@ -96,7 +102,7 @@ def find_quarantined(errors: pa.Table, committed_ids: Iterable[str], committed_u
     return out
 
 
-def load_quarantine(store: TableStore, committed_ids: Iterable[str], committed_uris: Iterable[str]) -> Quarantine:
+def load_quarantine(store: TableStore, committed_ids: KeySet, committed_uris: KeySet) -> Quarantine:
     """`find_quarantined` over the committed errors of ``store``."""
     errors = store.read_all(ERRORS_DIR, ERRORS_SCHEMA, list(_ERROR_COLUMNS))
     return find_quarantined(errors, committed_ids, committed_uris)

@@ -7,6 +7,8 @@ their layout is in `pipelines.edit`. The preprocess layout under a destination `
     DST/shards/_tmp/<run_id>/<uuid>.parquet    shards being written; never read as data
     DST/errors/part-<run>-<n>-<uuid>.parquet   committed error rows (ERRORS_SCHEMA)
     DST/errors/_tmp/<run_id>/<uuid>.parquet
+    DST/_index/shards/part-<run>-<n>-<uuid>.parquet  the clip ids (hashed) of that shard (`pipelines.commit_index`)
+    DST/_index/shards/merged.parquet           the clip ids of many shards at once, read at start
     DST/runs/<run_id>.json                     config and summary of each run
     DST/_lease/lease-<generation>.json         the driver writing into DST now (`pipelines.lease`)
 
@@ -268,12 +270,16 @@ class TableStore:
         return self.fs.unstrip_protocol(path)
 
     def committed(self, table: str) -> list[str]:
-        """Paths of the committed parts of ``table``, sorted."""
+        """Paths of the committed parts of ``table``, sorted: one fresh listing of its folder (names only;
+        the filesystem's cache of it is dropped after, since 100K parts' details would stay there)."""
+        root = self.path(table)
         try:
-            found = self.fs.glob(self.path(table, f"{PART_PREFIX}*.parquet"))
+            found = self.fs.ls(root, detail=False, refresh=True)
         except FileNotFoundError:
             return []
-        return sorted(found)
+        finally:
+            self.fs.invalidate_cache(root)
+        return sorted(p for p in found if p.rsplit("/", 1)[-1].startswith(PART_PREFIX) and p.endswith(".parquet"))
 
     def write_tmp(self, table: str, data: pa.Table, run_id: str) -> str:
         """Write ``data`` under ``table/_tmp/<run_id>/`` and return its path (not yet committed)."""

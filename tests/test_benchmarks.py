@@ -1,6 +1,9 @@
-"""The benchmarks run: edit_bench's CPU path in-process, and its full-size GPU path built on ``meta``."""
+"""The benchmarks run: edit_bench's CPU path in-process, and its full-size GPU path built on ``meta``;
+commit_scale at tiny sizes."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -51,3 +54,28 @@ def test_stage_costs_count_the_real_architecture_and_follow_the_stated_formula()
     assert (s1.steps, s1.image_prob, s1.clips, s1.images) == (15000, 1.0, 1152, 1152 * TINY.frames)
     cost = StageCost("x", steps=3600, image_prob=0.0, clips=1, images=8, flops_per_step=989e12 * 0.4)
     assert cost.gpu_hours(989.0, 0.4) == pytest.approx(1.0)
+
+
+@pytest.mark.slow  # starts moto's S3 server
+def test_commit_scale_at_tiny_sizes(tmp_path):
+    """commit_scale end to end at tiny sizes (local and moto S3): every implementation finds every committed
+    id (the benchmark checks), ours commits without listing while the baseline lists before each commit, and
+    our second start reads the merged index instead of the parts."""
+    from jobs.benchmarks import commit_scale
+
+    out = tmp_path / "commit_scale.json"
+    args = commit_scale.parse_args(["--sizes", "10,120", "--ids-per-part", "10", "--s3-parts", "10",
+                                    "--commits", "3", "--root", str(tmp_path / "dsts"), "--json", str(out)])
+    report = commit_scale.run(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    keys = {"commit_s", "startup_s", "rss_mb"}
+    for where in (report, report["s3"]):
+        assert set(where["parts"]) == set(where["baseline"]["parts"])
+        for ours, base in ((where["parts"][n], where["baseline"]["parts"][n]) for n in where["parts"]):
+            assert keys <= set(ours) and keys <= set(base) and "startup_cold_s" in ours
+            assert ours["listings_per_commit"] == 0 and base["listings_per_commit"] == 1
+    assert set(report["parts"]) == {"10", "120"} and set(report["s3"]["parts"]) == {"10"}
+    # 120 parts >= MERGE_AFTER_PARTS: the cold start wrote the merged index, the next start read no part
+    assert report["parts"]["120"]["parts_read_at_startup"] == 0
+    assert report["baseline"]["parts"]["120"]["parts_read_at_startup"] == 120
+    assert report["ids_10m_mb"] is None  # no size held 10M ids

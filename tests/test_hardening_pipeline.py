@@ -26,6 +26,7 @@ import pytest
 
 from gen1.config import TINY
 from pipelines.failures import STATUS_ERROR, STATUS_OK, apply_per_clip
+from pipelines.keyset import KeySet
 from pipelines.preprocess import (
     ClipStage,
     DecodeStage,
@@ -343,7 +344,7 @@ def test_find_quarantined_counts_runs_not_rows_and_forgets_successes():
         ("e", "v3", "plan", "r1"), ("e", "v3", "plan", "r2"),  # a video with a committed clip since: not
         ("f", "v1", "pipeline", "r1"), ("f", "v1", "pipeline", "r2"),  # the stream broke: not the input's fault
     )
-    q = find_quarantined(errors, committed_ids={"c"}, committed_uris={"v3"})
+    q = find_quarantined(errors, committed_ids=KeySet.of(["c"]), committed_uris=KeySet.of(["v3"]))
     assert sorted(q.clips) == ["b"] and sorted(q.videos) == ["v2"] and len(q) == 2
     assert q.clips["b"]["failed_runs"] == ["r1", "r2"] and q.clips["b"]["stage"] == "timeout-free"
     assert q.table().column("kind").to_pylist() == ["clip", "video"]

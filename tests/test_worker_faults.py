@@ -29,6 +29,7 @@ import pytest
 
 from gen1.config import TINY, ConfigError
 from gen1.prompts import PromptSpec
+from pipelines.keyset import KeySet
 from pipelines.preprocess import PreprocessConfig, run_preprocess
 from pipelines.quarantine import find_quarantined
 from pipelines.runtime import RetryConfig
@@ -215,7 +216,7 @@ def test_a_stage_killing_its_process_on_one_clip_becomes_a_crash_row_and_the_job
     run_id = table.schema.get_field_index("run_id")
     again = table.set_column(run_id, table.schema.field(run_id), pa.array(["another-run"] * table.num_rows))
     twice = pa.concat_tables([table, again])
-    quarantine = find_quarantined(twice, ids, [str(src / "plain.mp4"), str(src / "white.mp4")])
+    quarantine = find_quarantined(twice, KeySet.of(ids), KeySet.of([str(src / "plain.mp4"), str(src / "white.mp4")]))
     assert set(quarantine.clips) == {victim}
     assert [Path(u).name for u in quarantine.videos] == ["crashplan.mp4"]
 

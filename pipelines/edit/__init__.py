@@ -29,12 +29,14 @@ Layout under ``DST`` (any fsspec URI)::
     DST/manifest/part-<run>-<n>-<uuid>.parquet     one row per output (MANIFEST_SCHEMA)
     DST/prompts/part-<run>-<n>-<uuid>.parquet      one row per (clip, prompt) written by a writer (PROMPTS_SCHEMA)
     DST/errors/part-<run>-<n>-<uuid>.parquet       failures (pipelines.schema.ERRORS_SCHEMA; shared with preprocess)
+    DST/_index/manifest/...                        the manifest's edit keys, hashed (`pipelines.commit_index`)
     DST/runs/edit-<run_id>.json                    config and summary of each run
     DST/_lease/lease-<generation>.json             who writes into DST now (`pipelines.lease`)
 
 Commit order makes reruns exact: an output is renamed into place before its manifest row exists, and
 the driver commits manifest rows (`pipelines.commits.Committer`, once per edit key) only after an actor
-has returned them, so a committed row always has its mp4. A rerun skips committed edit keys; an edit
+has returned them, so a committed row always has its mp4. A rerun skips committed edit keys (read at start
+from the manifest's key index, not from its parts); an edit
 killed midway is redone (its half-written files live under ``_tmp`` and are replaced). Failures are data:
 a video that cannot be probed, a clip that cannot be captioned, an edit that raises become `errors` rows
 and the job goes on; so does work whose Ray worker or actor died on every attempt its bounded ``retries``

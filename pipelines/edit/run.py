@@ -41,6 +41,7 @@ from pipelines.failures import (
     missing_record,
     with_error_columns,
 )
+from pipelines.keyset import KeySet, rows_not_in
 from pipelines.lease import Lease, LeaseError, hold_dst
 from pipelines.runtime import (
     ActorPool,
@@ -376,19 +377,19 @@ class EditRun:
         stream, one edit per call); what a broken stream left undone becomes ``pipeline`` errors."""
         cfg = self.config
         buffer = RowBuffer(self._commit_manifest, cfg.commit_every, cfg.commit_interval_s)
-        finished: set[str] = set()
+        finished = KeySet()  # edit keys that came back (hashes: a library's edits need not fit as strings)
         try:
             self._consume(self._edit_pass(todo, cfg.edit_batch_size), buffer, finished)
-            lost = [t for t in todo if t["edit_key"] not in finished]
+            lost = rows_not_in(todo, "edit_key", finished)
             if lost and cfg.edit_batch_size > 1:
                 logger.warning("%d edits were lost with their edit actors (and those sharing their calls); "
                                "running them again, one per call", len(lost))
                 self._consume(self._edit_pass(lost, 1), buffer, finished)
-                lost = [t for t in lost if t["edit_key"] not in finished]
+                lost = rows_not_in(lost, "edit_key", finished)
             for t in lost:
                 row = with_error_columns({k: t.get(k) for k in ("clip_id", "source_uri", "start")})
                 self.fail(mark_failed(row, LOST_STAGE, WorkerLost(f"edit {t['edit_key']}", cfg.edit_batch_size > 1)))
-                finished.add(t["edit_key"])
+                finished.add([t["edit_key"]])
             self.summary.failed += len(lost)
         except LeaseError:
             raise  # another driver took DST over: this one commits nothing more (exit 5)
@@ -399,7 +400,7 @@ class EditRun:
             buffer.flush()
             self.errors.flush()
             self.summary.ok = self.manifest.rows
-        missing = [t for t in todo if t["edit_key"] not in finished]
+        missing = rows_not_in(todo, "edit_key", finished)
         if missing:
             message = f"the pipeline ended without this edit: {self.summary.error or 'no result came back'}"
             self.errors.add(
@@ -409,7 +410,7 @@ class EditRun:
             self.errors.flush()
             self.summary.failed += len(missing)
 
-    def _consume(self, ds: Any, buffer: RowBuffer, finished: set[str]) -> None:
+    def _consume(self, ds: Any, buffer: RowBuffer, finished: KeySet) -> None:
         """Take the results of an edit pass: manifest rows into ``buffer``, errors recorded; keys into ``finished``."""
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             now = dt.datetime.now(dt.UTC)
@@ -418,7 +419,7 @@ class EditRun:
                 if key in finished:
                     logger.warning("edit %s came back twice; keeping the first", key)
                     continue
-                finished.add(key)
+                finished.add([key])
                 if row["status"] == STATUS_ERROR:
                     self.fail(row, f"edit {key}: {row['error_message']}")
                     self.summary.failed += 1
@@ -524,8 +525,7 @@ def _run(run: EditRun) -> None:
                 "%d clips have no prompts and are not edited (first: %s)", len(unprompted), unprompted[0]
             )
         tasks = plan_tasks(clips, prompts_for, config.grid, config.steps, config.sampler, specs)
-        done = run.manifest.refresh()  # the committed edit keys (only that column of each part is read)
-        todo = [t for t in tasks if t["edit_key"] not in done]
+        todo = rows_not_in(tasks, "edit_key", run.manifest.committed)  # from the manifest's key index
         summary.tasks, summary.skipped = len(tasks), len(tasks) - len(todo)
         logger.info(
             "%d clips -> %d edits: %d to do, %d already in %s",

@@ -16,9 +16,10 @@ Ray Data streams clips through plain stage classes (`pipelines.preprocess.stages
 
 Failures are data: a clip that cannot be decoded or fails in a stage becomes an error row that flows on
 to the writer and lands in ``DST/errors`` (`pipelines.failures`). Completion is tracked per clip id:
-a rerun plans the same clips, skips those already committed and retries the ones that failed. The
-driver is the only committer and drops rows whose clip id is already committed (also by another run
-that committed meanwhile), so DST never holds a clip id twice. Every Ray Data call has bounded retries
+a rerun plans the same clips, skips those already committed (read at start from the shards' key index,
+`pipelines.commit_index`, not from every shard) and retries the ones that failed. The driver holding DST's
+lease is the only committer and drops rows whose clip id is already committed (by an earlier run or
+earlier in this one), so DST never holds a clip id twice. Every Ray Data call has bounded retries
 (``retries``, `pipelines.runtime.RetryConfig`): a clip whose worker or actor died on every attempt, also
 when streamed again alone, becomes an error (stage ``worker``, error_type ``crash``) that counts toward
 quarantine, and the job finishes. What is neither committed nor in errors when a broken stream ends is

@@ -34,6 +34,7 @@ from pipelines.failures import (
     missing_record,
     with_error_columns,
 )
+from pipelines.keyset import rows_not_in
 from pipelines.lease import Lease, LeaseError, hold_dst
 from pipelines.preprocess.config import PreprocessConfig, ResolvedConfig
 from pipelines.preprocess.stages import (
@@ -157,7 +158,7 @@ def _run(src: str, store: TableStore, lease: Lease, run_id: str, cfg: Preprocess
         if todo:
             summary.error, summary.stage_seconds = _run_clips(todo, commits, store.dst, run_id, cfg, res)
         summary.ok = len(shards.written)
-        summary.failed = len(errors.written - shards.written)
+        summary.failed = errors.written.count_not_in(shards.written)
     finally:
         summary.seconds = time.monotonic() - t0
         for committer in commits.values():
@@ -184,7 +185,6 @@ def run_committers(store: TableStore, run_id: str, lease: Lease | None = None) -
 
 def _current_quarantine(store: TableStore, shards: Committer) -> Quarantine:
     """The quarantine list from DST/errors, minus the inputs DST/shards has committed by now."""
-    shards.refresh()
     return load_quarantine(store, shards.committed, shards.values["source_uri"])
 
 
@@ -246,9 +246,8 @@ def _clips_to_do(uris: list[str], shards: Committer, errors: Committer, quaranti
     retry_quarantined) those quarantined. Commits the plan errors; counts planned, skipped and quarantined
     in ``summary``."""
     plans = _plan(uris, cfg, res)
-    done = shards.refresh()
     ok_plans = _unique_clips([p for p in plans if p["status"] == STATUS_OK])
-    todo = [p for p in ok_plans if p["clip_id"] not in done]
+    todo = rows_not_in(ok_plans, "clip_id", shards.committed)
     summary.skipped = len(ok_plans) - len(todo)
     if not cfg.retry_quarantined:
         held_clips = [p for p in todo if p["clip_id"] in quarantine.clips]
@@ -403,8 +402,7 @@ def _run_clips(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst
 
 def _lost(todo: list[dict[str, Any]], shards: Committer, errors: Committer) -> list[dict[str, Any]]:
     """The clips of ``todo`` neither committed (by any run) nor recorded as failed by this one."""
-    ended = shards.refresh() | errors.written
-    return [p for p in todo if p["clip_id"] not in ended]
+    return rows_not_in(todo, "clip_id", shards.committed, errors.written)
 
 
 def _lost_record(plan: dict[str, Any]) -> dict[str, Any]:
@@ -434,8 +432,7 @@ def _stream(todo: list[dict[str, Any]], commits: Mapping[str, Committer], dst: s
 
 def _record_missing(todo: list[dict[str, Any]], shards: Committer, errors: Committer, error: str | None) -> None:
     """Planned clips neither written nor in errors (the stream broke) -> `pipeline` errors."""
-    ended = shards.written | errors.written
-    missing = [p for p in todo if p["clip_id"] not in ended]
+    missing = rows_not_in(todo, "clip_id", shards.written, errors.written)
     if not missing:
         return
     message = f"the pipeline ended without this clip: {error}" if error else "the pipeline ended without this clip"
