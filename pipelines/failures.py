@@ -9,7 +9,7 @@ Work that comes back from no attempt is recorded by the driver, by one of two ru
 
 - a pass that *finished* without an item lost it with its Ray worker or actor: every attempt of its block
   died (or raised) within the bounded retries (`pipelines.runtime.RetryConfig`), and Ray Data dropped the
-  block (`pipelines.runtime.tolerate_lost_blocks`). Its row is marked failed with `WorkerLost` (stage
+  block (`pipelines.runtime.bounded_pass`). Its row is marked failed with `WorkerLost` (stage
   `LOST_STAGE`, or ``plan`` for a video lost while planning; ``error_type`` ``crash``), which counts toward
   quarantine like any failure of the item itself. Where that matters (preprocess), an item lost in a
   block it shared is first run again in a pass of its own, so only the item that fails alone is recorded;

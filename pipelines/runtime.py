@@ -9,9 +9,9 @@
   pool that holds every CPU starves them and hangs the job (measured on 2 CPUs, and after a worker node
   dies and its actors restart on the head).
 - `task_pool` and `actor_pool`: the ``map_batches`` arguments of every stage, its pool (``compute=``) and
-  its bounded retries (`RetryConfig`, the ``retries`` of every job config); `tolerate_lost_blocks` lets a
-  pass finish when some blocks fail on every attempt. What the driver makes of a lost block:
-  `pipelines.failures.WorkerLost`.
+  its bounded retries (`RetryConfig`, the ``retries`` of every job config); `bounded_pass` lets a pass
+  finish when some blocks fail on every attempt, and stops one that makes no progress. What the driver
+  makes of a lost block: `pipelines.failures.WorkerLost`.
 - `write_run_record`: ``DST/runs/<name>.json``, the config and summary of a run, written through
   `bookkeeping`: a failed write is reported in the summary and makes the command exit 6.
 """
@@ -146,6 +146,10 @@ def _node_cpus() -> list[float]:
 # ---------------------------------------------------------------------------------------------- retries
 
 
+# A pass's stall limit past its longest call limit: time for queued blocks to move once a call returns.
+STALL_MARGIN_S = 120.0
+
+
 @dataclass(frozen=True)
 class RetryConfig:
     """How often Ray re-runs the work of a stage whose process died: the ``retries`` of every job config
@@ -158,10 +162,17 @@ class RetryConfig:
       At least 1: an actor retired after a time limit (`pipelines.timeouts.Retirement`) ends its process at
       the start of its next call, which its restarted actor then runs.
     - ``actor_restarts``: times each actor is restarted (``max_restarts``; a retirement is a restart too);
-      -1, the default: as often as its calls' retries need. Ray Data 2.60 does not replace an actor past its restarts (its pool keeps
-      counting it), so a pool whose actors all used theirs stalls its pass until Ray Data's no-progress
-      timeout (30 min by default; measured with a shorter one). The work stays bounded by the calls'
-      retries: an actor that dies in a call restarts at the cost of one of that call's retries.
+      -1, the default: no limit of its own, which is the contract of Ray Data 2.60's actor pools (its
+      operator expects pool actors to be "restarted indefinitely until execution finishes"). Measured: an
+      actor past a finite ``max_restarts`` is never replaced and its pass stalls. What bounds the work
+      instead: a call is re-run at most ``actor_task_retries`` times (one poison clip costs an actor at most
+      that many restarts and then becomes a ``crash`` row), and a pass that makes no progress for
+      ``stall_timeout_s`` is stopped (an actor that dies in its constructor every time, e.g. out of memory
+      while loading, restarts until then), its unfinished work recorded as ``pipeline`` errors.
+    - ``stall_timeout_s``: seconds a pass may go without progress (no block into or out of any stage)
+      before it is stopped (Ray Data's ``execution_no_progress_timeout_s``). None, the default: the job's
+      longest per-call time limit plus `STALL_MARGIN_S`, since a call within its limit is progress still to
+      come; Ray Data's own 30 minutes when some call has no limit.
     - ``max_lost_blocks``: blocks a pass may lose (their work failed on every attempt) and still finish
       (``DataContext.max_errored_blocks``); -1, the default: any number. Past it the pass stops.
     """
@@ -169,6 +180,7 @@ class RetryConfig:
     task_retries: int = 2
     actor_task_retries: int = 2
     actor_restarts: int = -1
+    stall_timeout_s: float | None = None
     max_lost_blocks: int = -1
 
     def __post_init__(self) -> None:
@@ -180,6 +192,21 @@ class RetryConfig:
             if not ok:
                 allowed = f"an integer >= {low}" + (" or -1 (no limit)" if unlimited else "")
                 raise ConfigError(f"retries.{name}: expected {allowed}; found {value!r}")
+        stall = self.stall_timeout_s
+        if stall is not None and (isinstance(stall, bool) or not isinstance(stall, (int, float)) or stall <= 0):
+            raise ConfigError(f"retries.stall_timeout_s: expected seconds > 0 or null (derived); found {stall!r}")
+
+    def stall_timeout(self, call_limits_s: Sequence[float | None]) -> float:
+        """Seconds a pass of a job whose calls have the time limits ``call_limits_s`` (None or 0: no limit) may
+        make no progress: ``stall_timeout_s`` when set, else the longest limit plus `STALL_MARGIN_S`, else
+        (a call without a limit) Ray Data's default."""
+        if self.stall_timeout_s is not None:
+            return float(self.stall_timeout_s)
+        if not call_limits_s or any(not limit for limit in call_limits_s):
+            from ray.data.context import DEFAULT_EXECUTION_NO_PROGRESS_TIMEOUT_S
+
+            return float(DEFAULT_EXECUTION_NO_PROGRESS_TIMEOUT_S)
+        return float(max(call_limits_s)) + STALL_MARGIN_S
 
     @classmethod
     def from_value(cls, value: RetryConfig | Mapping[str, Any] | None) -> RetryConfig:
@@ -239,11 +266,14 @@ def actor_pool(retries: RetryConfig, size: int, tasks_per_actor: int | None = No
             "max_task_retries": retries.actor_task_retries}
 
 
-def tolerate_lost_blocks(ds: Any, retries: RetryConfig) -> Any:
+def bounded_pass(ds: Any, retries: RetryConfig, call_limits_s: Sequence[float | None] = ()) -> Any:
     """``ds``, whose pass now finishes with up to ``retries.max_lost_blocks`` blocks lost (their work failed
-    on every attempt; Ray Data logs each and drops its rows). Set on the dataset's own context, so other
-    datasets keep failing on the first lost block. Returns ``ds``."""
+    on every attempt; Ray Data logs each and drops its rows), and is stopped with Ray Data's
+    ``ExecutionTimeoutError`` after `RetryConfig.stall_timeout` seconds without progress (the job's calls
+    have the time limits ``call_limits_s``). Set on the dataset's own context, so other datasets keep their
+    settings. Returns ``ds``."""
     ds.context.max_errored_blocks = retries.max_lost_blocks
+    ds.context.execution_no_progress_timeout_s = retries.stall_timeout(call_limits_s)
     return ds
 
 

@@ -3,12 +3,13 @@
 3. Every Ray Data call has bounded retries (`pipelines.runtime.RetryConfig`). A stage stand-in that kills
    its own process on one clip: the job finishes, the clip is a ``crash`` error row that counts toward
    quarantine, the clips that shared its blocks are committed, and it was tried exactly as often as the
-   retries allow (counted in files by the stand-in).
+   retries allow (counted in files by the stand-in). A model stand-in that kills its process as it loads,
+   every time: its pass is stopped at the stall limit (`RetryConfig.stall_timeout`), and a rerun commits.
 4. An edit past its time limit writes nothing afterwards (`pipelines.timeouts.Cancellation`) and retires
    its actor: the next edit runs in a fresh process (`pipelines.timeouts.Retirement`).
 
 This module's local Ray runs `install_faults` in every worker (a ``worker_process_setup_hook``): the
-depth model exits its process on a white clip, planning exits its process on ``crashplan*`` files, and an
+depth model exits its process on a white clip (and as it loads while ``INIT_CRASH`` exists), planning exits its process on ``crashplan*`` files, and an
 edit of the prompt ``hang`` sleeps past its limit before it goes on to write. Each logs every attempt in
 ``$GEN1_TEST_FAULT_LOG``. The driver is not hooked.
 """
@@ -32,12 +33,13 @@ from gen1.prompts import PromptSpec
 from pipelines.keyset import KeySet
 from pipelines.preprocess import PreprocessConfig, run_preprocess
 from pipelines.quarantine import find_quarantined
-from pipelines.runtime import RetryConfig
+from pipelines.runtime import STALL_MARGIN_S, RetryConfig
 from pipelines.schema import ERRORS_DIR, ERRORS_SCHEMA, OUTPUTS_DIR, TableStore, read_errors, read_shards
 from pipelines.sources import plan_video
 from pipelines.timeouts import CallCancelled, Cancellation, StageRetired, call_with_timeout
 
 FAULT_LOG_ENV = "GEN1_TEST_FAULT_LOG"
+INIT_CRASH = "crash-depth-init"  # while this file is in the fault log, the hooked depth model dies as it loads
 WHITE_MEAN = 240.0  # the hooked depth model exits its process on a clip this bright (mean grey level)
 SIZE = (64, 48)
 EDIT_LIMIT_S = 10.0  # several times a tiny 2-step edit on 2 busy cores (1 to 2 s)
@@ -62,6 +64,13 @@ def install_faults() -> None:
     from pipelines import preprocess, sources
 
     real_predict, real_plan = preprocess.DepthStage.predict, sources.plan_video
+    real_init = preprocess.DepthStage.__init__
+
+    def init(self, *args, **kwargs):
+        if os.path.exists(os.path.join(os.environ[FAULT_LOG_ENV], INIT_CRASH)):
+            _log("depth-init-crash", str(os.getpid()))
+            os._exit(1)
+        real_init(self, *args, **kwargs)
 
     def predict(self, clips):
         if any(c.mean() > WHITE_MEAN for c in clips):
@@ -76,6 +85,7 @@ def install_faults() -> None:
         return real_plan(uri, *args, **kwargs)
 
     preprocess.DepthStage.predict = predict
+    preprocess.DepthStage.__init__ = init
     sources.plan_video = plan
     sys.meta_path.insert(0, _PatchOnImport("gen1.sampling", _hang_edits))
 
@@ -148,10 +158,12 @@ def test_retry_settings_are_bounded_validated_and_carried_by_every_job_config(tm
     from pipelines.edit import EditJobConfig
     from pipelines.evaluate import EvalConfig
 
-    assert RetryConfig() == RetryConfig(task_retries=2, actor_task_retries=2, actor_restarts=-1, max_lost_blocks=-1)
+    assert RetryConfig() == RetryConfig(task_retries=2, actor_task_retries=2, actor_restarts=-1, stall_timeout_s=None,
+                                        max_lost_blocks=-1)
     for bad, field in (({"task_retries": -1}, "task_retries"), ({"actor_task_retries": 0}, "actor_task_retries"),
                        ({"actor_restarts": 0}, "actor_restarts"), ({"max_lost_blocks": -2}, "max_lost_blocks"),
-                       ({"task_retries": 1.5}, "task_retries"), ({"retry": 1}, "unknown keys")):
+                       ({"task_retries": 1.5}, "task_retries"), ({"retry": 1}, "unknown keys"),
+                       ({"stall_timeout_s": 0}, "stall_timeout_s"), ({"stall_timeout_s": "1h"}, "stall_timeout_s")):
         with pytest.raises(ConfigError, match=field):
             RetryConfig.from_value(bad)
     yaml = tmp_path / "pp.yaml"
@@ -159,10 +171,61 @@ def test_retry_settings_are_bounded_validated_and_carried_by_every_job_config(tm
     cfg = PreprocessConfig.from_yaml(yaml)
     assert cfg.retries == RetryConfig(task_retries=0, actor_task_retries=1)
     assert cfg.as_dict()["retries"] == {"task_retries": 0, "actor_task_retries": 1, "actor_restarts": -1,
-                                        "max_lost_blocks": -1}
+                                        "stall_timeout_s": None, "max_lost_blocks": -1}
     edit = EditJobConfig(dst=str(tmp_path), src="src", retries={"actor_restarts": 5})
     assert edit.retries.actor_restarts == 5 and edit.as_dict()["retries"]["actor_restarts"] == 5
     assert EvalConfig(edits=str(tmp_path), retries={"task_retries": 1}).retries.task_retries == 1
+
+
+def test_a_pass_stall_limit_follows_the_jobs_longest_call_limit(tmp_path):
+    from ray.data.context import DEFAULT_EXECUTION_NO_PROGRESS_TIMEOUT_S
+
+    from pipelines.edit import EditJobConfig
+
+    # a call within its limit is progress to come: the pass waits that long, plus a margin, and no longer
+    assert RetryConfig().stall_timeout(PreprocessConfig().call_limits_s) == 600.0 + STALL_MARGIN_S
+    edit = EditJobConfig(dst=str(tmp_path), src="src")
+    assert RetryConfig().stall_timeout(edit.call_limits_s) == 3600.0 + STALL_MARGIN_S  # > Ray Data's 30 minutes
+    assert RetryConfig().stall_timeout((120.0, None)) == DEFAULT_EXECUTION_NO_PROGRESS_TIMEOUT_S  # a call without one
+    assert RetryConfig(stall_timeout_s=15).stall_timeout((120.0, 600.0)) == 15.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_model_actor_dying_in_its_constructor_every_time_ends_its_pass_at_the_stall_limit(faulty_ray, fault_log,
+                                                                                           tmp_path):
+    """Actors restart without a count of their own (`RetryConfig.actor_restarts`): a constructor that kills its
+    process every time is restarted until the pass has made no progress for ``stall_timeout_s``; the clips
+    become ``pipeline`` errors (not the clips' fault: no quarantine), and a rerun commits them."""
+    from tests.fixtures.clips import encode_mp4, synthetic_frames
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.mp4").write_bytes(encode_mp4(synthetic_frames(24, *SIZE)))
+    cfg = PreprocessConfig(models="tiny", size=SIZE, clips_per_video=None, frames_format="raw", progress=False,
+                           max_concurrent_decodes=1, retries=RetryConfig(stall_timeout_s=20))
+    dst = str(tmp_path / "dst")
+    marker = fault_log / INIT_CRASH
+    marker.touch()
+    try:
+        t0 = time.monotonic()
+        summary = run_preprocess(str(src), dst, cfg)
+        elapsed = time.monotonic() - t0
+    finally:
+        marker.unlink()
+    assert summary.error is not None and "ExecutionTimeoutError" in summary.error, summary.error
+    assert (summary.ok, summary.failed, summary.planned) == (0, 3, 3), summary
+    assert elapsed < 20 + 90, elapsed  # stopped at the stall limit, not Ray Data's 30 minutes
+    assert len({pid for (pid,) in _lines(fault_log, "depth-init-crash")}) >= 2  # restarted, each in a new process
+    errors = read_errors(dst).to_pylist()
+    assert len(errors) == 3 and {e["stage"] for e in errors} == {"pipeline"}
+    table = TableStore(dst).read_all(ERRORS_DIR, ERRORS_SCHEMA)  # as if two runs had failed the same way
+    run_id = table.schema.get_field_index("run_id")
+    again = table.set_column(run_id, table.schema.field(run_id), pa.array(["another-run"] * table.num_rows))
+    quarantine = find_quarantined(pa.concat_tables([table, again]), KeySet.of([]), KeySet.of([]))
+    assert not quarantine.clips and not quarantine.videos
+    again = run_preprocess(str(src), dst, cfg)  # the model loads now: the rerun commits every clip
+    assert (again.ok, again.failed, again.error) == (3, 0, None), again
 
 
 # ------------------------------------------------------------------------------------- 3. crashes

@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:  # long: argument parsing, three
     parser.add_argument("--min-clips", type=int, default=500, help="repeat the videos until this many clips")
     parser.add_argument("--clips-per-video", type=int, default=None, help="default: every non-overlapping clip")
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: all)")
+    parser.add_argument("--config", metavar="YAML", help="preprocess settings of the pipeline run (as gen1 preprocess --config)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -275,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:  # long: argument parsing, three
     if not originals:
         print(f"no videos under {args.src}", file=sys.stderr)
         return 2
-    cfg = PreprocessConfig(models=args.models, clips_per_video=args.clips_per_video, progress=False,
-                           num_cpus=args.num_cpus)
+    settings = dict(models=args.models, clips_per_video=args.clips_per_video, progress=False, num_cpus=args.num_cpus)
+    cfg = PreprocessConfig.from_yaml(args.config, **settings) if args.config else PreprocessConfig(**settings)
     res = cfg.resolved()
     with tempfile.TemporaryDirectory(prefix="gen1-bench-corpus-") as tmp:
         corpus = build_corpus(originals, args.min_clips, res.frames, res.stride, cfg.clips_per_video, res.size,

@@ -131,6 +131,12 @@ class EditJobConfig:
                 "no prompts: pass a prompts file, auto_prompts N, or a source manifest with prompts"
             )
 
+    @property
+    def call_limits_s(self) -> tuple[float | None, ...]:
+        """Every per-call time limit of the job: a pass's stall limit is derived from them
+        (`pipelines.runtime.RetryConfig.stall_timeout`)."""
+        return (self.decode_timeout_s, self.caption_timeout_s, self.edit_timeout_s)
+
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> EditJobConfig:
         """Fields from a YAML mapping, then ``overrides`` (None values ignored)."""

@@ -47,12 +47,12 @@ from pipelines.runtime import (
     ActorPool,
     actor_pool,
     bookkeeping,
+    bounded_pass,
     cluster_resources,
     init_ray,
     new_run_id,
     plan_resources,
     task_pool,
-    tolerate_lost_blocks,
     write_run_record,
 )
 from pipelines.schema import (
@@ -229,7 +229,7 @@ class EditRun:
                           cfg.storage_options)
         blocks = min(len(uris), 200)
         ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=blocks)
-        ds = tolerate_lost_blocks(ds, cfg.retries).map_batches(
+        ds = bounded_pass(ds, cfg.retries, cfg.call_limits_s).map_batches(
             stage,
             batch_size=1,
             batch_format="pandas",
@@ -313,7 +313,7 @@ class EditRun:
         ds = ray.data.from_items(
             rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.caption_batch_size))
         )
-        ds = tolerate_lost_blocks(ds, cfg.retries)
+        ds = bounded_pass(ds, cfg.retries, cfg.call_limits_s)
         if any(not r["caption"] for r in rows):
             ds = ds.map_batches(
                 CaptionStage,
@@ -432,7 +432,7 @@ class EditRun:
 
         cfg = self.config
         ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / batch_size)))
-        return tolerate_lost_blocks(ds, cfg.retries).map_batches(
+        return bounded_pass(ds, cfg.retries, cfg.call_limits_s).map_batches(
             EditStage,
             fn_constructor_kwargs={
                 "specs": self.specs,

@@ -39,11 +39,11 @@ from pipelines.lease import Lease, hold_dst
 from pipelines.runtime import (
     ActorPool,
     actor_pool,
+    bounded_pass,
     cluster_resources,
     init_ray,
     new_run_id,
     plan_resources,
-    tolerate_lost_blocks,
 )
 from pipelines.schema import ERRORS_DIR, TableStore
 
@@ -200,7 +200,7 @@ def _run_baselines(cfg: EvalConfig, specs: ModelSpecs, tasks: list[dict], out_di
 
     counts = {m: sum(t["method"] == m for t in tasks) for m in cfg.baselines}
     log.info("baselines: %s edits (SDEdit strength %.2f)", counts, cfg.sdedit_strength)
-    ds = tolerate_lost_blocks(ray.data.from_items(tasks, override_num_blocks=len(tasks)), cfg.retries)
+    ds = bounded_pass(ray.data.from_items(tasks, override_num_blocks=len(tasks)), cfg.retries)
     ds = ds.map_batches(
         BaselineStage,
         fn_constructor_kwargs={"specs": specs, "out": out_dir, "device": cfg.device,
@@ -216,7 +216,7 @@ def _measure(cfg: EvalConfig, specs: ModelSpecs, rows: list[dict[str, Any]]) -> 
     if not rows:
         return pd.DataFrame()
     n = max(1, math.ceil(len(rows) / cfg.metrics_batch_size))
-    ds = tolerate_lost_blocks(ray.data.from_items(rows, override_num_blocks=n), cfg.retries).map_batches(
+    ds = bounded_pass(ray.data.from_items(rows, override_num_blocks=n), cfg.retries).map_batches(
         MetricsStage,
         fn_constructor_kwargs={"specs": specs, "device": cfg.device, "storage_options": cfg.storage_options},
         batch_size=cfg.metrics_batch_size, batch_format="pandas",

@@ -133,6 +133,12 @@ class PreprocessConfig:
         if not 0 <= self.max_failure_fraction <= 1:
             raise ConfigError(f"max_failure_fraction: expected a value in [0, 1]; found {self.max_failure_fraction}")
 
+    @property
+    def call_limits_s(self) -> tuple[float | None, ...]:
+        """Every per-call time limit of the job: a pass's stall limit is derived from them
+        (`pipelines.runtime.RetryConfig.stall_timeout`)."""
+        return (self.decode_timeout_s, self.model_timeout_s)
+
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> PreprocessConfig:
         """Fields from a YAML mapping, then ``overrides`` (None values ignored)."""

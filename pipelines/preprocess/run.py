@@ -58,13 +58,13 @@ from pipelines.runtime import (
     ActorPool,
     actor_pool,
     bookkeeping,
+    bounded_pass,
     cluster_resources,
     init_ray,
     new_run_id,
     operator_seconds,
     plan_resources,
     task_pool,
-    tolerate_lost_blocks,
     write_run_record,
 )
 from pipelines.schema import ERRORS_DIR, RUNS_DIR, SHARDS_DIR, TableStore
@@ -234,7 +234,7 @@ def _plan_in_tasks(stage: PlanStage, uris: list[str], cfg: PreprocessConfig, bat
     import ray
 
     ds = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=math.ceil(len(uris) / batch))
-    ds = tolerate_lost_blocks(ds, cfg.retries).map_batches(
+    ds = bounded_pass(ds, cfg.retries, cfg.call_limits_s).map_batches(
         stage, batch_size=batch, batch_format="pandas", num_cpus=cfg.task_num_cpus,
         **task_pool(cfg.retries, cfg.task_concurrency))
     return ds.take_all()
@@ -345,7 +345,7 @@ def _build_dataset(todo: list[dict[str, Any]], dst: str, run_id: str, cfg: Prepr
     videos = [video_rows([p])[0] for p in todo] if alone else video_rows(todo)
     # A generator stage's clips leave in blocks of about decode_batch_size clips (Ray Data cuts a
     # generator's output at the target block size).
-    ds = tolerate_lost_blocks(ray.data.from_items(videos, override_num_blocks=len(videos)), cfg.retries)
+    ds = bounded_pass(ray.data.from_items(videos, override_num_blocks=len(videos)), cfg.retries, cfg.call_limits_s)
     clip_bytes = res.frames * res.size[0] * res.size[1] * 3
     ds.context.target_max_block_size = max(2**20, cfg.decode_batch_size * clip_bytes)  # this run's datasets only
     ds = ds.map_batches(
