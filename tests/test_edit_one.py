@@ -102,7 +102,11 @@ def test_image_prompt_and_masks_through_the_cli(edit_one, synthetic_clip, tmp_pa
     kept = [edit_one(f"kept{seed}", "--prompt", prompt, "--seed", str(seed), "--mask", keep_all)
             for seed, prompt in ((0, "a red car"), (1, "a snowy forest"))]
     assert all(code == 0 for code, *_ in kept)
-    np.testing.assert_array_equal(_frames(str(kept[0][1])), _frames(str(kept[1][1])))
+    # Both outputs are the input's VAE reconstruction (`gen1.sampling.edit_video`; bit-equal arrays in
+    # tests/test_sampling.py); read back from their mp4s they once differed in a fresh-clone CI run (16% of
+    # one P-frame's pixels, by up to 16 levels) and never alone, so the bound here is the codec's: the
+    # seam-free half of the next check, whose seeds do matter on the other half, has the same one.
+    assert _diff(_frames(str(kept[0][1])), _frames(str(kept[1][1]))) < 0.5
 
     # left half edited, right half kept: seeds change only the left half (the codec blurs the seam)
     halves = [_frames(str(edit_one(f"left{seed}", "--prompt", "a red car", "--seed", str(seed),
