@@ -96,7 +96,6 @@ def install_test_decoders() -> None:
     preprocess.DepthStage.predict = predict
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(**kw) -> PreprocessConfig:
@@ -123,20 +122,10 @@ def decode_log(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hooked_ray(decode_log):
     """A local 2-CPU Ray whose workers run `install_test_decoders`; yields its address."""
-    import ray
+    from tests.fixtures.ray_cluster import hooked_local_ray
 
-    if ray.is_initialized():  # another module's cluster: its workers lack the hook
-        ray.shutdown()
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={
-        "worker_process_setup_hook": f"{__name__}.install_test_decoders",
-        # the workers import this module (`tests.` + its name) for the hook: put the repo root on their path
-        "env_vars": {DECODE_LOG_ENV: str(decode_log),
-                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
-    })
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    with hooked_local_ray(f"{__name__}.install_test_decoders", {DECODE_LOG_ENV: str(decode_log)}) as address:
+        yield address
 
 
 # ------------------------------------------------------------------------------- 1. time limits

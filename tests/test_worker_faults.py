@@ -44,7 +44,6 @@ WHITE_MEAN = 240.0  # the hooked depth model exits its process on a clip this br
 SIZE = (64, 48)
 EDIT_LIMIT_S = 10.0  # several times a tiny 2-step edit on 2 busy cores (1 to 2 s)
 HANG_S = EDIT_LIMIT_S + 6.0  # the hung edit's sleep: then it goes on to write its mp4, unless stopped
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 if TYPE_CHECKING:
     from pipelines.edit import EditClip
@@ -131,19 +130,10 @@ def fault_log(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def faulty_ray(fault_log, tiny_models):
     """A local 2-CPU Ray whose workers run `install_faults`."""
-    import ray
+    from tests.fixtures.ray_cluster import hooked_local_ray
 
-    if ray.is_initialized():  # another module's cluster: its workers lack the hook
-        ray.shutdown()
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={
-        "worker_process_setup_hook": f"{__name__}.install_faults",
-        "env_vars": {FAULT_LOG_ENV: str(fault_log),
-                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))},
-    })
-    yield
-    ray.shutdown()
+    with hooked_local_ray(f"{__name__}.install_faults", {FAULT_LOG_ENV: str(fault_log)}):
+        yield
 
 
 def _lines(log: Path, name: str) -> list[list[str]]:
