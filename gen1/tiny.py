@@ -6,7 +6,8 @@ Each builder makes the same class the full-size preset uses (diffusers ``Autoenc
 with a fixed seed, and saves it with that library's own
 save function, so a tiny model is loaded back through exactly the loaders of `gen1.weights`. Nothing here
 is downloaded: the BLIP tokenizer is built from a small vocabulary written here, CLIP uses open_clip's
-bundled BPE tokenizer.
+bundled BPE tokenizer. The public editors' tiny components (`gen1.tiny_editors`) are registered
+here too.
 
 `ensure_tiny` builds each component at most once per ``tiny_root()``, also across processes: under a file
 lock, into a temporary directory that is renamed into place when complete (with a marker file last).
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from gen1.config import COMPONENT_CONFIGS, COMPONENTS
+from gen1.tiny_editors import EDITOR_BUILDERS
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,8 @@ BUILDERS: dict[str, Callable[[Path], torch.nn.Module]] = {
     "prior": _build_prior,
 }
 assert set(BUILDERS) == set(COMPONENTS)
+# The public editors' components (`gen1.editors`), built the same way: ``tiny:sd-depth`` etc.
+BUILDERS.update(EDITOR_BUILDERS)
 
 
 def _check_component(component: str) -> None:

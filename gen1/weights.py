@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gen1.config import COMPONENTS
 from gen1.destinations import destination
+from gen1.tiny import BUILDERS as TINY_BUILDERS
 from gen1.tiny import ensure_tiny
 from gen1.urls import redact_url
 
@@ -61,6 +61,12 @@ EXAMPLE_NAMES = {
     "depth": "dpt-large",
     "caption": "blip-caption-base",
     "prior": "karlo-prior",
+    # the public editors' (gen1.editors)
+    "sd-depth": "stable-diffusion-2-depth",
+    "base": "stable-diffusion-v1-5",
+    "motion_adapter": "animatediff-motion-adapter-v1-5-2",
+    "controlnet": "control_v11f1p_sd15_depth",
+    "wan-vace": "Wan2.1-VACE-1.3B-diffusers",
 }
 
 
@@ -294,9 +300,9 @@ def resolve_spec(spec: str, cache_dir: Path | None = None, component: str | None
         raise WeightSpecError("empty weight spec; expected hf:<org>/<name>, tiny:<component>, a path or a URI")
     if spec.startswith(TINY_PREFIX):
         name = spec[len(TINY_PREFIX) :]
-        if name not in COMPONENTS:
+        if name not in TINY_BUILDERS:
             raise WeightSpecError(
-                f"weight spec {spec!r}: unknown tiny component {name!r}; expected one of {', '.join(COMPONENTS)}",
+                f"weight spec {spec!r}: unknown tiny component {name!r}; expected one of {', '.join(TINY_BUILDERS)}",
                 spec=spec,
             )
         return ensure_tiny(name)
