@@ -52,7 +52,7 @@ def check_editor_weights(specs: ModelSpecs, editors: Sequence[str],
             continue
         for role, spec in editor_weights(name, specs, overrides).items():
             try:
-                resolve_spec(spec, component=role if role != "pipeline" else name)
+                resolve_spec(spec, component=f"{name}.{role}")
             except WeightsNotFoundError as err:
                 problems.append(f"- editor {name} {role}: {err}")
     if problems:

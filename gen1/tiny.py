@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gen1.config import COMPONENT_CONFIGS, COMPONENTS
+from gen1.config import COMPONENT_CONFIGS, COMPONENTS, TINY_DPT_PROCESSOR
 from gen1.tiny_editors import EDITOR_BUILDERS
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,6 @@ LOCK_TIMEOUT_S = 600.0
 # OpenAI CLIP normalisation (BLIP uses it too).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-TINY_DPT_PROCESSOR = dict(
-    size={"height": 64, "width": 64},
-    keep_aspect_ratio=True,  # MiDaS-style: keep the aspect ratio, sides a multiple of 32
-    ensure_multiple_of=32,
-    image_mean=[0.5, 0.5, 0.5],
-    image_std=[0.5, 0.5, 0.5],
-)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BOS_TOKEN = "[DEC]"  # BLIP's decoder start token, as in Salesforce/blip-image-captioning-*

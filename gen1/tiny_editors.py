@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from gen1.config import COMPONENT_CONFIGS
+from gen1.config import COMPONENT_CONFIGS, TINY_DPT_PROCESSOR
 
 TEXT_DIM = 32  # the tiny text encoders' width == the tiny UNets' / transformer's cross-attention width
 
@@ -143,8 +143,6 @@ def build_sd_depth(out: Path) -> torch.nn.Module:
     """`StableDiffusionDepth2ImgPipeline` (what ``hf:stabilityai/stable-diffusion-2-depth`` holds)."""
     from diffusers import AutoencoderKL, StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
-
-    from gen1.tiny import TINY_DPT_PROCESSOR
 
     tokenizer = _clip_tokenizer()
     unet = UNet2DConditionModel(**EDITOR_TINY_CONFIGS["depth_unet"])

@@ -119,11 +119,17 @@ def uri_cache_name(uri: str) -> str:
 
 def _how_to_provide(spec: str, component: str | None) -> str:
     key = component or "<component>"
-    name = EXAMPLE_NAMES.get(key, "weights")
-    lines = [
-        f"  - point the spec at a directory or fsspec URI holding them, e.g. pass --models my.yaml with "
-        f"`{key}: /path/to/{name}` (or `{key}: s3://bucket/models/{name}`);",
-    ]
+    if "." in key:  # an editor's role (gen1.editors): set in the job's editor_weights
+        editor, role = key.split(".", 1)
+        name = EXAMPLE_NAMES.get(role if role != "pipeline" else editor, "weights")
+        lines = [f"  - point the spec at a directory or fsspec URI holding them, e.g. in the job's --config YAML "
+                 f"`editor_weights: {{{editor}: {{{role}: /path/to/{name}}}}}`;"]
+    else:
+        name = EXAMPLE_NAMES.get(key, "weights")
+        lines = [
+            f"  - point the spec at a directory or fsspec URI holding them, e.g. pass --models my.yaml with "
+            f"`{key}: /path/to/{name}` (or `{key}: s3://bucket/models/{name}`);",
+        ]
     if spec.startswith(HF_PREFIX):
         repo_id, revision, _ = parse_hf_spec(spec)
         cache = hf_hub_cache()

@@ -102,6 +102,19 @@ def test_unsupported_settings_fail_when_the_job_is_configured(tmp_path):
                   grid=EditGrid(editor=("wan-vace",))).load_prompts()
 
 
+def test_missing_editor_weights_fail_before_work_naming_the_spec_and_where_to_set_it(tmp_path):
+    from gen1.models import check_editor_weights
+    from gen1.weights import WeightsNotFoundError
+
+    missing = str(tmp_path / "no-sd2-depth")
+    with pytest.raises(WeightsNotFoundError) as err:
+        check_editor_weights(SD15, ["gen1", "sd-depth"], {"sd-depth": {"pipeline": missing}})
+    message = str(err.value)
+    assert "editor sd-depth pipeline" in message and missing in message
+    assert "editor_weights: {sd-depth: {pipeline: /path/to/stable-diffusion-2-depth}}" in message
+    check_editor_weights(TINY, list(EDITORS))  # the tiny components are built (once) and found
+
+
 def test_masks_are_refused_at_plan_time_by_editors_without_them(synthetic_clip):
     clip = _clip(synthetic_clip)
     masked = dataclasses.replace(clip, mask_uri="/masks/m.mp4")
