@@ -138,10 +138,13 @@ class EvalConfig:
         """The edit pipeline's grid: our model's settings (a w_t of 0 in it is eq. 8 with w_t = 0, a point
         of our sweep; the per-frame baseline runs in the baseline stage), its editor axis gen1 and the editors
         of ``baselines``, each with the settings of the grid it takes."""
-        if "editor" in self.grid:
-            raise ConfigError("grid: editors are named in baselines, not in the eval grid")
+        grid = dict(self.grid)
+        editors = grid.pop("editor", ("gen1",))
+        if (editors,) != ("gen1",) and tuple(editors) != ("gen1",):
+            raise ConfigError(f"grid editor {editors!r}: name the editors in baselines (--baselines sd-depth ...); "
+                              "the eval grid is our model's")
         try:
-            return EditGrid(**self.grid, editor=("gen1", *self.editors))
+            return EditGrid(**grid, editor=("gen1", *self.editors))
         except TypeError as e:
             raise ConfigError(f"grid: expected keys t_s, w, w_t, seeds, strength, controlnet_scale; found "
                               f"{sorted(self.grid)}") from e
