@@ -170,6 +170,8 @@ def test_each_editor_edits_a_real_clip_with_its_tiny_components(stage, tree, edi
     assert json.loads(row["editor_models"]) == editor_weights(editor, TINY)
     frames = _frames(row["output_uri"])
     assert frames.shape == (4, 64, 64, 3) and frames.std() > 0
+    # denoiser calls: SDEdit at strength 0.8 of 2 steps runs 1 (guidance batched); Wan: 2 steps x (cond, uncond)
+    assert row["unet_forwards"] == {"sd-depth": 1, "animatediff-depth": 1, "wan-vace": 4}[editor]
     assert Path(row["preview_uri"]).is_file()
     for m in ("frame_consistency", "prompt_consistency", "depth_fidelity"):
         assert row[m] is not None and np.isfinite(row[m]), m
@@ -228,6 +230,9 @@ def test_eval_with_editor_baselines_logs_plots_and_gates_them(tiny_models, davis
     from pipelines.evaluate import EvalConfig, run_eval
     from pipelines.evaluate.run import setting_label
 
+    with pytest.raises(ConfigError, match="editor 'sd-depth' cannot honour mask"):  # DAVIS masks: refused now
+        EvalConfig(dataset=f"davis:{davis_root}", mask="objects", baselines=("sd-depth",))
+    EvalConfig(dataset=f"davis:{davis_root}", mask="objects", baselines=("wan-vace",))
     assert setting_label("animatediff-depth", None, 7.5, None, 0.8, 1.0) == "s0.8-cn1-w7.5"
     assert setting_label("wan-vace", None, 7.5, None, None, 1.0) == "cn1-w7.5"
     # (the eval measures the mp4s, and libx264 does not encode the same frames to the same bytes every run)

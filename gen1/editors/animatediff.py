@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from gen1.editors.base import Editor, EditorOutput, EditorSettings
-from gen1.editors.frames import depth_images, generator, to_images, to_uint8
+from gen1.editors.frames import counted_forwards, depth_images, generator, to_images, to_uint8
 
 
 class AnimateDiffDepthEditor(Editor):
@@ -56,19 +56,19 @@ class AnimateDiffDepthEditor(Editor):
              mask: np.ndarray | None = None) -> EditorOutput:
         t0 = time.perf_counter()
         _, h, w, _ = frames.shape
-        out = self.pipe(
-            prompt=content.text,
-            video=to_images(frames),
-            conditioning_frames=depth_images(depth),
-            height=h,
-            width=w,
-            strength=float(settings.strength),
-            num_inference_steps=int(settings.steps),
-            guidance_scale=float(settings.w),
-            controlnet_conditioning_scale=float(settings.controlnet_scale),
-            generator=generator(settings.seed, self.device),
-            output_type="np",
-        )
-        steps_run = min(int(int(settings.steps) * float(settings.strength)), int(settings.steps))
+        with counted_forwards(self.pipe.unet) as calls:
+            out = self.pipe(
+                prompt=content.text,
+                video=to_images(frames),
+                conditioning_frames=depth_images(depth),
+                height=h,
+                width=w,
+                strength=float(settings.strength),
+                num_inference_steps=int(settings.steps),
+                guidance_scale=float(settings.w),
+                controlnet_conditioning_scale=float(settings.controlnet_scale),
+                generator=generator(settings.seed, self.device),
+                output_type="np",
+            )
         return EditorOutput(to_uint8(np.asarray(out.frames)[0]), np.asarray(depth, np.float32),
-                            time.perf_counter() - t0, steps_run)
+                            time.perf_counter() - t0, calls[0])

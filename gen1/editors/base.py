@@ -36,7 +36,7 @@ class EditorOutput:
     frames: np.ndarray  # uint8 (f, h, w, 3): the edited video
     depth: np.ndarray  # float32 (f, h, w) in [-1, 1]: the input's depth (our DPT) the edit followed
     seconds: float  # sampling
-    unet_forwards: int  # denoiser forward calls (a batched call counts once; the diffusers editors: steps run)
+    unet_forwards: int  # denoiser (UNet or transformer) forward calls; a batched call counts once
 
 
 class Editor:

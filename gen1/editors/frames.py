@@ -1,7 +1,10 @@
-"""The pixel conversions the diffusers editors share: our arrays to the PIL frames their pipelines take,
-their outputs back to uint8 frames."""
+"""What the diffusers editors share: our arrays to the PIL frames their pipelines take, their outputs back
+to uint8 frames, seeded generators, and the count of their denoiser's forward calls."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -34,3 +37,19 @@ def to_uint8(frames: np.ndarray | torch.Tensor) -> np.ndarray:
 def generator(seed: int, device: str) -> torch.Generator:
     """A seeded generator on ``device`` (what makes an edit repeat)."""
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+@contextmanager
+def counted_forwards(module: torch.nn.Module) -> Iterator[list[int]]:
+    """``[n]``: the forward calls of ``module`` (a pipeline's denoiser) while the block runs (a batched call
+    counts once, as `gen1.sampling` counts its UNet's)."""
+    calls = [0]
+
+    def count(*_):
+        calls[0] += 1
+
+    handle = module.register_forward_hook(count)
+    try:
+        yield calls
+    finally:
+        handle.remove()

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from gen1.editors.base import Editor, EditorOutput, EditorSettings
-from gen1.editors.frames import generator, to_images, to_uint8
+from gen1.editors.frames import counted_forwards, generator, to_images, to_uint8
 
 
 class SDDepthEditor(Editor):
@@ -45,15 +45,15 @@ class SDDepthEditor(Editor):
              mask: np.ndarray | None = None) -> EditorOutput:
         t0 = time.perf_counter()
         f = len(frames)
-        out = self.pipe(
-            prompt=[content.text] * f,
-            image=to_images(frames),
-            depth_map=torch.as_tensor(np.asarray(depth, np.float32)),
-            strength=float(settings.strength),
-            num_inference_steps=int(settings.steps),
-            guidance_scale=float(settings.w),
-            generator=generator(settings.seed, self.device),
-            output_type="np",
-        )
-        steps_run = min(int(int(settings.steps) * float(settings.strength)), int(settings.steps))
-        return EditorOutput(to_uint8(out.images), np.asarray(depth, np.float32), time.perf_counter() - t0, steps_run)
+        with counted_forwards(self.pipe.unet) as calls:
+            out = self.pipe(
+                prompt=[content.text] * f,
+                image=to_images(frames),
+                depth_map=torch.as_tensor(np.asarray(depth, np.float32)),
+                strength=float(settings.strength),
+                num_inference_steps=int(settings.steps),
+                guidance_scale=float(settings.w),
+                generator=generator(settings.seed, self.device),
+                output_type="np",
+            )
+        return EditorOutput(to_uint8(out.images), np.asarray(depth, np.float32), time.perf_counter() - t0, calls[0])

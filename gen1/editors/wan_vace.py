@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from gen1.editors.base import Editor, EditorOutput, EditorSettings
-from gen1.editors.frames import depth_images, generator, mask_images, to_uint8
+from gen1.editors.frames import counted_forwards, depth_images, generator, mask_images, to_uint8
 
 
 class WanVACEEditor(Editor):
@@ -60,20 +60,21 @@ class WanVACEEditor(Editor):
                      for v, k, mi in zip(video, keep, m, strict=True)]
             masks = mask_images(m)
         references = None if content.image is None else [Image.fromarray(content.image)]
-        out = self.pipe(
-            prompt=content.text or "",
-            video=video,
-            mask=masks,
-            reference_images=references,
-            conditioning_scale=float(settings.controlnet_scale),
-            height=h,
-            width=w,
-            num_frames=n,
-            num_inference_steps=int(settings.steps),
-            guidance_scale=float(settings.w),
-            generator=generator(settings.seed, self.device),
-            output_type="np",
-            max_sequence_length=self.max_sequence_length,
-        )
+        with counted_forwards(self.pipe.transformer) as calls:
+            out = self.pipe(
+                prompt=content.text or "",
+                video=video,
+                mask=masks,
+                reference_images=references,
+                conditioning_scale=float(settings.controlnet_scale),
+                height=h,
+                width=w,
+                num_frames=n,
+                num_inference_steps=int(settings.steps),
+                guidance_scale=float(settings.w),
+                generator=generator(settings.seed, self.device),
+                output_type="np",
+                max_sequence_length=self.max_sequence_length,
+            )
         edited = to_uint8(np.asarray(out.frames)[0][:f])
-        return EditorOutput(edited, np.asarray(depth, np.float32), time.perf_counter() - t0, int(settings.steps))
+        return EditorOutput(edited, np.asarray(depth, np.float32), time.perf_counter() - t0, calls[0])

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gen1.config import ConfigError, config_from_mapping, read_yaml_mapping
+from gen1.editors import check_settings, editor_class
 from gen1.urls import redact_url
 from pipelines.edit import EditGrid
 from pipelines.lease import check_lease_settings
@@ -100,6 +101,9 @@ class EvalConfig:
             raise ConfigError(f"baselines: expected some of {BASELINES + EDITOR_BASELINES}, found {sorted(unknown)}")
         if self.mask not in MASK_MODES:
             raise ConfigError(f"mask: expected one of {MASK_MODES}, found {self.mask!r}")
+        if self.mask != "none":  # masked edits: every editor named must take masks (wan-vace does)
+            for name in self.editors:
+                check_settings(editor_class(name), {"mask": f"mask {self.mask}"})
         if not 0 < self.sdedit_strength <= 1:
             raise ConfigError(f"sdedit_strength: expected a value in (0, 1], found {self.sdedit_strength}")
         self.prompts = tuple(self.prompts)
