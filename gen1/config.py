@@ -364,6 +364,14 @@ COMPONENT_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     },
 }
 assert all(set(configs) == set(COMPONENTS) for configs in COMPONENT_CONFIGS.values())
+# The tiny DPT's image processor (gen1.tiny saves it beside the model; gen1.tiny_editors into SD 2 depth's).
+TINY_DPT_PROCESSOR = dict(
+    size={"height": 64, "width": 64},
+    keep_aspect_ratio=True,  # MiDaS-style: keep the aspect ratio, sides a multiple of 32
+    ensure_multiple_of=32,
+    image_mean=[0.5, 0.5, 0.5],
+    image_std=[0.5, 0.5, 0.5],
+)
 
 
 def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:

@@ -7,6 +7,7 @@ every missing spec listed, not after minutes of loading the others.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,25 @@ def check_weights(specs: ModelSpecs, components: tuple[str, ...]) -> None:
         raise WeightsNotFoundError(
             f"weights missing for preset {specs.name!r}:\n" + "\n".join(problems)
         )
+
+
+def check_editor_weights(specs: ModelSpecs, editors: Sequence[str],
+                         overrides: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    """Resolve the weight specs of every editor but Gen-1 (`gen1.editors.editor_weights`; Gen-1's are the
+    preset's, `check_weights`); raise one error listing all that are missing."""
+    from gen1.editors import editor_weights
+
+    problems = []
+    for name in editors:
+        if name == "gen1":
+            continue
+        for role, spec in editor_weights(name, specs, overrides).items():
+            try:
+                resolve_spec(spec, component=f"{name}.{role}")
+            except WeightsNotFoundError as err:
+                problems.append(f"- editor {name} {role}: {err}")
+    if problems:
+        raise WeightsNotFoundError("weights missing for the editors:\n" + "\n".join(problems))
 
 
 @dataclass

@@ -6,7 +6,8 @@ Each builder makes the same class the full-size preset uses (diffusers ``Autoenc
 with a fixed seed, and saves it with that library's own
 save function, so a tiny model is loaded back through exactly the loaders of `gen1.weights`. Nothing here
 is downloaded: the BLIP tokenizer is built from a small vocabulary written here, CLIP uses open_clip's
-bundled BPE tokenizer.
+bundled BPE tokenizer. The public editors' tiny components (`gen1.tiny_editors`) are registered
+here too.
 
 `ensure_tiny` builds each component at most once per ``tiny_root()``, also across processes: under a file
 lock, into a temporary directory that is renamed into place when complete (with a marker file last).
@@ -24,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from gen1.config import COMPONENT_CONFIGS, COMPONENTS
+from gen1.config import COMPONENT_CONFIGS, COMPONENTS, TINY_DPT_PROCESSOR
+from gen1.tiny_editors import EDITOR_BUILDERS
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +39,6 @@ LOCK_TIMEOUT_S = 600.0
 # OpenAI CLIP normalisation (BLIP uses it too).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-TINY_DPT_PROCESSOR = dict(
-    size={"height": 64, "width": 64},
-    keep_aspect_ratio=True,  # MiDaS-style: keep the aspect ratio, sides a multiple of 32
-    ensure_multiple_of=32,
-    image_mean=[0.5, 0.5, 0.5],
-    image_std=[0.5, 0.5, 0.5],
-)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 BOS_TOKEN = "[DEC]"  # BLIP's decoder start token, as in Salesforce/blip-image-captioning-*
@@ -199,6 +193,8 @@ BUILDERS: dict[str, Callable[[Path], torch.nn.Module]] = {
     "prior": _build_prior,
 }
 assert set(BUILDERS) == set(COMPONENTS)
+# The public editors' components (`gen1.editors`), built the same way: ``tiny:sd-depth`` etc.
+BUILDERS.update(EDITOR_BUILDERS)
 
 
 def _check_component(component: str) -> None:

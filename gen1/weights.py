@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gen1.config import COMPONENTS
 from gen1.destinations import destination
+from gen1.tiny import BUILDERS as TINY_BUILDERS
 from gen1.tiny import ensure_tiny
 from gen1.urls import redact_url
 
@@ -61,6 +61,12 @@ EXAMPLE_NAMES = {
     "depth": "dpt-large",
     "caption": "blip-caption-base",
     "prior": "karlo-prior",
+    # the public editors' (gen1.editors)
+    "sd-depth": "stable-diffusion-2-depth",
+    "base": "stable-diffusion-v1-5",
+    "motion_adapter": "animatediff-motion-adapter-v1-5-2",
+    "controlnet": "control_v11f1p_sd15_depth",
+    "wan-vace": "Wan2.1-VACE-1.3B-diffusers",
 }
 
 
@@ -113,11 +119,17 @@ def uri_cache_name(uri: str) -> str:
 
 def _how_to_provide(spec: str, component: str | None) -> str:
     key = component or "<component>"
-    name = EXAMPLE_NAMES.get(key, "weights")
-    lines = [
-        f"  - point the spec at a directory or fsspec URI holding them, e.g. pass --models my.yaml with "
-        f"`{key}: /path/to/{name}` (or `{key}: s3://bucket/models/{name}`);",
-    ]
+    if "." in key:  # an editor's role (gen1.editors): set in the job's editor_weights
+        editor, role = key.split(".", 1)
+        name = EXAMPLE_NAMES.get(role if role != "pipeline" else editor, "weights")
+        lines = [f"  - point the spec at a directory or fsspec URI holding them, e.g. in the job's --config YAML "
+                 f"`editor_weights: {{{editor}: {{{role}: /path/to/{name}}}}}`;"]
+    else:
+        name = EXAMPLE_NAMES.get(key, "weights")
+        lines = [
+            f"  - point the spec at a directory or fsspec URI holding them, e.g. pass --models my.yaml with "
+            f"`{key}: /path/to/{name}` (or `{key}: s3://bucket/models/{name}`);",
+        ]
     if spec.startswith(HF_PREFIX):
         repo_id, revision, _ = parse_hf_spec(spec)
         cache = hf_hub_cache()
@@ -294,9 +306,9 @@ def resolve_spec(spec: str, cache_dir: Path | None = None, component: str | None
         raise WeightSpecError("empty weight spec; expected hf:<org>/<name>, tiny:<component>, a path or a URI")
     if spec.startswith(TINY_PREFIX):
         name = spec[len(TINY_PREFIX) :]
-        if name not in COMPONENTS:
+        if name not in TINY_BUILDERS:
             raise WeightSpecError(
-                f"weight spec {spec!r}: unknown tiny component {name!r}; expected one of {', '.join(COMPONENTS)}",
+                f"weight spec {spec!r}: unknown tiny component {name!r}; expected one of {', '.join(TINY_BUILDERS)}",
                 spec=spec,
             )
         return ensure_tiny(name)

@@ -95,7 +95,7 @@ ERRORS_SCHEMA = pa.schema(
 # What `pipelines.edit` writes under its DST (see that module for the layout and commit order); the
 # manifest is also what evaluation reads (`gen1 eval --edits DST`), so metrics need no second decode.
 
-EDIT_SCHEMA_VERSION = 1
+EDIT_SCHEMA_VERSION = 2  # 2: the editor columns (gen1.editors); rows of version 1 read back with editor null (gen1)
 MANIFEST_DIR = "manifest"
 PROMPTS_DIR = "prompts"
 OUTPUTS_DIR = "outputs"
@@ -123,12 +123,18 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field(
             "mask", pa.string(), nullable=True
         ),  # the mask's URI, or a dataset sequence's object selection
-        pa.field("t_s", pa.int32(), nullable=False),  # structure strength 0..7
+        # the editor (gen1.editors) and its weight specs (JSON role -> spec); null in rows of schema version 1: gen1
+        pa.field("editor", pa.string(), nullable=True),
+        pa.field("editor_models", pa.string(), nullable=True),
+        # settings; null where the row's editor does not take them (gen1.editors.base.Editor.takes)
+        pa.field("t_s", pa.int32(), nullable=True),  # structure strength 0..7 (gen1)
         pa.field("w", pa.float64(), nullable=False),  # content guidance
-        pa.field("w_t", pa.float64(), nullable=False),  # temporal guidance (eq. 8)
+        pa.field("w_t", pa.float64(), nullable=True),  # temporal guidance (eq. 8) (gen1)
+        pa.field("strength", pa.float64(), nullable=True),  # SDEdit strength (sd-depth, animatediff-depth)
+        pa.field("controlnet_scale", pa.float64(), nullable=True),  # depth conditioning (animatediff-depth, wan-vace)
         pa.field("seed", pa.int64(), nullable=False),
         pa.field("steps", pa.int32(), nullable=False),
-        pa.field("sampler", pa.string(), nullable=False),
+        pa.field("sampler", pa.string(), nullable=True),  # gen1's sampler; the diffusers editors keep their scheduler
         pa.field("output_uri", pa.string(), nullable=False),
         pa.field("preview_uri", pa.string(), nullable=True),
         # metrics (gen1.metrics) of the output, with the models' own CLIP and depth estimator
@@ -138,13 +144,13 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("flow_warp_error", pa.float64(), nullable=True),  # Fig. 4, [0, 1] intensities
         pa.field("depth_fidelity", pa.float64(), nullable=True),  # Pearson(input depth, output depth)
         pa.field("models", pa.string(), nullable=False),  # preset name
-        pa.field("vae_model", pa.string(), nullable=False),  # weight specs
-        pa.field("unet_model", pa.string(), nullable=False),
-        pa.field("clip_model", pa.string(), nullable=False),
+        pa.field("vae_model", pa.string(), nullable=True),  # weight specs of gen1's models (null for other editors)
+        pa.field("unet_model", pa.string(), nullable=True),
+        pa.field("clip_model", pa.string(), nullable=False),  # CLIP and depth: every editor's (metrics, structure)
         pa.field("depth_model", pa.string(), nullable=False),
-        pa.field("prior_model", pa.string(), nullable=False),
+        pa.field("prior_model", pa.string(), nullable=True),
         pa.field("caption_model", pa.string(), nullable=True),  # set when the caption came from BLIP
-        pa.field("tiny_models", pa.bool_(), nullable=False),  # outputs of tiny random models: not results
+        pa.field("tiny_models", pa.bool_(), nullable=False),  # outputs of tiny random models (any): not results
         pa.field("seconds", pa.float64(), nullable=False),  # sampling (edit_video)
         pa.field("total_seconds", pa.float64(), nullable=False),  # decode + edit + metrics + write
         pa.field("unet_forwards", pa.int32(), nullable=False),

@@ -69,8 +69,11 @@ def test_eval_config_validates_and_runs_our_grid_as_given(tmp_path):
 def test_methods_and_setting_labels():
     from jobs.cli import build_parser
     from jobs.commands.eval import BASELINES as CLI_BASELINES
+    from jobs.commands.eval import EDITORS as CLI_EDITORS
+    from pipelines.evaluate.config import EDITOR_BASELINES
 
-    assert CLI_BASELINES == BASELINES and set(METHODS) == {"gen1", *BASELINES}
+    assert CLI_BASELINES == BASELINES and CLI_EDITORS == EDITOR_BASELINES
+    assert set(METHODS) == {"gen1", *BASELINES, *EDITOR_BASELINES}  # the editors (gen1.editors) as methods
     args = build_parser().parse_args(["eval", "--dataset", "davis:/d", "--baselines", "no_structure", "per_frame"])
     assert args.baselines == ["no_structure", "per_frame"]
     assert setting_label("gen1", 3, 7.5, 1.5) == "ts3-w7.5-wt1.5"

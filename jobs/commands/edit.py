@@ -83,8 +83,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="KEY=V1,V2",
         help="one axis of the settings grid per use: ts= (structure strength 0..7; more = less structure "
-        "kept), w= (content guidance), wt= (temporal guidance), seed=; e.g. --grid ts=1,5 --grid wt=1.0,1.5 "
-        "--grid seed=0,1 (defaults: ts=3 w=7.5 wt=1.0 seed=0)",
+        "kept), w= (content guidance), wt= (temporal guidance), seed=, editor= (several editors in one run), "
+        "strength= (SDEdit strength of sd-depth, animatediff-depth), cn= (depth conditioning scale of "
+        "animatediff-depth, wan-vace); e.g. --grid ts=1,5 --grid wt=1.0,1.5 --grid seed=0,1 --grid "
+        "editor=gen1,sd-depth (defaults: ts=3 w=7.5 wt=1.0 seed=0 editor=gen1 strength=0.8 cn=1.0). An editor "
+        "asked a setting it does not take fails at once",
+    )
+    p.add_argument(
+        "--editor",
+        choices=("gen1", "sd-depth", "animatediff-depth", "wan-vace"),
+        help="the editor (default gen1, ours): sd-depth (SD 2 depth per frame, the paper's baseline), "
+        "animatediff-depth (SD 1.5 + AnimateDiff + ControlNet depth), wan-vace (Wan 2.1 VACE); the same as "
+        "--grid editor=NAME",
     )
     p.add_argument("--steps", type=int, help="sampling steps (default 50)")
     p.add_argument("--sampler", choices=("ddim", "dpmpp"), help="ddim (the paper's, default) or dpmpp")
@@ -170,10 +180,23 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _grid(args: argparse.Namespace):
+    """The --grid entries, with --editor NAME as the entry editor=NAME; None when neither is given."""
+    from gen1.config import ConfigError
+    from pipelines.edit import EditGrid
+
+    entries = list(args.grid or [])
+    if args.editor:
+        if any(e.partition("=")[0].strip().lower() == "editor" for e in entries):
+            raise ConfigError("--editor and --grid editor=...: give the editors once")
+        entries.append(f"editor={args.editor}")
+    return EditGrid.parse(entries) if entries else None
+
+
 def config_from_args(args: argparse.Namespace):
     """EditJobConfig from the options, on top of --config YAML when given; unset options keep its values."""
     from gen1.prompts import ChatConfig
-    from pipelines.edit import EditGrid, EditJobConfig
+    from pipelines.edit import EditJobConfig
 
     overrides = {
         "src": args.src,
@@ -181,7 +204,7 @@ def config_from_args(args: argparse.Namespace):
         "models": args.models,
         "prompts_file": args.prompts,
         "auto_prompts": args.auto_prompts,
-        "grid": EditGrid.parse(args.grid) if args.grid else None,
+        "grid": _grid(args),
         "steps": args.steps,
         "sampler": args.sampler,
         "frames": args.frames,

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EPILOG = help_epilog(EXIT_OK, EXIT_BAD_INPUT, EXIT_REGRESSED, EXIT_FAILED_FRACTION, EXIT_DST_BUSY, EXIT_BOOKKEEPING)
 BASELINES = ("per_frame", "sdedit", "no_structure")  # pipelines.evaluate.BASELINES (not imported: a fast --help)
+EDITORS = ("sd-depth", "animatediff-depth", "wan-vace")  # pipelines.evaluate.config.EDITOR_BASELINES
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -80,10 +81,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="one axis of our model's settings per "
                    "use: ts=, w=, wt=, seed=, e.g. --grid ts=3 --grid wt=0,1.5 (default ts=3 w=7.5 wt=1.0,1.5 "
                    "seed=0); wt=0 is eq. 8 with w_t = 0, a point of the sweep")
-    p.add_argument("--baselines", nargs="*", choices=BASELINES,
-                   help="baselines to run (default all three; give none for none): per_frame (the image model "
+    p.add_argument("--baselines", nargs="*", choices=BASELINES + EDITORS,
+                   help="baselines to run (default the first three; give none for none): per_frame (the image model "
                    "alone, the grid's t_s), sdedit (SDEdit per frame), no_structure (the ~s ablation: SDEdit-style "
-                   "with the video model); the last two with empty structure channels")
+                   "with the video model); the last two with empty structure channels; and the editors sd-depth, "
+                   "animatediff-depth, wan-vace (gen1 edit --editor), run through the edit pipeline with our "
+                   "DPT's depth, each with the grid's w and its defaults for the rest")
     p.add_argument("--sdedit-strength", type=float, help="noise strength in (0, 1] of sdedit and no_structure "
                    "(default 0.6)")
     p.add_argument("--split", help="DAVIS split from ImageSets/2017 (train | val)")

@@ -9,8 +9,9 @@ without Ray)::
     prompts  clips lacking prompts -> CaptionStage (actor pool: BLIP on the middle frame)
              -> PromptStage (CPU tasks: templates; actors for a chat endpoint, each with a circuit
                 breaker that falls back to templates) -> DST/prompts (driver commits)
-    edits    clips x prompts x grid x seeds -> drop edit keys already in DST/manifest (driver)
-             -> EditStage (actor pool, one Gen1Models per actor: edit, metrics, write mp4 + preview)
+    edits    clips x prompts x editors x grid x seeds -> drop edit keys already in DST/manifest (driver)
+             -> EditStage (actor pool, one Gen1Models per actor, and the job's other editors, gen1.editors:
+                edit, metrics, write mp4 + preview)
              -> DST/manifest and DST/errors (driver commits)
 
 Why prompts are a pass of their own whose output is committed: an edit's identity, its `edit_key`,

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from gen1.config import ConfigError, config_from_mapping, read_yaml_mapping
+from gen1.editors import check_settings, editor_class
 from gen1.prompts import ChatConfig, PromptSpec, read_prompt_file
 from pipelines.edit.clips import EditClip
-from pipelines.edit.keys import EditGrid
+from pipelines.edit.keys import EditGrid, check_editors
 from pipelines.lease import check_lease_settings
 from pipelines.runtime import RetryConfig
 from pipelines.sources import VIDEO_EXTENSIONS, is_manifest
@@ -32,7 +33,9 @@ class EditJobConfig:
     ] = ()  # every clip's prompts (a --prompts file), unless the clip has its own
     prompts_file: str | None = None  # read into ``prompts`` when set
     auto_prompts: int = 0  # N: caption each clip and write N prompts for it (clips without prompts)
-    grid: EditGrid = field(default_factory=EditGrid)
+    grid: EditGrid = field(default_factory=EditGrid)  # its ``editor`` axis: gen1.editors names
+    # editor -> role -> weight spec, over the editors' own (`gen1.editors.editor_weights`)
+    editor_weights: dict[str, dict[str, str]] = field(default_factory=dict)
     steps: int = 50
     sampler: str = "ddim"
     frames: int | None = None  # frames per clip (None: the model's window)
@@ -115,12 +118,19 @@ class EditJobConfig:
             raise ConfigError("give prompts (a file or a list) or auto_prompts, not both")
         if self.src is None and self.clips is None:
             raise ConfigError("nothing to edit: give src (videos or a manifest) or clips")
+        check_editors(self.grid, self.sampler)  # a setting no editor takes fails now, before any work
+        for name in self.editor_weights:
+            editor_class(name)
 
     def load_prompts(self) -> None:
         """Read ``prompts_file`` (with ``storage_options``) into ``prompts``; `ConfigError` when no clip could
         get a prompt."""
         if self.prompts_file:
             self.prompts = tuple(read_prompt_file(self.prompts_file, self.storage_options))
+        images = [p.image_uri for p in self.prompts if p.image_uri]
+        if images:
+            for name in self.grid.editor:
+                check_settings(editor_class(name), {"reference_image": images[0]})
         if not (
             self.prompts
             or self.auto_prompts

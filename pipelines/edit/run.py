@@ -444,6 +444,7 @@ class EditRun:
                 "storage_options": cfg.storage_options,
                 "decode_timeout_s": cfg.decode_timeout_s,
                 "edit_timeout_s": cfg.edit_timeout_s,
+                "editors": cfg.grid.editor,
             },
             batch_size=batch_size,
             batch_format="pyarrow",
@@ -481,13 +482,13 @@ class EditRun:
 def run_edit(config: EditJobConfig) -> EditSummary:
     """Mass-edit ``config.src`` (or ``config.clips``) into ``config.dst``; see `pipelines.edit`.
     `pipelines.lease.LeaseHeldError` when another driver holds DST's lease past ``config.lease_wait_s``."""
-    from gen1.models import check_weights
+    from gen1.models import check_editor_weights, check_weights
 
     config.load_prompts()
     specs = load_model_specs(config.models)
-    check_weights(
-        specs, ("vae", "unet", "clip", "depth", "prior") + (("caption",) if config.auto_prompts else ())
-    )
+    gen1_parts = ("vae", "unet", "prior") if "gen1" in config.grid.editor else ()
+    check_weights(specs, gen1_parts + ("clip", "depth") + (("caption",) if config.auto_prompts else ()))
+    check_editor_weights(specs, config.grid.editor, config.editor_weights)
     run_id = new_run_id()
     logger.info("edit %s -> %s, run %s, models %s", config.src or "<injected clips>", config.dst, run_id,
                 specs.label())
@@ -524,7 +525,7 @@ def _run(run: EditRun) -> None:
             logger.warning(
                 "%d clips have no prompts and are not edited (first: %s)", len(unprompted), unprompted[0]
             )
-        tasks = plan_tasks(clips, prompts_for, config.grid, config.steps, config.sampler, specs)
+        tasks = plan_tasks(clips, prompts_for, config.grid, config.steps, config.sampler, specs, config.editor_weights)
         todo = rows_not_in(tasks, "edit_key", run.manifest.committed)  # from the manifest's key index
         summary.tasks, summary.skipped = len(tasks), len(tasks) - len(todo)
         logger.info(

@@ -3,12 +3,14 @@ callable without Ray.
 
 - `CaptionStage` (actor pool): BLIP captions of each clip's middle frame;
 - `PromptStage` (CPU tasks): a template or chat writer turns a caption into edit prompts;
-- `EditStage` (actor pool, one `Gen1Models` per actor): edit, measure (`gen1.metrics.video_metrics`),
-  write the mp4 and preview, return the output's manifest row.
+- `EditStage` (actor pool, one `Gen1Models` per actor, and each other editor of the job once it is
+  needed, `gen1.editors`): edit, measure (`gen1.metrics.video_metrics`), write the mp4 and preview, return
+  the output's manifest row.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -229,11 +231,14 @@ class PromptStage:
 
 
 class EditStage:
-    """Edit tasks -> outputs: per task, load the clip (cached), edit it (`gen1.sampling.edit_video`),
-    compute its metrics, write the mp4 and preview atomically under DST, and return its manifest row. Every
-    read (frames, mask, reference image) and write goes through the job's fsspec ``storage_options``.
+    """Edit tasks -> outputs: per task, load the clip (cached), edit it with the task's ``editor``
+    (`gen1.editors`; Gen-1: `gen1.sampling.edit_video`), compute its metrics, write the mp4 and preview
+    atomically under DST, and return its manifest row. Every read (frames, mask, reference image) and write
+    goes through the job's fsspec ``storage_options``.
 
-    One `Gen1Models` per actor. A task that raises becomes an error row naming its stage (``decode``,
+    One `Gen1Models` per actor when ``editors`` (the job's) has Gen-1, else the preset's DPT and CLIP alone
+    (the depth every other editor follows and the metrics' models); each other editor is loaded once, at its
+    first task. A task that raises becomes an error row naming its stage (``decode``,
     ``content``, ``edit``, ``metrics``, ``write``); the other tasks of the batch go on. A clip decode past
     ``decode_timeout_s``, or a whole task past ``edit_timeout_s``, fails that task alone with error_type
     ``timeout`` and the stage it was in. Its thread is abandoned (`pipelines.timeouts`): it is cancelled
@@ -256,12 +261,22 @@ class EditStage:
         cache_clips: int = 4,
         decode_timeout_s: float | None = None,
         edit_timeout_s: float | None = None,
+        editors: tuple[str, ...] = ("gen1",),
     ):
-        if models is None:
+        if models is None and "gen1" in editors:
             from gen1.models import Gen1Models
 
             models = Gen1Models.load(specs, device=device)
-        self.specs, self.models = specs, models
+        self.specs, self.models, self.device = specs, models, device
+        if models is not None:
+            self.depth, self.clip = models.structure.depth, models.content.clip
+        else:
+            from gen1.clip import ClipEmbedder
+            from gen1.depth import DepthEstimator
+
+            self.depth = DepthEstimator(specs.depth, device=device)
+            self.clip = ClipEmbedder(specs.clip, device=device, convention=specs.content)
+        self._editors: dict[str, Any] = {}
         self.storage_options = dict(storage_options or {})
         self.store = TableStore(dst, self.storage_options)
         self.run_id = run_id
@@ -329,14 +344,25 @@ class EditStage:
         the reference image for image content."""
         from gen1.metrics import video_metrics
 
-        clip_model = self.models.content.clip
+        clip_model = self.clip
         emb = clip_model.embed_images(frames).float().cpu()  # (f, d)
         if content.text is not None:
             target = clip_model.embed_texts([content.text])[0]
         else:
             target = clip_model.embed_images(content.image[None])[0]
-        depth_out = self.models.structure.depth(frames).float().cpu().numpy()
+        depth_out = self.depth(frames).float().cpu().numpy()
         return video_metrics(frames, emb, target.float().cpu(), depth_in, depth_out)
+
+    def editor(self, name: str, weights: str | None) -> Any:
+        """The loaded editor ``name`` (`gen1.editors`) with ``weights`` (JSON role -> spec), once per stage."""
+        if name not in self._editors:
+            from gen1.editors import Gen1Editor, editor_class
+
+            if name == Gen1Editor.name:
+                self._editors[name] = Gen1Editor(self.models)
+            else:
+                self._editors[name] = editor_class(name).load(json.loads(weights), device=self.device)
+        return self._editors[name]
 
     def edit(
         self, task: Mapping[str, Any], stage: list[str], cancel: Cancellation | None = None
@@ -344,8 +370,9 @@ class EditStage:
         """One task -> its manifest row (without run_id/created_at); ``stage[0]`` tracks where it is.
         Nothing is written once ``cancel`` is cancelled; its outputs move into place past `Cancellation.publish`.
         """
+        from gen1.editors import EditorSettings
         from gen1.preview import depth_to_rgb, side_by_side
-        from gen1.sampling import Content, EditSettings, edit_video
+        from gen1.sampling import Content
         from gen1.video import write_video
 
         cancel = cancel or Cancellation()
@@ -365,15 +392,16 @@ class EditStage:
         else:
             content = Content(text=task["prompt"])
         stage[0] = "edit"
-        settings = EditSettings(
-            structure_strength=int(task["t_s"]),
-            guidance=float(task["w"]),
-            temporal_guidance=float(task["w_t"]),
+        name = task.get("editor") or "gen1"
+        editor = self.editor(name, task.get("editor_models"))
+        settings = EditorSettings(
             steps=int(task["steps"]),
             seed=int(task["seed"]),
-            sampler=task["sampler"],
+            **{k: task.get(k) for k in ("w", "t_s", "w_t", "sampler", "strength", "controlnet_scale")},
         )
-        result = edit_video(self.models, frames, content, settings, mask=mask)
+        # Gen-1 estimates depth inside edit_video (with this DPT); every other editor follows this DPT's depth
+        depth = None if name == "gen1" else self.depth(frames).float().cpu().numpy()
+        result = editor.edit(frames, depth, content, settings, mask=mask)
         cancel.check()
         stage[0] = "metrics"
         metrics = self.measure(result.frames, result.depth, content) if self.metrics else {}
@@ -405,13 +433,15 @@ class EditStage:
             **{k: metrics.get(k) for k in METRIC_COLUMNS},
             "models": self.specs.name,
             **{f"{c}_model": spec for c, spec in model_key(self.specs).items()},
-            "tiny_models": self.specs.is_tiny,
+            **({} if name == "gen1" else {"vae_model": None, "unet_model": None, "prior_model": None}),
+            "editor": name,
+            "tiny_models": self.specs.is_tiny or "tiny:" in (task.get("editor_models") or ""),
             "seconds": float(result.seconds),
             "total_seconds": time.perf_counter() - t0,
             "unet_forwards": int(result.unet_forwards),
-            "device": str(self.models.device),
+            "device": str(self.models.device if self.models is not None else self.depth.device),
         }
-        return {k: made[k] if k in made else task[k] for k in OUTPUT_COLUMNS}
+        return {k: made[k] if k in made else task.get(k) for k in OUTPUT_COLUMNS}
 
 
 def _move(store: TableStore, tmp: str, final: str) -> None:

@@ -4,14 +4,15 @@
 
     MLflow run opened (eval_run: config.yaml, system metrics; it spans everything below)
     read_dataset (driver: DAVIS / TGVE sequences) -> SequenceClips (with object masks if asked)
-      -> pipelines.edit.run_edit over the grid   t_s x w x w_t (ours, method gen1)
+      -> pipelines.edit.run_edit over the grid   t_s x w x w_t (ours, method gen1), and the editors named in
+         --baselines (gen1.editors: sd-depth, animatediff-depth, wan-vace; each its editor's method)
       -> BaselineStage (actor pool: gen1.baselines, one task per method)  on the same clips and prompts
       -> MetricsStage (actor pool: CLIP + depth, batched)  on every output video
       -> per-video table (Parquet under OUT/<run>/) -> log_run: params, metrics, the clips as the input
          dataset, the table, plots, samples, the gate, the summary line as the description; run ended
 
 `evaluate_edits` (``gen1 eval --edits DST``, and `gen1 demo`) runs only the last two steps over the manifest
-of an earlier `gen1 edit` job (every row method ``gen1``).
+of an earlier `gen1 edit` job (every row's method its ``editor``: ``gen1`` unless another editor made it).
 
 Methods in the table (``--baselines`` picks the baselines, default all three):
 
@@ -23,7 +24,10 @@ Methods in the table (``--baselines`` picks the baselines, default all three):
 - ``sdedit``: SDEdit per frame with the image model, the input noised to ``sdedit_strength``, structure
   channels empty as in training stages 1-2 (`gen1.baselines.sdedit_video`; setting ``s0.6-w7.5``);
 - ``no_structure``: the ~s ablation, the same SDEdit-style denoising of the whole clip with the video model,
-  temporal layers on, structure channels empty (`gen1.baselines.no_structure_video`).
+  temporal layers on, structure channels empty (`gen1.baselines.no_structure_video`);
+- ``sd-depth``, ``animatediff-depth``, ``wan-vace`` (only when named): the public editors of `gen1.editors`
+  with our DPT's depth, the grid's w and their defaults (settings ``s0.8-w7.5``, ``s0.8-cn1-w7.5``,
+  ``cn1-w7.5``).
 
 Metrics (`gen1.metrics.video_metrics`), measured on the written videos for every method alike:
 ``frame_consistency`` (consecutive frames, the paper's), ``frame_consistency_all_pairs`` (TGVE's),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gen1.config import ConfigError, config_from_mapping, read_yaml_mapping
+from gen1.editors import check_settings, editor_class
 from gen1.urls import redact_url
 from pipelines.edit import EditGrid
 from pipelines.lease import check_lease_settings
@@ -17,8 +18,10 @@ from pipelines.runtime import RetryConfig
 
 # gen1: our video model (every point of the grid, w_t = 0 included: eq. 8 with w_t = 0); the baselines of
 # gen1.baselines: per_frame (the image model alone), sdedit (SDEdit per frame), no_structure (~s ablation)
-METHODS = ("gen1", "per_frame", "sdedit", "no_structure")
-BASELINES = ("per_frame", "sdedit", "no_structure")
+# gen1.editors: the public editors, run by the edit pipeline beside ours when named among the baselines
+METHODS = ("gen1", "per_frame", "sdedit", "no_structure", "sd-depth", "animatediff-depth", "wan-vace")
+BASELINES = ("per_frame", "sdedit", "no_structure")  # the default: gen1.baselines' three
+EDITOR_BASELINES = ("sd-depth", "animatediff-depth", "wan-vace")
 METRICS = (
     "frame_consistency",
     "frame_consistency_all_pairs",
@@ -93,11 +96,14 @@ class EvalConfig:
             raise ConfigError("eval needs exactly one of dataset (davis:URI | tgve:URI) or edits (an edit job's DST)")
         self.baselines = tuple(self.baselines)
         self.retries = RetryConfig.from_value(self.retries)
-        unknown = set(self.baselines) - set(BASELINES)
+        unknown = set(self.baselines) - set(BASELINES) - set(EDITOR_BASELINES)
         if unknown:
-            raise ConfigError(f"baselines: expected some of {BASELINES}, found {sorted(unknown)}")
+            raise ConfigError(f"baselines: expected some of {BASELINES + EDITOR_BASELINES}, found {sorted(unknown)}")
         if self.mask not in MASK_MODES:
             raise ConfigError(f"mask: expected one of {MASK_MODES}, found {self.mask!r}")
+        if self.mask != "none":  # masked edits: every editor named must take masks (wan-vace does)
+            for name in self.editors:
+                check_settings(editor_class(name), {"mask": f"mask {self.mask}"})
         if not 0 < self.sdedit_strength <= 1:
             raise ConfigError(f"sdedit_strength: expected a value in (0, 1], found {self.sdedit_strength}")
         self.prompts = tuple(self.prompts)
@@ -122,13 +128,30 @@ class EvalConfig:
             data = data.get("config") or {}
         return config_from_mapping(cls, data, path, overrides)
 
+    @property
+    def editors(self) -> tuple[str, ...]:
+        """The editors of ``baselines`` (`gen1.editors`): they run in the edit pipeline beside ours."""
+        return tuple(b for b in self.baselines if b in EDITOR_BASELINES)
+
+    @property
+    def image_baselines(self) -> tuple[str, ...]:
+        """The `gen1.baselines` methods of ``baselines``: they run in the baseline stage."""
+        return tuple(b for b in self.baselines if b in BASELINES)
+
     def edit_grid(self) -> EditGrid:
-        """The edit pipeline's grid: our model's settings only (a w_t of 0 in it is eq. 8 with w_t = 0, a point
-        of our sweep; the per-frame baseline runs in the baseline stage)."""
+        """The edit pipeline's grid: our model's settings (a w_t of 0 in it is eq. 8 with w_t = 0, a point
+        of our sweep; the per-frame baseline runs in the baseline stage), its editor axis gen1 and the editors
+        of ``baselines``, each with the settings of the grid it takes."""
+        grid = dict(self.grid)
+        editors = grid.pop("editor", ("gen1",))
+        if (editors,) != ("gen1",) and tuple(editors) != ("gen1",):
+            raise ConfigError(f"grid editor {editors!r}: name the editors in baselines (--baselines sd-depth ...); "
+                              "the eval grid is our model's")
         try:
-            return EditGrid(**self.grid)
+            return EditGrid(**grid, editor=("gen1", *self.editors))
         except TypeError as e:
-            raise ConfigError(f"grid: expected keys t_s, w, w_t, seeds; found {sorted(self.grid)}") from e
+            raise ConfigError(f"grid: expected keys t_s, w, w_t, seeds, strength, controlnet_scale; found "
+                              f"{sorted(self.grid)}") from e
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

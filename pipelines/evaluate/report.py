@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 TABLE_FILE = "per_video.parquet"
 CLIP_COLUMNS = ("clip_id", "video", "source_uri", "start", "stride", "num_frames", "width", "height", "fps")
-METHOD_COLORS = {"gen1": "tab:blue", "per_frame": "tab:orange", "sdedit": "tab:green", "no_structure": "tab:purple"}
+METHOD_COLORS = {"gen1": "tab:blue", "per_frame": "tab:orange", "sdedit": "tab:green", "no_structure": "tab:purple",
+                 "sd-depth": "tab:red", "animatediff-depth": "tab:brown", "wan-vace": "tab:cyan"}
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -14,6 +14,7 @@ import math
 import pickle
 import posixpath
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from gen1.prompts import PromptSpec
 from pipelines.commits import Committer
 from pipelines.datasets import SequenceClip, read_dataset
 from pipelines.edit import EditJobConfig, baseline_key, model_key, read_manifest, run_edit
-from pipelines.evaluate.config import METRICS, EvalConfig
+from pipelines.evaluate.config import EDITOR_BASELINES, METRICS, EvalConfig
 from pipelines.evaluate.report import EvalSummary, eval_run, join_uri, log_run
 from pipelines.evaluate.stages import BaselineStage, MetricsStage
 from pipelines.failures import (
@@ -64,14 +65,25 @@ BASELINE_ROW_COLUMNS = (
 # ------------------------------------------------------------------------------------------------ table
 
 
-def setting_label(method: str, t_s: int | None, w: float, w_t: float | None, strength: float | None = None) -> str:
+def setting_label(method: str, t_s: int | None, w: float, w_t: float | None, strength: float | None = None,
+                  controlnet_scale: float | None = None) -> str:
     """What varies within a method: ``ts3-w7.5-wt1.5`` (gen1: t_s, w, w_t; ``-wt0`` is eq. 8 with w_t = 0),
-    ``ts3-w7.5`` (per_frame: t_s, w), ``s0.6-w7.5`` (sdedit, no_structure: strength, w)."""
+    ``ts3-w7.5`` (per_frame: t_s, w), ``s0.6-w7.5`` (sdedit, no_structure: strength, w); the editors
+    (`gen1.editors`): the settings they take, e.g. ``s0.8-cn1-w7.5`` (animatediff-depth), ``cn1-w7.5``
+    (wan-vace)."""
+    if method in EDITOR_BASELINES:
+        parts = [] if _missing(strength) else [f"s{strength:g}"]
+        parts += [] if _missing(controlnet_scale) else [f"cn{controlnet_scale:g}"]
+        return "-".join([*parts, f"w{w:g}"])
     if method in ("sdedit", "no_structure"):
         return f"s{strength:g}-w{w:g}"
     if method == "per_frame":
         return f"ts{int(t_s)}-w{w:g}"
     return f"ts{int(t_s)}-w{w:g}-wt{w_t:g}"
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
 
 
 def per_video_table(measured: pd.DataFrame) -> pd.DataFrame:
@@ -84,8 +96,9 @@ def per_video_table(measured: pd.DataFrame) -> pd.DataFrame:
             df[col] = None
     # a row without a method is an edit-manifest row: our model's, whatever its w_t
     df["method"] = [m if isinstance(m, str) and m else "gen1" for m in df["method"]]
-    df["setting"] = [setting_label(m, t, w, wt, s) for m, t, w, wt, s in
-                     zip(df["method"], df["t_s"], df["w"], df["w_t"], df["sdedit_strength"], strict=True)]
+    cn = df["controlnet_scale"] if "controlnet_scale" in df else [None] * len(df)
+    df["setting"] = [setting_label(m, t, w, wt, s, c) for m, t, w, wt, s, c in
+                     zip(df["method"], df["t_s"], df["w"], df["w_t"], df["sdedit_strength"], cn, strict=True)]
     df["video"] = [posixpath.basename(str(u).rstrip("/")) for u in df["source_uri"]]
     for m in METRICS:
         df[m] = pd.to_numeric(df[m], errors="coerce")
@@ -179,7 +192,7 @@ def baseline_tasks(cfg: EvalConfig, specs: ModelSpecs, clips: list[SequenceClip]
         if clip is None:
             continue
         content = row["prompt"] if row["prompt"] else f"image:{row['image_uri']}"
-        for method in cfg.baselines:
+        for method in cfg.image_baselines:
             t_s = int(row["t_s"]) if method == "per_frame" else None  # the SDEdit-style methods have no structure
             strength = None if method == "per_frame" else cfg.sdedit_strength
             key = baseline_key(method, row["clip_id"], content, row["w"], row["seed"], row["steps"], row["sampler"],
@@ -198,7 +211,7 @@ def _run_baselines(cfg: EvalConfig, specs: ModelSpecs, tasks: list[dict], out_di
     """The baseline ``tasks`` (every method) on one actor pool."""
     import ray
 
-    counts = {m: sum(t["method"] == m for t in tasks) for m in cfg.baselines}
+    counts = {m: sum(t["method"] == m for t in tasks) for m in cfg.image_baselines}
     log.info("baselines: %s edits (SDEdit strength %.2f)", counts, cfg.sdedit_strength)
     ds = bounded_pass(ray.data.from_items(tasks, override_num_blocks=len(tasks)), cfg.retries)
     ds = ds.map_batches(
@@ -235,9 +248,9 @@ def _outputs(cfg: EvalConfig, specs: ModelSpecs, run_dir: str, bookkeeping_error
             raise ConfigError(f"{cfg.dataset}: no sequences selected")
         ours = _run_ours(cfg, clips, join_uri(run_dir, "edits"), bookkeeping_errors)
         by_id = {c.clip_id: pickle.dumps(c) for c in clips}
-        rows = [{**r, "clip": by_id.get(r["clip_id"]), "method": "gen1", "sdedit_strength": None}
-                for r in ours.to_dict("records")]
-        tasks = baseline_tasks(cfg, specs, clips, ours)
+        rows = [{**r, "clip": by_id.get(r["clip_id"]), **_method(r)} for r in ours.to_dict("records")]
+        gen1 = pd.Series([_method(r)["method"] == "gen1" for r in ours.to_dict("records")], index=ours.index, dtype=bool)
+        tasks = baseline_tasks(cfg, specs, clips, ours[gen1])  # they mirror our model's edits only
         if tasks:
             done = _run_baselines(cfg, specs, tasks, join_uri(run_dir, "baselines"))
             rows += [{**r, "clip": by_id.get(r["clip_id"])} for r in done.to_dict("records")]
@@ -245,8 +258,18 @@ def _outputs(cfg: EvalConfig, specs: ModelSpecs, run_dir: str, bookkeeping_error
         ours = read_manifest(cfg.edits, cfg.storage_options).to_pandas()
         if ours.empty:
             raise ConfigError(f"{cfg.edits}: no edit manifest rows to evaluate")
-        rows = [{**r, "clip": None, "method": "gen1", "sdedit_strength": None} for r in ours.to_dict("records")]
+        rows = [{**r, "clip": None, **_method(r)} for r in ours.to_dict("records")]
     return [with_error_columns(r) for r in _plain(rows)]
+
+
+def _method(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An edit-manifest row's method (its editor; gen1 for rows written before editors were pluggable) and
+    SDEdit strength (the editors': their ``strength``)."""
+    editor = row.get("editor") or "gen1"
+    if not isinstance(editor, str) or editor == "gen1":
+        return {"method": "gen1", "sdedit_strength": None}
+    strength = row.get("strength")
+    return {"method": editor, "sdedit_strength": None if _missing(strength) else float(strength)}
 
 
 def _plain(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -308,10 +331,11 @@ def _measured(cfg: EvalConfig, specs: ModelSpecs, run_dir: str, bookkeeping_erro
 
 def run_eval(cfg: EvalConfig) -> EvalSummary:
     """Edit ``cfg.dataset`` with our model and the baselines (or take ``cfg.edits``), measure, log to MLflow."""
-    from gen1.models import check_weights
+    from gen1.models import check_editor_weights, check_weights
 
     specs = load_model_specs(cfg.models)
     check_weights(specs, ("vae", "unet", "clip", "depth", "prior"))
+    check_editor_weights(specs, cfg.editors)
     kind = (cfg.dataset or "edits:").split(":", 1)[0]
     run_name = cfg.run_name or f"eval-{kind}-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}"
     run_dir = join_uri(cfg.out, run_name)
