@@ -983,3 +983,14 @@ def test_checkpoints_and_resume_on_s3(real_shards, s3_endpoint):
     assert (resumed.start_step, resumed.steps) == (1, 2) and resumed.final == f"{output}/final"
     assert CheckpointStore(output).checkpoints() == ["step-00000001", "step-00000002"]
     load_video_unet(resumed.final, TINY.temporal)  # the exported weights load by URI
+
+
+def test_a_time_budget_stops_training_after_the_step_that_reaches_it(real_shards, tmp_path):
+    from pipelines.train import train_local
+
+    cfg = tiny_cfg(max_steps=10**6, max_seconds=1e-3, checkpoint_every=10**6)
+    result = train_local(cfg, TINY, real_shards, str(tmp_path / "run"))
+    assert result.steps == 1 and len(result.losses) == 1  # the first step already took longer than 1 ms
+    assert result.final is not None and (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
+    with pytest.raises(ConfigError, match="max_seconds"):
+        tiny_cfg(max_seconds=0)
