@@ -206,6 +206,8 @@ def heldout_sequences(video: Path, root: Path, count: int, frames: int, stride: 
 def reference_images(train: Path, out: Path, size: tuple[int, int]) -> list[Path]:
     """One reference image per training video (its middle frame, centre-cropped to ``size``) for the image
     prompts: in the training distribution, and far apart in colour (a grey street, a green tree)."""
+    from PIL import Image
+
     from gen1.decoding import load_clip, probe
 
     out.mkdir(parents=True, exist_ok=True)
@@ -214,8 +216,6 @@ def reference_images(train: Path, out: Path, size: tuple[int, int]) -> list[Path
         uri = str(train / name)
         frame = load_clip(uri, n=1, stride=1, start=probe(uri).num_frames // 2, size=size).frames[0]
         path = out / f"{Path(name).stem}.png"
-        from PIL import Image
-
         Image.fromarray(frame).save(path)
         paths.append(path)
     return paths
@@ -226,8 +226,6 @@ def reference_images(train: Path, out: Path, size: tuple[int, int]) -> list[Path
 
 def train_vae_phase(cfg: MiniConfig, features: Path, heldout: Path, out: Path, seconds: float) -> dict[str, Any]:
     """Train the mini VAE on the shards' frames for ``seconds``; save it to ``out``; PSNR on held-out frames."""
-    import torch
-
     from gen1.config import MINI
     from gen1.decoding import load_clip, probe
     from gen1.metrics import psnr
@@ -243,8 +241,7 @@ def train_vae_phase(cfg: MiniConfig, features: Path, heldout: Path, out: Path, s
     test = np.concatenate([load_clip(str(heldout), n=8, stride=4, start=s, size=(MINI.width, MINI.height)).frames
                            for s in np.linspace(0, n - 29, 4).astype(int)])
     recon = reconstruct(vae, test)
-    with torch.no_grad():
-        value = psnr(test.astype(np.float64) / 255.0, recon.astype(np.float64) / 255.0)
+    value = psnr(test.astype(np.float64) / 255.0, recon.astype(np.float64) / 255.0)
     return {"steps": result.steps, "seconds": round(result.seconds, 1), "last_loss": result.losses[-1],
             "train_frames": len(frames), "heldout_frames": len(test), "psnr": value}
 
