@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gen1 import weights
-from gen1.config import COMPONENT_CONFIGS, ModelSpecs
+from gen1.config import COMPONENT_CONFIGS, RANDOM_PREFIXES, ModelSpecs
 from gen1.unet import VideoUNet
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def build_full_size(component: str, specs: ModelSpecs, device: str | torch.devic
 
 
 def build_tiny(component: str, specs: ModelSpecs) -> nn.Module:
-    """The tiny random model of ``component`` through the regular loaders (built once and cached)."""
+    """The tiny (or mini) random model of ``component`` through the regular loaders (built once and cached)."""
     if component == "video_unet":
         return VideoUNet.from_image_unet(weights.load_image_unet(specs.unet), specs.temporal)
     spec = getattr(specs, component)
@@ -93,10 +93,11 @@ def spec_of(component: str, specs: ModelSpecs) -> str:
 
 def build_component(component: str, specs: ModelSpecs, device: str | torch.device = "meta") -> nn.Module:
     """``component`` of ``specs`` without its trained weights: the full-size architecture on ``device``
-    (default ``meta``: nothing allocated), or, for a ``tiny:`` spec, the tiny model (moved to ``device``).
+    (default ``meta``: nothing allocated), or, for a ``tiny:`` / ``mini:`` spec, that random model (moved to
+    ``device``).
     """
     if component not in COMPONENTS:
         raise ValueError(f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}")
-    if spec_of(component, specs).startswith("tiny:"):
+    if spec_of(component, specs).startswith(RANDOM_PREFIXES):
         return build_tiny(component, specs).to(device)
     return build_full_size(component, specs, device)

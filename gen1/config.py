@@ -1,4 +1,5 @@
-"""Dataclass configs: model presets ("sd15" and "sdiv" full size, "tiny" for tests and the demo), every
+"""Dataclass configs: model presets ("sd15" and "sdiv" full size, "tiny" for tests and the demo, "mini" for the
+CPU-trainable miniature reproduction), every
 component's architecture config (`COMPONENT_CONFIGS`), the content-embedding convention, sampler settings.
 
 A *weight spec* names where a component's weights live (see `gen1.weights`):
@@ -8,7 +9,9 @@ A *weight spec* names where a component's weights live (see `gen1.weights`):
 - a local directory;
 - an fsspec URI (``s3://bucket/models/dpt-large``), downloaded once to a local cache;
 - ``tiny:<component>``  a tiny random-initialised model of the real class, built once with a fixed seed,
-  saved with the library's own save function and loaded back through the same loader.
+  saved with the library's own save function and loaded back through the same loader;
+- ``mini:<component>``  the same for the ``mini`` scale's configs (``COMPONENT_CONFIGS["mini"]``): a VAE and a
+  UNet small enough to train on a CPU (`jobs.benchmarks.mini_repro` trains them; a fresh one is random).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 import yaml
 
 COMPONENTS = ("vae", "unet", "clip", "depth", "caption", "prior")
+# Weight-spec prefixes of random-initialised models (`gen1.tiny`): outputs of a preset using one are labelled.
+RANDOM_PREFIXES = ("tiny:", "mini:")
 
 
 class ConfigError(ValueError):
@@ -106,7 +111,7 @@ class ModelSpecs:
     @property
     def is_tiny(self) -> bool:
         """True when any component is a tiny random model: outputs must be labelled as such."""
-        return any(getattr(self, c).startswith("tiny:") for c in COMPONENTS)
+        return any(getattr(self, c).startswith(RANDOM_PREFIXES) for c in COMPONENTS)
 
     def label(self) -> str:
         """A short label for outputs and logs; tiny models say so."""
@@ -165,7 +170,30 @@ SDIV = dataclasses.replace(
     content=SDIV_CONTENT,
 )
 
-PRESETS: dict[str, ModelSpecs] = {"sd15": SD15, "sdiv": SDIV, "tiny": TINY}
+# The miniature Gen-1 of `jobs.benchmarks.mini_repro`: the real classes at a scale a CPU trains in minutes.
+# 128x128 clips of 8 frames 4 apart (the paper's sampling), a VAE and a UNet of the "mini" configs (random
+# until trained: `mini:` specs; the benchmark points ``vae`` / ``unet`` at what it trained), the tiny CLIP
+# and a DPT of tiny's size with a wider init (``mini:depth``, see its config), random but fixed, so structure
+# and content are still functions of the frames.
+# Image buckets keep 128x128's area in multiples of 32 (8 for the VAE x 4 for the UNet's two downsamplings).
+MINI = ModelSpecs(
+    name="mini",
+    vae="mini:vae",
+    unet="mini:unet",
+    clip="tiny:clip",
+    depth="mini:depth",
+    caption="tiny:caption",
+    prior="tiny:prior",
+    clip_dim=TINY.clip_dim,
+    frames=8,
+    frame_stride=4,
+    width=128,
+    height=128,
+    image_buckets=((128, 128), (160, 96)),
+    temporal=TemporalConfig(max_frames=16, attention_head_dim=16),
+)
+
+PRESETS: dict[str, ModelSpecs] = {"sd15": SD15, "sdiv": SDIV, "tiny": TINY, "mini": MINI}
 
 # Every component's constructor config, full size ("sd15") and tiny, in one table: `gen1.architectures`
 # builds the full-size ones on ``meta``, `gen1.tiny` builds and saves the tiny ones. Full-size configs are
@@ -362,6 +390,40 @@ COMPONENT_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
             additional_embeddings=4,
         ),
     },
+}
+# "mini": a VAE and a UNet to train on a CPU (the UNet about 6M parameters), and tiny's DPT with a wider
+# random init; every other component is tiny's. The depth init was changed after the first 10-minute run
+# (measured on opencv-doc frames at 128x128): tiny's DPT (transformers' init, std 0.02) predicts nearly the
+# same map for any input (0.997 correlation between Megamind and tree frames, 0.998 against uniform noise),
+# so neither the structure input nor depth_corr could carry the frames' structure; with std 0.2 the maps of
+# those frames correlate at 0.54 and two frames of one clip at 0.83.
+COMPONENT_CONFIGS["mini"] = {
+    **COMPONENT_CONFIGS["tiny"],
+    "depth": {**COMPONENT_CONFIGS["tiny"]["depth"], "initializer_range": 0.2},
+    "unet": dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(64, 128, 128),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=MINI.clip_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    ),
+    "vae": dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,  # 3 downsamplings: 8x like SD's VAE
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=128,
+        scaling_factor=0.18215,
+    ),
 }
 assert all(set(configs) == set(COMPONENTS) for configs in COMPONENT_CONFIGS.values())
 # The tiny DPT's image processor (gen1.tiny saves it beside the model; gen1.tiny_editors into SD 2 depth's).

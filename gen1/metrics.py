@@ -7,6 +7,10 @@
 - flow-warp error: MSE between frame t and frame t+1 warped back to t along the optical flow
   (OpenCV Farneback), on [0, 1] intensities; lower means temporally smoother (Fig. 4);
 - depth fidelity: Pearson correlation between the input's depth and the output's depth;
+- metrics that need no pretrained model (the miniature reproduction, `jobs.benchmarks.mini_repro`):
+  `frame_mse` (consecutive frames, unwarped), `gradient_correlation` (structure kept: input vs output image
+  gradients), `colour_histogram` and `histogram_distance` (content: an output's colours vs a reference
+  image's), `psnr` (VAE reconstructions);
 - `video_metrics`: all of them for one output video (the edit manifest's and the eval table's columns).
 
 Embeddings need not be normalised: cosines normalise them. Inputs may be numpy arrays or torch tensors.
@@ -139,6 +143,88 @@ def depth_fidelity(depth_in: np.ndarray | torch.Tensor, depth_out: np.ndarray | 
         log.warning("depth fidelity undefined: a depth map is constant over the clip")
         return float("nan")
     return float(np.sum(a * b) / denom)
+
+
+def frame_mse(frames: np.ndarray) -> float:
+    """Mean over t of MSE(frame t, frame t+1), unwarped, on [0, 1] intensities.
+
+    frames: uint8 (f, h, w, 3), f >= 2 -> float >= 0 (0 for a static clip).
+    """
+    rgb = _check_video(frames, "frames").astype(np.float64) / 255.0
+    return float(np.mean((rgb[1:] - rgb[:-1]) ** 2))
+
+
+def _pearson(a: np.ndarray, b: np.ndarray, what: str) -> float:
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    denom = np.sqrt(np.sum(a * a) * np.sum(b * b))
+    if denom == 0:
+        log.warning("%s undefined: one side is constant", what)
+        return float("nan")
+    return float(np.sum(a * b) / denom)
+
+
+def gradient_magnitude(frames: np.ndarray) -> np.ndarray:
+    """|grad| of each frame's grey level (central differences, `np.gradient`), [0, 1] intensities.
+
+    frames: uint8 (f, h, w, 3) -> float64 (f, h, w).
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (f, h, w, 3), got {frames.dtype} {frames.shape}")
+    grey = frames.astype(np.float64).mean(axis=-1) / 255.0
+    gy, gx = np.gradient(grey, axis=(1, 2))
+    return np.sqrt(gx * gx + gy * gy)
+
+
+def gradient_correlation(frames_in: np.ndarray, frames_out: np.ndarray) -> float:
+    """Pearson correlation over all pixels of the input's and the output's gradient magnitudes: how much of
+    the input's edges the output keeps.
+
+    frames_in, frames_out: uint8 (f, h, w, 3) of equal shape -> float in [-1, 1]; NaN when either is flat.
+    """
+    if np.shape(frames_in) != np.shape(frames_out):
+        raise ValueError(f"frames_in and frames_out must have equal shapes, got {np.shape(frames_in)} and "
+                         f"{np.shape(frames_out)}")
+    return _pearson(gradient_magnitude(frames_in), gradient_magnitude(frames_out), "gradient correlation")
+
+
+def colour_histogram(pixels: np.ndarray, bins: int = 8) -> np.ndarray:
+    """The normalised joint RGB histogram of every pixel of ``pixels``, ``bins`` per channel.
+
+    pixels: uint8 (..., 3), e.g. an image (h, w, 3) or a video (f, h, w, 3) -> float64 (bins, bins, bins),
+    summing to 1.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.shape[-1] != 3 or pixels.size == 0:
+        raise ValueError(f"pixels must be non-empty uint8 (..., 3), got {pixels.dtype} {pixels.shape}")
+    idx = (pixels.reshape(-1, 3).astype(np.int64) * bins) // 256
+    flat = (idx[:, 0] * bins + idx[:, 1]) * bins + idx[:, 2]
+    counts = np.bincount(flat, minlength=bins**3).astype(np.float64)
+    return (counts / counts.sum()).reshape(bins, bins, bins)
+
+
+def histogram_distance(p: np.ndarray, q: np.ndarray) -> float:
+    """Total-variation distance of two normalised histograms: ``0.5 * sum |p - q|``.
+
+    p, q: float (bins, bins, bins) of equal shape, each summing to 1 -> float in [0, 1] (0: equal,
+    1: disjoint).
+    """
+    p, q = _float64(p), _float64(q)
+    if p.shape != q.shape:
+        raise ValueError(f"histograms must have equal shapes, got {p.shape} and {q.shape}")
+    return float(0.5 * np.abs(p - q).sum())
+
+
+def psnr(reference: np.ndarray | torch.Tensor, test: np.ndarray | torch.Tensor, peak: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB: ``10 log10(peak^2 / MSE)`` over all elements.
+
+    reference, test: equal shapes, e.g. (n, 3, h, w) in [0, 1] -> float (inf when equal).
+    """
+    a, b = _float64(reference), _float64(test)
+    if a.shape != b.shape:
+        raise ValueError(f"reference and test must have equal shapes, got {a.shape} and {b.shape}")
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else float(10.0 * np.log10(peak * peak / mse))
 
 
 def video_metrics(

@@ -2,14 +2,15 @@
 
 Each builder makes the same class the full-size preset uses (diffusers ``AutoencoderKL``,
 ``UNet2DConditionModel``, ``PriorTransformer``; transformers ``DPTForDepthEstimation``,
-``BlipForConditionalGeneration``; open_clip ``CLIP``) from its config in ``gen1.config.COMPONENT_CONFIGS["tiny"]``
+``BlipForConditionalGeneration``; open_clip ``CLIP``) from its config in ``gen1.config.COMPONENT_CONFIGS[scale]``
+(``scale`` "tiny", or "mini" for ``mini:<component>`` specs: the CPU-trainable miniature's VAE and UNet)
 with a fixed seed, and saves it with that library's own
 save function, so a tiny model is loaded back through exactly the loaders of `gen1.weights`. Nothing here
 is downloaded: the BLIP tokenizer is built from a small vocabulary written here, CLIP uses open_clip's
 bundled BPE tokenizer. The public editors' tiny components (`gen1.tiny_editors`) are registered
 here too.
 
-`ensure_tiny` builds each component at most once per ``tiny_root()``, also across processes: under a file
+`ensure_tiny` builds each component of a scale at most once per ``tiny_root()``, also across processes: under a file
 lock, into a temporary directory that is renamed into place when complete (with a marker file last).
 """
 
@@ -69,28 +70,28 @@ def tiny_root() -> Path:
 # ---- builders: each saves one component into out_dir ----------------------------------------------------
 
 
-def _build_vae(out: Path) -> torch.nn.Module:
+def _build_vae(out: Path, configs: dict) -> torch.nn.Module:
     from diffusers import AutoencoderKL
 
-    model = AutoencoderKL(**COMPONENT_CONFIGS["tiny"]["vae"])
+    model = AutoencoderKL(**configs["vae"])
     model.save_pretrained(out)
     return model
 
 
-def _build_unet(out: Path) -> torch.nn.Module:
+def _build_unet(out: Path, configs: dict) -> torch.nn.Module:
     from diffusers import UNet2DConditionModel
 
-    model = UNet2DConditionModel(**COMPONENT_CONFIGS["tiny"]["unet"])
+    model = UNet2DConditionModel(**configs["unet"])
     model.save_pretrained(out)
     return model
 
 
-def _build_prior(out: Path) -> torch.nn.Module:
+def _build_prior(out: Path, configs: dict) -> torch.nn.Module:
     from diffusers import PriorTransformer
 
     from gen1.schedule import PRIOR_SCHEDULER_SUBFOLDER, karlo_scheduler  # diffusers: only the prior needs it
 
-    model = PriorTransformer(**COMPONENT_CONFIGS["tiny"]["prior"])
+    model = PriorTransformer(**configs["prior"])
     with torch.no_grad():  # identity normalisation: a well-formed prior (a fresh one has clip_std == 0)
         model.clip_mean.zero_()
         model.clip_std.fill_(1.0)
@@ -99,14 +100,14 @@ def _build_prior(out: Path) -> torch.nn.Module:
     return model
 
 
-def _build_clip(out: Path) -> torch.nn.Module:
+def _build_clip(out: Path, configs: dict) -> torch.nn.Module:
     import safetensors.torch
     from open_clip.constants import HF_CONFIG_NAME, HF_SAFE_WEIGHTS_NAME
     from open_clip.model import CLIP, set_model_preprocess_cfg
     from open_clip.push_to_hf_hub import save_config_for_hf
     from open_clip.transform import PreprocessCfg
 
-    config = COMPONENT_CONFIGS["tiny"]["clip"]
+    config = configs["clip"]
     model = CLIP(**config)
     set_model_preprocess_cfg(model, vars(PreprocessCfg(size=config["vision_cfg"]["image_size"])))
     # open_clip's save_for_hf minus the tokenizer (the bundled SimpleTokenizer has nothing to save).
@@ -117,10 +118,10 @@ def _build_clip(out: Path) -> torch.nn.Module:
     return model
 
 
-def _build_depth(out: Path) -> torch.nn.Module:
+def _build_depth(out: Path, configs: dict) -> torch.nn.Module:
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
 
-    model = DPTForDepthEstimation(DPTConfig(**COMPONENT_CONFIGS["tiny"]["depth"]))
+    model = DPTForDepthEstimation(DPTConfig(**configs["depth"]))
     # transformers' init (normal, std 0.02) shrinks the signal ~1e4-fold through the neck and head, so a
     # random tiny DPT predicts a constant. PyTorch's default conv init keeps it alive; the head ends in a
     # ReLU, so its last conv gets a positive bias (no pixel stuck at 0) and a larger gain (the output varies
@@ -148,7 +149,7 @@ def blip_vocab() -> list[str]:
     return vocab
 
 
-def _build_caption(out: Path) -> torch.nn.Module:
+def _build_caption(out: Path, configs: dict) -> torch.nn.Module:
     from transformers import (
         BertTokenizer,
         BlipConfig,
@@ -163,7 +164,7 @@ def _build_caption(out: Path) -> torch.nn.Module:
         vocab_file.write_text("\n".join(vocab) + "\n")
         tokenizer = BertTokenizer(str(vocab_file), do_lower_case=True, bos_token=BOS_TOKEN, model_max_length=64)
     ids = {t: i for i, t in enumerate(vocab)}
-    arch = COMPONENT_CONFIGS["tiny"]["caption"]
+    arch = configs["caption"]
     text_cfg = dict(
         arch["text_config"],
         vocab_size=len(vocab),
@@ -184,7 +185,7 @@ def _build_caption(out: Path) -> torch.nn.Module:
     return model
 
 
-BUILDERS: dict[str, Callable[[Path], torch.nn.Module]] = {
+BUILDERS: dict[str, Callable[[Path, dict], torch.nn.Module]] = {
     "vae": _build_vae,
     "unet": _build_unet,
     "clip": _build_clip,
@@ -197,66 +198,76 @@ assert set(BUILDERS) == set(COMPONENTS)
 BUILDERS.update(EDITOR_BUILDERS)
 
 
-def _check_component(component: str) -> None:
+SCALES = ("tiny", "mini")  # COMPONENT_CONFIGS keys with random-initialised builds (spec prefixes tiny:, mini:)
+
+
+def _check_component(component: str, scale: str = "tiny") -> None:
     if component not in BUILDERS:
         raise ValueError(f"unknown tiny component {component!r}; expected one of {', '.join(BUILDERS)}")
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; expected one of {', '.join(SCALES)}")
+    if scale != "tiny" and component not in COMPONENTS:
+        raise ValueError(f"{component!r} has no {scale} scale: the editors' components are tiny only")
 
 
-def build_tiny_model(component: str, out_dir: Path) -> torch.nn.Module:
-    """Build the tiny ``component`` with seed ``TINY_SEED``, save it into ``out_dir`` and return the
+def build_tiny_model(component: str, out_dir: Path, scale: str = "tiny") -> torch.nn.Module:
+    """Build ``component`` of ``scale`` with seed ``TINY_SEED``, save it into ``out_dir`` and return the
     in-memory model (the one that was saved; tests compare it with what the loaders read back).
 
     Deterministic: the same seed gives identical weights. The global RNG state is left untouched.
     """
-    _check_component(component)
+    _check_component(component, scale)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
-        model = BUILDERS[component](out_dir)
-    marker = {"component": component, "version": TINY_VERSION, "seed": TINY_SEED, "pid": os.getpid()}
+        model = BUILDERS[component](out_dir, COMPONENT_CONFIGS[scale])
+    marker = {"component": component, "scale": scale, "version": TINY_VERSION, "seed": TINY_SEED, "pid": os.getpid()}
     (out_dir / MARKER).write_text(json.dumps(marker, indent=2))  # last: a complete build
     return model.eval()
 
 
-def build_tiny(component: str, out_dir: Path) -> Path:
-    """Build the tiny ``component`` (see `build_tiny_model`) into ``out_dir``; return ``out_dir``."""
-    build_tiny_model(component, out_dir)
+def build_tiny(component: str, out_dir: Path, scale: str = "tiny") -> Path:
+    """Build ``component`` of ``scale`` (see `build_tiny_model`) into ``out_dir``; return ``out_dir``."""
+    build_tiny_model(component, out_dir, scale)
     return Path(out_dir)
 
 
-def _is_current(path: Path, component: str) -> bool:
+def _is_current(path: Path, component: str, scale: str) -> bool:
     try:
         marker = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("component") == component and marker.get("version") == TINY_VERSION
+    return (marker.get("component") == component and marker.get("version") == TINY_VERSION
+            and marker.get("scale", "tiny") == scale)
 
 
-def ensure_tiny(component: str) -> Path:
-    """``tiny_root()/component``, built once (fixed seed) if absent or from an older builder version.
+def ensure_tiny(component: str, scale: str = "tiny") -> Path:
+    """``tiny_root()/component`` (scale "mini": ``tiny_root()/mini-component``), built once (fixed seed) if
+    absent or from an older builder version.
 
     Safe with concurrent processes: a file lock serialises builders, and each build happens in a temporary
     directory renamed into place, so a reader never sees a half-written model.
     """
     from filelock import FileLock
 
-    _check_component(component)
+    _check_component(component, scale)
     root = tiny_root()
-    target = root / component
-    if _is_current(target, component):
+    name = component if scale == "tiny" else f"{scale}-{component}"
+    target = root / name
+    if _is_current(target, component, scale):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f".{component}.lock"), timeout=LOCK_TIMEOUT_S):
-        if _is_current(target, component):  # built by another process while we waited
+    with FileLock(str(root / f".{name}.lock"), timeout=LOCK_TIMEOUT_S):
+        if _is_current(target, component, scale):  # built by another process while we waited
             return target
-        log.info("building tiny %s model in %s", component, target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{component}.tmp-", dir=root))
+        log.info("building %s %s model in %s", scale, component, target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
         try:
-            build_tiny(component, tmp)
+            build_tiny(component, tmp, scale)
             if target.exists():  # an older version: replace it
-                old = Path(tempfile.mkdtemp(prefix=f".{component}.old-", dir=root))
-                target.rename(old / component)
+                old = Path(tempfile.mkdtemp(prefix=f".{name}.old-", dir=root))
+                target.rename(old / name)
                 shutil.rmtree(old, ignore_errors=True)
             tmp.rename(target)
         finally:

@@ -7,7 +7,9 @@ and transformers classes the full-size weight specs hold, small, saved with each
 tests of each pipeline (tests/pipelines/stable_diffusion_2/test_stable_diffusion_depth.py,
 animatediff/test_animatediff_video2video_controlnet.py, wan/test_wan_vace.py), sized to the tiny preset's
 64x64 clips. Tokenizers are built here from a byte-level vocabulary (CLIP) or with `tokenizers` (Wan's
-UMT5), so nothing is downloaded.
+UMT5), so nothing is downloaded. Each builder takes ``(out, configs)`` like `gen1.tiny`'s own; ``configs``
+(a scale's ``COMPONENT_CONFIGS``) is unused here: the editors' components exist at the tiny scale only, with
+the configs of `EDITOR_TINY_CONFIGS`.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def _ddim():
     )
 
 
-def build_sd_depth(out: Path) -> torch.nn.Module:
+def build_sd_depth(out: Path, configs: dict | None = None) -> torch.nn.Module:
     """`StableDiffusionDepth2ImgPipeline` (what ``hf:stabilityai/stable-diffusion-2-depth`` holds)."""
     from diffusers import AutoencoderKL, StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
     from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
@@ -160,7 +162,7 @@ def build_sd_depth(out: Path) -> torch.nn.Module:
     return unet
 
 
-def build_animatediff_base(out: Path) -> torch.nn.Module:
+def build_animatediff_base(out: Path, configs: dict | None = None) -> torch.nn.Module:
     """An SD 1.5-layout pipeline directory (vae, text_encoder, tokenizer, unet, scheduler)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -180,7 +182,7 @@ def build_animatediff_base(out: Path) -> torch.nn.Module:
     return unet
 
 
-def build_motion_adapter(out: Path) -> torch.nn.Module:
+def build_motion_adapter(out: Path, configs: dict | None = None) -> torch.nn.Module:
     """`MotionAdapter` (what ``hf:guoyww/animatediff-motion-adapter-v1-5-2`` holds)."""
     from diffusers import MotionAdapter
 
@@ -189,7 +191,7 @@ def build_motion_adapter(out: Path) -> torch.nn.Module:
     return model
 
 
-def build_controlnet_depth(out: Path) -> torch.nn.Module:
+def build_controlnet_depth(out: Path, configs: dict | None = None) -> torch.nn.Module:
     """`ControlNetModel` (what ``hf:lllyasviel/control_v11f1p_sd15_depth`` holds)."""
     from diffusers import ControlNetModel
 
@@ -213,7 +215,7 @@ def _umt5_tokenizer():
     )
 
 
-def build_wan_vace(out: Path) -> torch.nn.Module:
+def build_wan_vace(out: Path, configs: dict | None = None) -> torch.nn.Module:
     """`WanVACEPipeline` (what ``hf:Wan-AI/Wan2.1-VACE-1.3B-diffusers`` holds)."""
     from diffusers import (
         AutoencoderKLWan,

@@ -8,7 +8,7 @@ mapping with
 - ``clip_id``: str
 - ``clip_embedding``: float (f, d), one CLIP image embedding per frame
 - ``depth``: float (f, H, W) in [-1, 1] (normalised per clip), at frame resolution
-- ``latents`` (optional): float (f, 4, H/8, W/8), scaled VAE latents of the frames (the shard layout)
+- ``latents`` (optional): float (4, f, H/8, W/8), scaled VAE latents of the frames (the shard layout, `pipelines.schema.row_latents`)
 - ``frames`` (optional): uint8 (f, H, W, 3), the resized frames (to compute latents when none are stored)
 
 A *batch source* yields the batches of one epoch in a fixed order given ``(epoch, skip)``, so a resumed
@@ -166,11 +166,9 @@ def collate_clips(rows: Sequence[Mapping[str, Any]]) -> ClipBatch:
     emb = stack("clip_embedding", torch.float32)
     if emb is None or emb.ndim != 3:
         raise ValueError("each row needs 'clip_embedding' of shape (f, d)")
-    latents = stack("latents", torch.float32)  # (b, f, 4, h, w) -> (b, 4, f, h, w)
-    if latents is not None:
-        if latents.ndim != 5:
-            raise ValueError(f"latents must be (f, c, h, w) per row, found {tuple(latents.shape[1:])}")
-        latents = latents.transpose(1, 2).contiguous()
+    latents = stack("latents", torch.float32)  # the shards' (c, f, h, w) per row -> (b, c, f, h, w)
+    if latents is not None and (latents.ndim != 5 or latents.shape[2] != emb.shape[1]):
+        raise ValueError(f"latents must be (c, f={emb.shape[1]}, h, w) per row, found {tuple(latents.shape[1:])}")
     frames = stack("frames", torch.uint8)
     if latents is None and frames is None:
         raise ValueError(

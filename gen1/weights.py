@@ -9,7 +9,8 @@ A spec (see `gen1.config`) is one of
 - any other fsspec URI (``s3://bucket/models/dpt-large``, ``memory://...``): the directory is downloaded
   once into ``$GEN1_CACHE_DIR`` (default ``~/.cache/gen1/weights``) under a name derived from the URI,
   atomically (into a temporary directory that is then renamed), and reused by every later call;
-- ``tiny:<component>``: a tiny random model of the real class, built once by `gen1.tiny.ensure_tiny`.
+- ``tiny:<component>``: a tiny random model of the real class, built once by `gen1.tiny.ensure_tiny`;
+  ``mini:<component>`` the same at the "mini" scale (a CPU-trainable VAE and UNet).
 
 A spec that resolves to nothing raises `WeightsNotFoundError` naming the spec, every location tried and
 how to provide the weights. The loaders call each library's own ``from_pretrained`` (diffusers,
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 HF_PREFIX = "hf:"
 TINY_PREFIX = "tiny:"
+MINI_PREFIX = "mini:"  # random models of the "mini" scale (gen1.tiny), for the CPU-trained miniature
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # Example directory names for the "how to provide it" hint, by component.
@@ -304,14 +306,15 @@ def resolve_spec(spec: str, cache_dir: Path | None = None, component: str | None
     spec = str(spec).strip()
     if not spec:
         raise WeightSpecError("empty weight spec; expected hf:<org>/<name>, tiny:<component>, a path or a URI")
-    if spec.startswith(TINY_PREFIX):
-        name = spec[len(TINY_PREFIX) :]
-        if name not in TINY_BUILDERS:
+    if spec.startswith((TINY_PREFIX, MINI_PREFIX)):
+        scale, name = spec.split(":", 1)
+        known = TINY_BUILDERS if scale == "tiny" else COMPONENTS  # the editors' components are tiny only
+        if name not in known:
             raise WeightSpecError(
-                f"weight spec {spec!r}: unknown tiny component {name!r}; expected one of {', '.join(TINY_BUILDERS)}",
+                f"weight spec {spec!r}: unknown {scale} component {name!r}; expected one of {', '.join(known)}",
                 spec=spec,
             )
-        return ensure_tiny(name)
+        return ensure_tiny(name, scale)
     if spec.startswith(HF_PREFIX) and not spec.startswith("hf://"):
         return resolve_hf(spec, component)
     if "://" in spec:

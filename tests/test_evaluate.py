@@ -559,3 +559,16 @@ def test_ray_job_submit_of_the_eval_entry_point(tiny_models, davis_root, tmp_pat
     (run,) = client.search_runs(client.get_experiment_by_name("gen1-eval").experiment_id)
     assert run.info.run_name == "ray-job" and np.isfinite(run.data.metrics["frame_consistency"])
     assert len(pd.read_parquet(out / "ray-job" / "per_video.parquet")) == 2
+
+
+def test_a_missing_prompt_that_pandas_made_nan_is_image_content():
+    """An all-image-prompt manifest comes back through pandas with NaN prompts: they must not read as text
+    (the per-frame baseline of image prompts failed with TypeError on it)."""
+    import pandas as pd
+
+    from pipelines.evaluate.stages import text_prompt
+
+    rows = pd.DataFrame({"prompt": [None, None], "image_uri": ["a.png", "b.png"]}).astype({"prompt": float})
+    assert [text_prompt(r) for r in rows.to_dict("records")] == [None, None]
+    assert text_prompt({"prompt": "a watercolor painting"}) == "a watercolor painting"
+    assert text_prompt({"prompt": ""}) is None and text_prompt({}) is None

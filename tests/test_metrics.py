@@ -203,3 +203,65 @@ def test_prompt_consistency_matches_torchmetrics_clip_score(tiny_models):
         assert theirs == pytest.approx(max(100 * ours, 0.0), abs=1e-3)
         checked += ours > 0.01  # the floor hides the value for negative cosines; need real comparisons
     assert checked >= 1
+
+
+# ---- the miniature reproduction's measures (no pretrained model) ---------------------------------------
+
+
+def test_frame_mse_of_a_static_clip_is_zero_and_of_a_flip_is_hand_computed():
+    from gen1.metrics import frame_mse
+
+    static = np.full((3, 4, 4, 3), 100, np.uint8)
+    assert frame_mse(static) == 0.0
+    flip = np.zeros((2, 4, 4, 3), np.uint8)
+    flip[1, :2] = 255  # half the pixels go from 0 to 1
+    assert frame_mse(flip) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        frame_mse(static[:1])
+
+
+def test_gradient_correlation_keeps_edges_and_ignores_colour():
+    from gen1.metrics import gradient_correlation, gradient_magnitude
+
+    ramp = np.tile(np.arange(8, dtype=np.uint8)[None, :] * 30, (8, 1))
+    frames = np.repeat(ramp[None, :, :, None], 3, axis=-1).repeat(2, axis=0)  # (2, 8, 8, 3)
+    # a horizontal ramp of 30 grey levels per pixel: |grad| = 30/255 inside, half at the borders
+    g = gradient_magnitude(frames)
+    assert g.shape == (2, 8, 8) and g[0, 3, 3] == pytest.approx(30 / 255)
+    step = np.zeros((2, 8, 8, 3), np.uint8)
+    step[:, :, 4:] = 200
+    darker = (step // 2).astype(np.uint8)  # same edge, other brightness: correlation 1
+    assert gradient_correlation(step, darker) == pytest.approx(1.0)
+    moved = np.zeros_like(step)
+    moved[:, 4:, :] = 200  # the edge turned by 90 degrees: by symmetry uncorrelated
+    assert gradient_correlation(step, moved) == pytest.approx(0.0, abs=1e-9)
+    assert math.isnan(gradient_correlation(np.zeros_like(step), step))
+    with pytest.raises(ValueError):
+        gradient_correlation(step, step[:1])
+
+
+def test_colour_histograms_and_their_distance_are_hand_checkable():
+    from gen1.metrics import colour_histogram, histogram_distance
+
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    blue = np.zeros((4, 4, 3), np.uint8)
+    blue[..., 2] = 255
+    h = colour_histogram(red, bins=2)
+    assert h.shape == (2, 2, 2) and h.sum() == pytest.approx(1.0) and h[1, 0, 0] == 1.0
+    assert histogram_distance(h, colour_histogram(red, bins=2)) == 0.0
+    assert histogram_distance(h, colour_histogram(blue, bins=2)) == 1.0
+    half = np.concatenate([red[:2], blue[:2]])  # half red, half blue
+    assert histogram_distance(h, colour_histogram(half, bins=2)) == pytest.approx(0.5)
+    video = np.stack([red, blue])  # (f, h, w, 3) works too
+    assert colour_histogram(video, bins=2)[0, 0, 1] == pytest.approx(0.5)
+
+
+def test_psnr_is_hand_computed():
+    from gen1.metrics import psnr
+
+    a = np.zeros((1, 3, 4, 4))
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, a + 0.1) == pytest.approx(20.0)  # MSE 0.01 -> 20 dB
+    with pytest.raises(ValueError):
+        psnr(a, a[..., :2])

@@ -302,7 +302,7 @@ def fake_rows(n: int, f: int = 4, size: int = 16, latents: bool = True, seed: in
         row = {"clip_id": f"clip{i}", "clip_embedding": rng.normal(size=(f, 32)).astype(np.float32),
                "depth": rng.uniform(-1, 1, (f, size, size)).astype(np.float32)}
         if latents:
-            row["latents"] = rng.normal(size=(f, 4, size // 8, size // 8)).astype(np.float32)
+            row["latents"] = rng.normal(size=(4, f, size // 8, size // 8)).astype(np.float32)  # (c, f, h, w)
         else:
             row["frames"] = rng.integers(0, 256, (f, size, size, 3), dtype=np.uint8)
         rows.append(row)
@@ -312,8 +312,12 @@ def fake_rows(n: int, f: int = 4, size: int = 16, latents: bool = True, seed: in
 def test_collate_and_frame_ops():
     rows = fake_rows(3)
     batch = collate_clips(rows)
-    assert batch.latents.shape == (3, 4, 4, 2, 2)  # (b, c, f, h, w) from the shard's (f, c, h, w)
-    assert torch.equal(batch.latents[1, :, 2], torch.from_numpy(rows[1]["latents"][2]))
+    assert batch.latents.shape == (3, 4, 4, 2, 2)  # (b, c, f, h, w) from the shard's (c, f, h, w)
+    assert torch.equal(batch.latents[1, :, 2], torch.from_numpy(rows[1]["latents"][:, 2]))
+    eight = fake_rows(1, f=8)  # f != c: the layout is the schema's (c, f, h, w), not (f, c, h, w)
+    assert collate_clips(eight).latents.shape == (1, 4, 8, 2, 2)
+    with pytest.raises(ValueError, match="latents must be"):
+        collate_clips([{**eight[0], "latents": eight[0]["latents"].transpose(1, 0, 2, 3)}])
     images = batch.as_images()
     assert len(images) == 12 and images.num_frames == 1
     assert torch.equal(images.latents[5, :, 0], batch.latents[1, :, 1])  # image 5 = clip 1, frame 1
@@ -485,7 +489,7 @@ def shard_rows_from_clips(
             vae = features["vae"]
             with torch.no_grad():
                 z = vae.encode(frames_to_tensor(clip.frames)).latent_dist.mean * vae.config.scaling_factor
-            row["latents"], row["latents_shape"] = encode_array(z.numpy())  # (f, 4, h/8, w/8)
+            row["latents"], row["latents_shape"] = encode_array(z.numpy().transpose(1, 0, 2, 3))  # (4, f, h/8, w/8)
             row["vae_model"] = TINY.vae
         else:
             row["frames"], row["frames_format"] = encode_frames(clip.frames, "raw"), "raw"
@@ -983,3 +987,14 @@ def test_checkpoints_and_resume_on_s3(real_shards, s3_endpoint):
     assert (resumed.start_step, resumed.steps) == (1, 2) and resumed.final == f"{output}/final"
     assert CheckpointStore(output).checkpoints() == ["step-00000001", "step-00000002"]
     load_video_unet(resumed.final, TINY.temporal)  # the exported weights load by URI
+
+
+def test_a_time_budget_stops_training_after_the_step_that_reaches_it(real_shards, tmp_path):
+    from pipelines.train import train_local
+
+    cfg = tiny_cfg(max_steps=10**6, max_seconds=1e-3, checkpoint_every=10**6)
+    result = train_local(cfg, TINY, real_shards, str(tmp_path / "run"))
+    assert result.steps == 1 and len(result.losses) == 1  # the first step already took longer than 1 ms
+    assert result.final is not None and (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
+    with pytest.raises(ConfigError, match="max_seconds"):
+        tiny_cfg(max_seconds=0)

@@ -140,9 +140,9 @@ def test_ensure_tiny_builds_once_with_concurrent_callers(tmp_path, monkeypatch):
     calls = []
     real_build = tiny.build_tiny
 
-    def counting_build(component, out_dir):
+    def counting_build(component, out_dir, scale="tiny"):
         calls.append(component)
-        return real_build(component, out_dir)
+        return real_build(component, out_dir, scale)
 
     monkeypatch.setattr(tiny, "build_tiny", counting_build)
     results: list[Path] = []
@@ -154,7 +154,12 @@ def test_ensure_tiny_builds_once_with_concurrent_callers(tmp_path, monkeypatch):
     assert calls == ["prior"]
     assert results == [tmp_path / "tiny" / "prior"] * 4
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir() if not p.name.endswith(".lock")) == ["prior"]
-    assert tiny.ensure_tiny("prior") == results[0] and calls == ["prior"]
+    # the mini scale builds beside it, under its own name, from its own config
+    assert tiny.ensure_tiny("vae", "mini") == tmp_path / "tiny" / "mini-vae"
+    assert calls == ["prior", "vae"]
+    with pytest.raises(ValueError, match="unknown scale"):
+        tiny.ensure_tiny("vae", "huge")
+    assert tiny.ensure_tiny("prior") == results[0] and calls == ["prior", "vae"]
 
 
 def test_ensure_tiny_rebuilds_an_outdated_build(tmp_path, monkeypatch):

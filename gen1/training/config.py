@@ -47,6 +47,9 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     max_steps: int = 1000
+    # wall-clock budget: stop (checkpoint and export as at max_steps) after the optimizer step that reaches
+    # this many seconds of steps in this call; None = only max_steps. For runs planned in minutes, not steps.
+    max_seconds: float | None = None
     ema_decay: float | None = None
     mixed_precision: str = "bf16"  # on GPU; CPU always trains in float32
     gradient_checkpointing: bool = False
@@ -101,6 +104,8 @@ class TrainConfig:
             problems.append(f"global_batch_size must be >= batch_size ({self.batch_size}), found {self.global_batch_size}")
         if self.image_batch_size is not None and self.image_batch_size < 1:
             problems.append(f"image_batch_size must be >= 1 or null, found {self.image_batch_size}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            problems.append(f"max_seconds must be > 0 or null, found {self.max_seconds}")
         if self.frames is not None and self.frames < 1:
             problems.append(f"frames must be >= 1 or null, found {self.frames}")
         if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:

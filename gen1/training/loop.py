@@ -1,7 +1,7 @@
 """The training loop: `train` runs a config on a batch source, writing checkpoints and the exported weights.
 
 `train` sets a run up (model from a checkpoint or ``init_from``, a `TrainState`, the DDP / FSDP wrapper,
-the tracker) and runs optimizer steps to ``max_steps``; a step is ``accumulation`` micro-batches, all image
+the tracker) and runs optimizer steps to ``max_steps``, or until ``max_seconds`` of steps have passed; a step is ``accumulation`` micro-batches, all image
 or all video (an image step's images all at the one size drawn for the step), then one update. Every
 ``log_every`` steps a line gives the loss, the throughput since the last line (steps/s, samples/s,
 frames/s) and the ETA of ``max_steps`` at that rate::
@@ -246,26 +246,47 @@ def _run_steps(
     tracker: Tracker | None,
     callbacks: Sequence[StepCallback],
 ) -> list[float]:
-    """Optimizer steps up to ``cfg.max_steps``, logging, calling back and checkpointing; this worker's losses."""
+    """Optimizer steps up to ``cfg.max_steps`` (or ``cfg.max_seconds``), logging, calling back and
+    checkpointing; this worker's losses.
+
+    The time budget is decided on the main worker and shared (`Runtime.mean`), so every worker of a
+    data-parallel run stops after the same step.
+    """
     accum = cfg.accumulation(runtime.world_size)
     log.info("batch: %d per worker x %d accumulation x %d workers = %d clips per step", cfg.batch_size, accum,
              runtime.world_size, cfg.batch_size * accum * runtime.world_size)
     losses: list[float] = []
     window = ThroughputWindow()
+    started = time.perf_counter()
     while state.step < cfg.max_steps:
         stats = _optimizer_step(cfg, task, state, runtime, accum)
         step, lr = state.step, state.optimizer.param_groups[0]["lr"]
         losses.append(stats.loss)
         if not math.isfinite(stats.loss):
             raise FloatingPointError(f"loss is {stats.loss} at step {step}")
+        last = step == cfg.max_steps or _out_of_time(cfg, started, runtime)
         window.add(stats)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or last:
             window.report(step, cfg.max_steps, lr, runtime, tracker)
         for callback in callbacks:
             callback(step, stats.metrics(lr))
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+        if step % cfg.checkpoint_every == 0 or last:
             save_checkpoint(store, state, task, runtime, cfg)
+        if last:
+            break
+    if state.step < cfg.max_steps:
+        log.info("%s: time budget of %.0fs reached at step %d", cfg.stage, cfg.max_seconds, state.step)
     return losses
+
+
+def _out_of_time(cfg: TrainConfig, started: float, runtime: Runtime) -> bool:
+    """True once ``cfg.max_seconds`` have passed since ``started`` on the main worker (every worker agrees)."""
+    if cfg.max_seconds is None:
+        return False
+    over = float(runtime.is_main and time.perf_counter() - started >= cfg.max_seconds)
+    if runtime.world_size == 1:
+        return bool(over)
+    return runtime.mean([over])[0] > 0
 
 
 def _optimizer_step(

@@ -31,9 +31,11 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def weights_status(spec: str, component: str | None = None) -> tuple[str, str | None]:
-    """(status, detail): 'tiny' for tiny random models, 'present' + the local path, or 'missing' + hint."""
-    if spec.startswith("tiny:"):
-        return "tiny", None
+    """(status, detail): 'tiny' / 'mini' for random models, 'present' + the local path, or 'missing' + hint."""
+    from gen1.config import RANDOM_PREFIXES
+
+    if spec.startswith(RANDOM_PREFIXES):
+        return spec.split(":", 1)[0], None
     from gen1.weights import WeightsNotFoundError, resolve_spec
 
     try:

@@ -27,7 +27,7 @@ from pipelines.datasets import SequenceClip, read_dataset
 from pipelines.edit import EditJobConfig, baseline_key, model_key, read_manifest, run_edit
 from pipelines.evaluate.config import EDITOR_BASELINES, METRICS, EvalConfig
 from pipelines.evaluate.report import EvalSummary, eval_run, join_uri, log_run
-from pipelines.evaluate.stages import BaselineStage, MetricsStage
+from pipelines.evaluate.stages import BaselineStage, MetricsStage, text_prompt
 from pipelines.failures import (
     LOST_STAGE,
     STATUS_OK,
@@ -51,7 +51,7 @@ from pipelines.schema import ERRORS_DIR, TableStore
 log = logging.getLogger(__name__)
 
 TABLE_COLUMNS = (
-    "video", "clip_id", "method", "setting", "prompt", "prompt_tag", "caption", "t_s", "w", "w_t", "sdedit_strength",
+    "video", "clip_id", "method", "setting", "prompt", "image_uri", "prompt_tag", "caption", "t_s", "w", "w_t", "sdedit_strength",
     "seed", "steps", "sampler", "masked", "num_frames", "width", "height", "fps", "output_uri", "preview_uri",
     "source_uri", "start", "stride", "frame_indices", *METRICS, "seconds",
 )
@@ -191,7 +191,7 @@ def baseline_tasks(cfg: EvalConfig, specs: ModelSpecs, clips: list[SequenceClip]
         clip = by_id.get(row["clip_id"])
         if clip is None:
             continue
-        content = row["prompt"] if row["prompt"] else f"image:{row['image_uri']}"
+        content = text_prompt(row) or f"image:{row['image_uri']}"
         for method in cfg.image_baselines:
             t_s = int(row["t_s"]) if method == "per_frame" else None  # the SDEdit-style methods have no structure
             strength = None if method == "per_frame" else cfg.sdedit_strength

@@ -58,6 +58,12 @@ def input_clip(row: Mapping[str, Any], storage_options: Mapping[str, Any] | None
     return EditClip(**common)
 
 
+def text_prompt(row: Mapping[str, Any]) -> str | None:
+    """A row's text prompt, or None for image content (also when a pandas batch made the missing prompt NaN)."""
+    prompt = row.get("prompt")
+    return prompt if isinstance(prompt, str) and prompt else None
+
+
 def run_baseline(models: Any, row: Mapping[str, Any], frames: np.ndarray, mask: np.ndarray | None,
                  storage_options: Mapping[str, Any] | None = None) -> Any:
     """The `gen1.baselines` method of task ``row`` (its ``method`` and settings) on ``frames`` uint8 (f, h, w, 3)
@@ -66,7 +72,7 @@ def run_baseline(models: Any, row: Mapping[str, Any], frames: np.ndarray, mask: 
     from gen1.sampling import Content, EditSettings
 
     method = row["method"]
-    content = (Content(text=row["prompt"]) if row.get("prompt")
+    content = (Content(text=text_prompt(row)) if text_prompt(row)
                else Content(image=read_image(row["image_uri"], storage_options=storage_options)))
     common = dict(guidance=float(row["w"]), steps=int(row["steps"]), seed=int(row["seed"]), sampler=row["sampler"])
     if method == "per_frame":
@@ -161,7 +167,7 @@ class MetricsStage:
             emb = self.clip.embed_images(np.concatenate(list(videos.values()))).float().cpu().numpy()
             splits = np.cumsum([len(v) for v in videos.values()])[:-1]
             per_video = dict(zip(videos, np.split(emb, splits), strict=True))
-            texts = [rows[i]["prompt"] for i in videos if rows[i].get("prompt")]
+            texts = [text_prompt(rows[i]) for i in videos if text_prompt(rows[i])]
             text_emb = dict(zip(texts, self.clip.embed_texts(texts).float().cpu().numpy(), strict=True)) if texts else {}
         for i, frames in videos.items():
             try:
@@ -181,8 +187,8 @@ class MetricsStage:
         from gen1.metrics import flow_warp_error, video_metrics
 
         source = self._input(row)
-        if row.get("prompt"):
-            target = text_emb[row["prompt"]]
+        if text_prompt(row):
+            target = text_emb[text_prompt(row)]
         else:
             image = read_image(row["image_uri"], storage_options=self.storage_options)
             target = self.clip.embed_images(image[None]).float().cpu().numpy()[0]
