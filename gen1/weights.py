@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from gen1.config import COMPONENTS
 from gen1.destinations import destination
 from gen1.tiny import BUILDERS as TINY_BUILDERS
 from gen1.tiny import ensure_tiny
