@@ -154,8 +154,8 @@ def test_ensure_tiny_builds_once_with_concurrent_callers(tmp_path, monkeypatch):
     assert calls == ["prior"]
     assert results == [tmp_path / "tiny" / "prior"] * 4
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir() if not p.name.endswith(".lock")) == ["prior"]
-    # the mini scale builds beside it, under its own name, from its own config
-    assert tiny.ensure_tiny("vae", "mini") == tmp_path / "tiny" / "mini-vae"
+    # the mini scale builds beside it, under its own name, from its own config; mini: specs resolve to it
+    assert tiny.ensure_tiny("vae", "mini") == tmp_path / "tiny" / "mini-vae" == resolve_spec("mini:vae")
     assert calls == ["prior", "vae"]
     with pytest.raises(ValueError, match="unknown scale"):
         tiny.ensure_tiny("vae", "huge")
@@ -205,6 +205,7 @@ def test_loader_rejects_a_directory_of_the_wrong_kind(tiny_models):
         ("foo://bucket/model", "unknown URI scheme 'foo'"),
         ("hf://org/name", "write hf:<org>/<name>"),
         ("tiny:text_encoder", "unknown tiny component 'text_encoder'"),
+        ("mini:sd-depth", "unknown mini component 'sd-depth'"),  # the editors' components are tiny only
         ("hf:onlyorg", "expected hf:<org>/<name>"),
         ("", "empty weight spec"),
     ],
