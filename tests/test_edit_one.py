@@ -103,9 +103,9 @@ def test_image_prompt_and_masks_through_the_cli(edit_one, synthetic_clip, tmp_pa
             for seed, prompt in ((0, "a red car"), (1, "a snowy forest"))]
     assert all(code == 0 for code, *_ in kept)
     # Both outputs are the input's VAE reconstruction (`gen1.sampling.edit_video`; bit-equal arrays in
-    # tests/test_sampling.py); read back from their mp4s they once differed in a fresh-clone CI run (16% of
-    # one P-frame's pixels, by up to 16 levels) and never alone, so the bound here is the codec's: the
-    # seam-free half of the next check, whose seeds do matter on the other half, has the same one.
+    # tests/test_sampling.py). Read back from their mp4s they can differ: libx264 does not always encode the
+    # same frames to the same bytes (measured in tests/test_golden.py; here once, in a fresh-clone CI run,
+    # 16% of one P-frame's pixels by up to 16 levels). So the bound is the codec's, as in the next check.
     assert _diff(_frames(str(kept[0][1])), _frames(str(kept[1][1]))) < 0.5
 
     # left half edited, right half kept: seeds change only the left half (the codec blurs the seam)

@@ -8,6 +8,7 @@ opencv-doc clips (real footage).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import uuid
@@ -989,12 +990,15 @@ def test_checkpoints_and_resume_on_s3(real_shards, s3_endpoint):
     load_video_unet(resumed.final, TINY.temporal)  # the exported weights load by URI
 
 
-def test_a_time_budget_stops_training_after_the_step_that_reaches_it(real_shards, tmp_path):
+def test_a_time_budget_stops_training_after_the_step_that_reaches_it(real_shards, tmp_path, caplog):
     from pipelines.train import train_local
 
     cfg = tiny_cfg(max_steps=10**6, max_seconds=1e-3, checkpoint_every=10**6)
-    result = train_local(cfg, TINY, real_shards, str(tmp_path / "run"))
+    with caplog.at_level(logging.INFO, logger="gen1.training.loop"):
+        result = train_local(cfg, TINY, real_shards, str(tmp_path / "run"))
     assert result.steps == 1 and len(result.losses) == 1  # the first step already took longer than 1 ms
+    step_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 1/"))
+    assert step_line.endswith("ETA 0s"), step_line  # the budget's, not that of a million steps
     assert result.final is not None and (tmp_path / "run" / "checkpoints" / "step-00000001").is_dir()
     with pytest.raises(ConfigError, match="max_seconds"):
         tiny_cfg(max_seconds=0)

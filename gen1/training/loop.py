@@ -105,9 +105,10 @@ class ThroughputWindow:
         self.frames += stats.frames
         self.image_steps += int(stats.image_step)
 
-    def report(self, step: int, max_steps: int, lr: float, runtime: Runtime, tracker: Tracker | None) -> None:
-        """Log the window with the ETA of ``max_steps`` at its rate (every worker takes part in the mean),
-        send it on, start the next one."""
+    def report(self, step: int, max_steps: int, lr: float, runtime: Runtime, tracker: Tracker | None,
+               seconds_left: float | None = None) -> None:
+        """Log the window with the ETA of ``max_steps`` at its rate, or of the time budget (``seconds_left``)
+        when that comes first (every worker takes part in the mean), send it on, start the next one."""
         elapsed = max(time.perf_counter() - self.t0, 1e-9)
         loss, samples, frames = runtime.mean([self.loss / self.steps, self.samples, self.frames])
         metrics = {
@@ -119,6 +120,8 @@ class ThroughputWindow:
             "image_step_fraction": self.image_steps / self.steps,
         }
         eta = (max_steps - step) / metrics["steps_per_s"]
+        if seconds_left is not None:
+            eta = min(eta, max(seconds_left, 0.0))
         log.info("step %d/%d: loss %.5f, lr %.3g, %.2f steps/s, %.1f samples/s, %.1f frames/s, ETA %s", step,
                  max_steps, metrics["loss"], metrics["lr"], metrics["steps_per_s"], metrics["samples_per_s"],
                  metrics["frames_per_s"], format_duration(eta))
@@ -267,7 +270,8 @@ def _run_steps(
         last = step == cfg.max_steps or _out_of_time(cfg, started, runtime)
         window.add(stats)
         if step % cfg.log_every == 0 or last:
-            window.report(step, cfg.max_steps, lr, runtime, tracker)
+            left = None if cfg.max_seconds is None else cfg.max_seconds - (time.perf_counter() - started)
+            window.report(step, cfg.max_steps, lr, runtime, tracker, left)
         for callback in callbacks:
             callback(step, stats.metrics(lr))
         if step % cfg.checkpoint_every == 0 or last:
