@@ -141,45 +141,43 @@ def _ddim():
     )
 
 
-def build_sd_depth(out: Path, configs: dict | None = None) -> torch.nn.Module:
-    """`StableDiffusionDepth2ImgPipeline` (what ``hf:stabilityai/stable-diffusion-2-depth`` holds)."""
-    from diffusers import AutoencoderKL, StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
-    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+def _sd_parts(unet_config: str) -> dict[str, Any]:
+    """The components of an SD-layout pipeline: tokenizer, the UNet of ``EDITOR_TINY_CONFIGS[unet_config]``,
+    tiny's VAE, a text encoder and a DDIM scheduler (built in that order: the seed's draws)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     tokenizer = _clip_tokenizer()
-    unet = UNet2DConditionModel(**EDITOR_TINY_CONFIGS["depth_unet"])
+    unet = UNet2DConditionModel(**EDITOR_TINY_CONFIGS[unet_config])
+    vae = AutoencoderKL(**COMPONENT_CONFIGS["tiny"]["vae"])
+    return dict(vae=vae, text_encoder=_clip_text_encoder(tokenizer), tokenizer=tokenizer, unet=unet,
+                scheduler=_ddim())
+
+
+def build_sd_depth(out: Path, configs: dict | None = None) -> torch.nn.Module:
+    """`StableDiffusionDepth2ImgPipeline` (what ``hf:stabilityai/stable-diffusion-2-depth`` holds)."""
+    from diffusers import StableDiffusionDepth2ImgPipeline
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    parts = _sd_parts("depth_unet")
     pipe = StableDiffusionDepth2ImgPipeline(
-        vae=AutoencoderKL(**COMPONENT_CONFIGS["tiny"]["vae"]),
-        text_encoder=_clip_text_encoder(tokenizer),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_ddim(),
+        **parts,
         # the pipeline's own estimator is never called (depth comes from our DPT stage) but is part of it
         depth_estimator=DPTForDepthEstimation(DPTConfig(**COMPONENT_CONFIGS["tiny"]["depth"])),
         feature_extractor=DPTImageProcessor(**TINY_DPT_PROCESSOR),
     )
     pipe.save_pretrained(out)
-    return unet
+    return parts["unet"]
 
 
 def build_animatediff_base(out: Path, configs: dict | None = None) -> torch.nn.Module:
     """An SD 1.5-layout pipeline directory (vae, text_encoder, tokenizer, unet, scheduler)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
-    tokenizer = _clip_tokenizer()
-    unet = UNet2DConditionModel(**EDITOR_TINY_CONFIGS["sd15_unet"])
-    pipe = StableDiffusionPipeline(
-        vae=AutoencoderKL(**COMPONENT_CONFIGS["tiny"]["vae"]),
-        text_encoder=_clip_text_encoder(tokenizer),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=_ddim(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = _sd_parts("sd15_unet")
+    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     pipe.save_pretrained(out)
-    return unet
+    return parts["unet"]
 
 
 def build_motion_adapter(out: Path, configs: dict | None = None) -> torch.nn.Module:

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from gen1.editors.base import Editor, EditorOutput, EditorSettings
+from gen1.editors.base import DiffusersEditor, EditorOutput, EditorSettings
 from gen1.editors.frames import counted_forwards, depth_images, generator, to_images, to_uint8
 
 
-class AnimateDiffDepthEditor(Editor):
+class AnimateDiffDepthEditor(DiffusersEditor):
     """The whole clip at once (temporal attention of the motion module), SDEdit from the input at ``strength``,
     ControlNet depth at ``controlnet_scale``. Takes w, strength, controlnet_scale; text prompts only, no mask."""
 
@@ -30,27 +30,22 @@ class AnimateDiffDepthEditor(Editor):
         "controlnet": "tiny:controlnet-depth",
     }
 
-    def __init__(self, pipe: Any, device: str):
-        self.pipe, self.device = pipe, device
-
     @classmethod
     def load(cls, weights: Mapping[str, str], device: str | None = None) -> AnimateDiffDepthEditor:
         from diffusers import AnimateDiffVideoToVideoControlNetPipeline, ControlNetModel, MotionAdapter
 
-        from gen1.devices import default_device, default_dtype
+        from gen1.devices import default_device
         from gen1.weights import resolve_spec
 
         device = device or default_device()
-        dtype = default_dtype(device)
         paths = {role: resolve_spec(spec, component=role) for role, spec in weights.items()}
-        adapter = MotionAdapter.from_pretrained(paths["motion_adapter"], local_files_only=True, dtype=dtype)
-        controlnet = ControlNetModel.from_pretrained(paths["controlnet"], local_files_only=True, dtype=dtype)
-        pipe = AnimateDiffVideoToVideoControlNetPipeline.from_pretrained(
-            paths["base"], motion_adapter=adapter, controlnet=controlnet, local_files_only=True, dtype=dtype,
+        pipe = cls.from_local(
+            AnimateDiffVideoToVideoControlNetPipeline, paths["base"], device,
+            motion_adapter=cls.from_local(MotionAdapter, paths["motion_adapter"], device),
+            controlnet=cls.from_local(ControlNetModel, paths["controlnet"], device),
             safety_checker=None, feature_extractor=None, image_encoder=None,
-        ).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, device)
+        )
+        return cls.ready(pipe, device)
 
     def edit(self, frames: np.ndarray, depth: np.ndarray | None, content: Any, settings: EditorSettings,
              mask: np.ndarray | None = None) -> EditorOutput:

@@ -67,6 +67,29 @@ class Editor:
         raise NotImplementedError
 
 
+class DiffusersEditor(Editor):
+    """An editor around one diffusers pipeline (``self.pipe``) on ``self.device``; `from_local` and `ready` are
+    how every one of them loads: local files only, in the device's dtype, progress bars off."""
+
+    def __init__(self, pipe: Any, device: str):
+        self.pipe, self.device = pipe, device
+
+    @staticmethod
+    def from_local(model_cls: Any, path: Any, device: str, **components: Any) -> Any:
+        """``model_cls.from_pretrained`` (a pipeline or one of its models) from the resolved directory
+        ``path``, never downloading, in ``device``'s dtype (`gen1.devices.default_dtype`)."""
+        from gen1.devices import default_dtype
+
+        return model_cls.from_pretrained(path, local_files_only=True, dtype=default_dtype(device), **components)
+
+    @classmethod
+    def ready(cls, pipe: Any, device: str) -> DiffusersEditor:
+        """The editor of ``pipe``, moved to ``device``, its progress bars off."""
+        pipe = pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, device)
+
+
 def check_settings(editor: type[Editor], asked: Mapping[str, Any]) -> None:
     """`ConfigError` naming every setting in ``asked`` (name -> what was asked, e.g. ``"t_s": "1,5"``) that
     ``editor`` does not take, and what it takes."""

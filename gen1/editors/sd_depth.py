@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gen1.editors.base import Editor, EditorOutput, EditorSettings
+from gen1.editors.base import DiffusersEditor, EditorOutput, EditorSettings
 from gen1.editors.frames import counted_forwards, generator, to_images, to_uint8
 
 
-class SDDepthEditor(Editor):
+class SDDepthEditor(DiffusersEditor):
     """Per frame, independently: SDEdit from the frame at ``strength`` with depth conditioning. Takes w and
     strength; text prompts only (no reference image), no mask."""
 
@@ -23,23 +23,16 @@ class SDDepthEditor(Editor):
     weights = {"pipeline": "hf:stabilityai/stable-diffusion-2-depth"}
     tiny_weights = {"pipeline": "tiny:sd-depth"}
 
-    def __init__(self, pipe: Any, device: str):
-        self.pipe, self.device = pipe, device
-
     @classmethod
     def load(cls, weights: Mapping[str, str], device: str | None = None) -> SDDepthEditor:
         from diffusers import StableDiffusionDepth2ImgPipeline
 
-        from gen1.devices import default_device, default_dtype
+        from gen1.devices import default_device
         from gen1.weights import resolve_spec
 
         device = device or default_device()
         path = resolve_spec(weights["pipeline"], component="sd-depth")
-        pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(
-            path, local_files_only=True, dtype=default_dtype(device)
-        ).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, device)
+        return cls.ready(cls.from_local(StableDiffusionDepth2ImgPipeline, path, device), device)
 
     def edit(self, frames: np.ndarray, depth: np.ndarray | None, content: Any, settings: EditorSettings,
              mask: np.ndarray | None = None) -> EditorOutput:

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from gen1.editors.base import Editor, EditorOutput, EditorSettings
+from gen1.editors.base import DiffusersEditor, EditorOutput, EditorSettings
 from gen1.editors.frames import counted_forwards, depth_images, generator, mask_images, to_uint8
 
 
-class WanVACEEditor(Editor):
+class WanVACEEditor(DiffusersEditor):
     """The whole clip generated under the depth control at ``controlnet_scale`` (VACE's conditioning scale);
     not SDEdit from the input, so no strength. Takes w, controlnet_scale, a reference image and a mask (where
     the mask is False the input frames are kept as VACE's context). VACE works on 4k + 1 frames: a clip is
@@ -25,21 +25,16 @@ class WanVACEEditor(Editor):
     tiny_weights = {"pipeline": "tiny:wan-vace"}
     max_sequence_length = 226  # Wan's prompt length
 
-    def __init__(self, pipe: Any, device: str):
-        self.pipe, self.device = pipe, device
-
     @classmethod
     def load(cls, weights: Mapping[str, str], device: str | None = None) -> WanVACEEditor:
         from diffusers import WanVACEPipeline
 
-        from gen1.devices import default_device, default_dtype
+        from gen1.devices import default_device
         from gen1.weights import resolve_spec
 
         device = device or default_device()
         path = resolve_spec(weights["pipeline"], component="wan-vace")
-        pipe = WanVACEPipeline.from_pretrained(path, local_files_only=True, dtype=default_dtype(device)).to(device)
-        pipe.set_progress_bar_config(disable=True)
-        return cls(pipe, device)
+        return cls.ready(cls.from_local(WanVACEPipeline, path, device), device)
 
     def edit(self, frames: np.ndarray, depth: np.ndarray | None, content: Any, settings: EditorSettings,
              mask: np.ndarray | None = None) -> EditorOutput:
