@@ -18,6 +18,10 @@ from pipelines.runtime import RetryConfig
 from pipelines.sources import VIDEO_EXTENSIONS, is_manifest
 from pipelines.timeouts import check_time_limits
 
+# The fields holding per-call time limits (seconds; 0 or None: none): checked, and a pass's stall limit
+# derived from them.
+TIME_LIMITS = ("decode_timeout_s", "caption_timeout_s", "edit_timeout_s")
+
 
 @dataclass
 class EditJobConfig:
@@ -112,7 +116,7 @@ class EditJobConfig:
         ):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}: expected an integer >= 1, found {getattr(self, name)!r}")
-        check_time_limits(self, ("decode_timeout_s", "caption_timeout_s", "edit_timeout_s"))
+        check_time_limits(self, TIME_LIMITS)
         check_lease_settings(self)
         if self.auto_prompts and (self.prompts or self.prompts_file):
             raise ConfigError("give prompts (a file or a list) or auto_prompts, not both")
@@ -145,7 +149,7 @@ class EditJobConfig:
     def call_limits_s(self) -> tuple[float | None, ...]:
         """Every per-call time limit of the job: a pass's stall limit is derived from them
         (`pipelines.runtime.RetryConfig.stall_timeout`)."""
-        return (self.decode_timeout_s, self.caption_timeout_s, self.edit_timeout_s)
+        return tuple(getattr(self, name) for name in TIME_LIMITS)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> EditJobConfig:

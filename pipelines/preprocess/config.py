@@ -14,6 +14,10 @@ from pipelines.runtime import RetryConfig
 from pipelines.sources import VIDEO_EXTENSIONS
 from pipelines.timeouts import check_time_limits
 
+# The fields holding per-call time limits (seconds; 0 or None: none): checked, and a pass's stall limit
+# derived from them.
+TIME_LIMITS = ("decode_timeout_s", "model_timeout_s")
+
 
 @dataclass
 class PreprocessConfig:
@@ -128,7 +132,7 @@ class PreprocessConfig:
                 raise ConfigError(f"{name}: expected an integer >= 1 or None; found {getattr(self, name)!r}")
         if int(self.decode_threads) < 0:
             raise ConfigError(f"decode_threads: expected an integer >= 0; found {self.decode_threads!r}")
-        check_time_limits(self, ("decode_timeout_s", "model_timeout_s"))
+        check_time_limits(self, TIME_LIMITS)
         check_lease_settings(self)
         if not 0 <= self.max_failure_fraction <= 1:
             raise ConfigError(f"max_failure_fraction: expected a value in [0, 1]; found {self.max_failure_fraction}")
@@ -137,7 +141,7 @@ class PreprocessConfig:
     def call_limits_s(self) -> tuple[float | None, ...]:
         """Every per-call time limit of the job: a pass's stall limit is derived from them
         (`pipelines.runtime.RetryConfig.stall_timeout`)."""
-        return (self.decode_timeout_s, self.model_timeout_s)
+        return tuple(getattr(self, name) for name in TIME_LIMITS)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> PreprocessConfig:
