@@ -66,6 +66,15 @@ def local_path(uri: str) -> Path:
     return Path(uri[len("file://") :] if uri.startswith("file://") else uri).expanduser().resolve()
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment of ``tracking_uri`` keeps its artifacts: beside a local SQLite store
+    (``<its folder>/mlartifacts``); None for a server, which decides (MLflow's own default for a SQLite
+    store would be ``./mlruns`` of whatever the working directory is)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri[len("sqlite:///") :]).parent / LOCAL_ARTIFACTS).resolve().as_uri()
+    return None
+
+
 def resolve_tracking_uri(configured: str | None, local_dir: str | Path) -> tuple[str, str | None]:
     """-> (tracking URI, artifact location for a new experiment or None to let the server decide).
 
@@ -73,10 +82,7 @@ def resolve_tracking_uri(configured: str | None, local_dir: str | Path) -> tuple
     """
     uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
-        if uri.startswith("sqlite:///"):
-            db = Path(uri[len("sqlite:///") :])
-            return uri, (db.parent / LOCAL_ARTIFACTS).resolve().as_uri()
-        return uri, None
+        return uri, artifact_location(uri)
     root = local_path(str(local_dir))
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / LOCAL_DB}", (root / LOCAL_ARTIFACTS).as_uri()
@@ -354,7 +360,8 @@ class MlflowTracker:
         resumed = run_id is not None
         if run_id is None:
             exp = self._client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(self.experiment)
+            exp_id = exp.experiment_id if exp is not None else self._client.create_experiment(
+                self.experiment, artifact_location=artifact_location(self.uri))
             run_id = self._client.create_run(exp_id, run_name=self.run_name).info.run_id
         else:
             self._client.update_run(run_id, status="RUNNING")

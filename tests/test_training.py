@@ -756,7 +756,9 @@ def test_mlflow_tracker_pickles_unstarted_and_continues_a_run_by_id(tmp_path, mo
     from gen1.training import TrainingData
     from pipelines.tracking import MlflowTracker
 
-    monkeypatch.chdir(tmp_path)  # a new experiment's default artifact root is relative
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # MLflow's own default artifact root would be ./mlruns of this folder
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = pickle.loads(pickle.dumps(MlflowTracker(uri, experiment="train-test", run_name="stage")))
@@ -772,6 +774,9 @@ def test_mlflow_tracker_pickles_unstarted_and_continues_a_run_by_id(tmp_path, mo
     again = MlflowTracker(uri, experiment="train-test")
     assert again.start(run_id) == run_id
     client = MlflowClient(uri)
+    # the new experiment keeps its artifacts beside its SQLite store, not in the working directory
+    assert client.get_experiment_by_name("train-test").artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert not (cwd / "mlruns").exists()
     assert client.get_run(run_id).info.status == "RUNNING"  # continued: running again
     again.log_metrics({"loss": 0.25}, step=2)
     again.finish("FINISHED", "trained stage: steps 1 -> 2 in 1.0s; weights in /x/final")

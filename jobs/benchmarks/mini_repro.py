@@ -377,16 +377,6 @@ def plots(rep: dict[str, Any], out: Path, label: str) -> list[Path]:
     return paths
 
 
-def ensure_experiment(tracking_uri: str, artifacts: str | None) -> None:
-    """Create the experiment with its artifacts under the output folder before `gen1 train` would create it
-    with MLflow's default location (``./mlruns`` of the working directory)."""
-    from pipelines import tracking
-
-    mlflow = tracking.client(tracking_uri)
-    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
-
-
 def log_mlflow(tracking_uri: str, artifacts: str | None, rep: dict[str, Any], details: dict[str, Any],
                files: list[Path]) -> str:
     """One MLflow run of the reproduction: settings as params, every number of the report as a metric."""
@@ -428,7 +418,6 @@ def run(cfg: MiniConfig, out: Path) -> dict[str, Any]:
     for path in (out / "footage", features, latents, runs, models_dir, out / "eval", out / "heldout"):
         shutil.rmtree(path, ignore_errors=True)  # a fresh reproduction every time
     train, heldout = footage(out)
-    ensure_experiment(tracking_uri, artifacts)
     done: set[str] = set()
     details: dict[str, Any] = {"config": _params(cfg), "stages": {}}
 
