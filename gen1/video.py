@@ -144,6 +144,14 @@ def target_size(width: int, height: int, size: tuple[int, int] = DEFAULT_SIZE) -
     return size
 
 
+def cover_size(w: int, h: int, width: int, height: int) -> tuple[int, int, int, int]:
+    """How a ``w x h`` image is scaled to cover ``width x height`` (aspect kept) and cropped to its centre:
+    ``(new_w, new_h, x0, y0)``, the scaled size and the crop's top-left corner in it."""
+    scale = max(width / w, height / h)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    return new_w, new_h, (new_w - width) // 2, (new_h - height) // 2
+
+
 def resize_center_crop(frames: np.ndarray, width: int, height: int) -> np.ndarray:
     """Scale to cover ``width x height`` (aspect kept), then crop the centre.
 
@@ -153,10 +161,8 @@ def resize_center_crop(frames: np.ndarray, width: int, height: int) -> np.ndarra
     f, h, w, _ = frames.shape
     if (w, h) == (width, height):
         return frames
-    scale = max(width / w, height / h)
-    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    x0, y0 = (new_w - width) // 2, (new_h - height) // 2
+    new_w, new_h, x0, y0 = cover_size(w, h, width, height)
+    interp = cv2.INTER_AREA if width < w and height < h else cv2.INTER_LINEAR  # scale < 1
     out = np.empty((f, height, width, 3), dtype=np.uint8)
     for i in range(f):
         resized = cv2.resize(frames[i], (new_w, new_h), interpolation=interp)

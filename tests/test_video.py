@@ -228,6 +228,22 @@ def test_display_rotation_is_applied(make_synthetic_clip, tmp_path, monkeypatch,
     assert D.load_clip(path, n=2, stride=1).frames.shape == (2, 448, 256, 3)
 
 
+@pytest.mark.parametrize("rotation", [0, 90])
+def test_one_pass_resizes_like_resize_center_crop(make_synthetic_clip, tmp_path, rotation):
+    """A pass scales in FFmpeg's swscale, at the output size; it agrees with OpenCV's resize of the native
+    frames (`resize_center_crop`) down and up, upright and rotated: same shape, the same crop, about one grey
+    level apart; a crop from the wrong place or a turn before the scale would be tens of levels off."""
+    path = make_synthetic_clip(tmp_path / f"r{rotation}.mp4", frames=6, rotation=rotation)
+    native = D.read_frames(path, [0, 3, 5])
+    for size in [(32, 24), (24, 40), (160, 120)]:
+        got = next(D.decode_clips(path, [D.ClipRequest((0, 3, 5), size)]))[1]
+        want = V.resize_center_crop(native, *size)
+        assert got.shape == want.shape == (3, size[1], size[0], 3)
+        assert np.abs(got.astype(int) - want).mean() < 2.5, (size, rotation)
+        moved = np.roll(want, 4, axis=2)  # the square 4 pixels off: what a misplaced crop gives
+        assert np.abs(got.astype(int) - moved).mean() > 2 * np.abs(got.astype(int) - want).mean()
+
+
 # -------------------------------------------------------------------------------------------- tensors
 
 
