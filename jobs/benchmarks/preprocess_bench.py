@@ -1,6 +1,6 @@
 """Benchmark the preprocess pipeline on real footage, in one run, against the decode floor and a plain loop.
 
-    python jobs/benchmarks/preprocess_bench.py [--src DIR] [--min-clips 500] [--models tiny] [--json OUT]
+    python jobs/benchmarks/preprocess_bench.py [--src DIR] [--min-clips 500] [--models tiny] [--repeats N] [--json OUT]
 
 The corpus is the videos under ``--src`` (default: opencv-doc's clips), copied under new names until
 their planned clips (the preset's frames, stride and size; every non-overlapping clip, or
@@ -15,6 +15,9 @@ their planned clips (the preset's frames, stride and size; every non-overlapping
   model loading included: the number a user sees), into a fresh temp DST, with Ray Data's per-operator times.
 
 It prints clips/s of each, pipeline / plain, and the decode stage's summed task time against the floor.
+``--repeats N`` measures plain, plain (fresh) and pipeline N times, interleaved (a slow spell of a shared
+machine then hits every arm), and reports the median of each and the range of the per-round ratios; the
+operator table is the median pipeline round's.
 With a GPU it also measures frames/s of the full-size DPT-Large and CLIP ViT-L/14 (random weights,
 `gen1.architectures.build_component` on the GPU) and the fraction of the measured matmul ceiling their
 FLOPs reach.
@@ -27,6 +30,7 @@ import io
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -263,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:  # long: argument parsing, three
     parser.add_argument("--clips-per-video", type=int, default=None, help="default: every non-overlapping clip")
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs (default: all)")
     parser.add_argument("--config", metavar="YAML", help="preprocess settings of the pipeline run (as gen1 preprocess --config)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of plain, plain (fresh), pipeline (medians)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -288,17 +293,31 @@ def main(argv: list[str] | None = None) -> int:  # long: argument parsing, three
               f"{res.specs.label()}; {os.cpu_count()} CPUs")
         results: dict = {"videos": len(uris), "clips": clips, "models": res.specs.label(), "cpus": os.cpu_count()}
         results["floor_s"] = bench_floor(uris)
-        results["plain_s"] = bench_plain(corpus, res.depth_model, res.clip_model)
-        results["plain_fresh_s"] = bench_plain_fresh(corpus, res.depth_model, res.clip_model, Path(tmp))
-        t0 = time.perf_counter()
-        init_ray(num_cpus=args.num_cpus)
-        results["ray_init_s"] = time.perf_counter() - t0
-        results["pipeline_s"], summary = bench_pipeline(uris, cfg)
+        rounds = []
+        for r in range(max(1, args.repeats)):
+            plain = bench_plain(corpus, res.depth_model, res.clip_model)
+            fresh = bench_plain_fresh(corpus, res.depth_model, res.clip_model, Path(tmp))
+            if r == 0:
+                t0 = time.perf_counter()
+                init_ray(num_cpus=args.num_cpus)
+                results["ray_init_s"] = time.perf_counter() - t0
+            pipeline, summary = bench_pipeline(uris, cfg)
+            rounds.append({"plain_s": plain, "plain_fresh_s": fresh, "pipeline_s": pipeline, "summary": summary})
+            if args.repeats > 1:
+                print(f"round {r + 1}: plain {plain:.1f} s, plain (fresh) {fresh:.1f} s, pipeline {pipeline:.1f} s: "
+                      f"{plain / pipeline:.2f}x / {fresh / pipeline:.2f}x")
+    for key in ("plain_s", "plain_fresh_s", "pipeline_s"):
+        results[key] = statistics.median(r[key] for r in rounds)
+    summary = sorted(rounds, key=lambda r: r["pipeline_s"])[(len(rounds) - 1) // 2]["summary"]
+    results["rounds"] = [{k: v for k, v in r.items() if k != "summary"} for r in rounds]
     results["pipeline_summary"] = summary
     for name in ("floor", "plain", "plain_fresh", "pipeline"):
         results[f"{name}_clips_per_s"] = clips / results[f"{name}_s"]
     results["pipeline_vs_plain"] = results["plain_s"] / results["pipeline_s"]
     results["pipeline_vs_plain_fresh"] = results["plain_fresh_s"] / results["pipeline_s"]
+    for name, key in (("pipeline_vs_plain", "plain_s"), ("pipeline_vs_plain_fresh", "plain_fresh_s")):
+        ratios = [r[key] / r["pipeline_s"] for r in rounds]
+        results[f"{name}_range"] = [min(ratios), max(ratios)]
     ops = summary["stage_seconds"]
     # steady state: clips over the busiest stage's active window (actor start and drain left out)
     busiest = max((v for k, v in ops.items() if k.startswith("MapBatches")), key=lambda v: v["function_body_s"])
@@ -313,8 +332,13 @@ def main(argv: list[str] | None = None) -> int:  # long: argument parsing, three
           f"(end to end; Ray start {results['ray_init_s']:.1f} s not included)")
     print(f"plain loop, fresh process: {results['plain_fresh_s']:7.1f} s  {results['plain_fresh_clips_per_s']:7.2f} clips/s "
           "(imports and model loading included)")
-    print(f"pipeline / plain:          {results['pipeline_vs_plain']:7.2f}x throughput (plain with models preloaded)")
-    print(f"pipeline / plain (fresh):  {results['pipeline_vs_plain_fresh']:7.2f}x throughput (both end to end)")
+    def spread(name: str) -> str:
+        return "" if len(rounds) == 1 else " (rounds {:.2f}-{:.2f}x)".format(*results[f"{name}_range"])
+
+    print(f"pipeline / plain:          {results['pipeline_vs_plain']:7.2f}x throughput (plain with models preloaded)"
+          + spread("pipeline_vs_plain"))
+    print(f"pipeline / plain (fresh):  {results['pipeline_vs_plain_fresh']:7.2f}x throughput (both end to end)"
+          + spread("pipeline_vs_plain_fresh"))
     print(f"pipeline steady state:     {results['pipeline_steady_clips_per_s']:7.2f} clips/s over its busiest stage's "
           f"active window = {results['steady_vs_plain']:.2f}x the plain loop")
     print(f"decode stage / floor:      {results['decode_vs_floor']:7.2f}x ({results['decode_task_s']:.1f} s of task time)")
