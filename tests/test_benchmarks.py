@@ -1,5 +1,5 @@
 """The benchmarks run: edit_bench's CPU path in-process, and its full-size GPU path built on ``meta``;
-commit_scale at tiny sizes."""
+commit_scale at tiny sizes; how preprocess_bench combines its rounds."""
 
 from __future__ import annotations
 
@@ -79,3 +79,33 @@ def test_commit_scale_at_tiny_sizes(tmp_path):
     assert report["parts"]["120"]["parts_read_at_startup"] == 0
     assert report["baseline"]["parts"]["120"]["parts_read_at_startup"] == 120
     assert report["ids_10m_mb"] is None  # no size held 10M ids
+
+
+def test_preprocess_bench_combines_rounds_into_medians_ratio_ranges_and_the_median_rounds_operators():
+    """--repeats: each arm's median, ratios of the medians with the per-round range, and the operator
+    figures (steady state over the busiest stage's active window, decode task time) of the median round."""
+    from jobs.benchmarks.preprocess_bench import combine_rounds
+
+    def ops(models_active: float, decode_udf: float) -> dict:
+        return {"stage_seconds": {
+            "MapBatches(DecodeStage)": {"function_body_s": decode_udf, "active_s": 9.0},
+            "MapBatches(FusedModels)": {"function_body_s": 15.0, "active_s": models_active},
+            "MapBatches(ShardWriter)": {"function_body_s": 0.5, "active_s": 20.0},
+        }}
+
+    rounds = [
+        {"plain_s": 20.0, "plain_fresh_s": 30.0, "pipeline_s": 25.0, "summary": ops(16.0, 5.0)},
+        {"plain_s": 18.0, "plain_fresh_s": 24.0, "pipeline_s": 30.0, "summary": ops(18.0, 6.0)},
+        {"plain_s": 22.0, "plain_fresh_s": 26.0, "pipeline_s": 20.0, "summary": ops(12.0, 4.0)},
+    ]
+    r = combine_rounds(rounds, clips=600, floor_s=4.0)
+    assert (r["plain_s"], r["plain_fresh_s"], r["pipeline_s"]) == (20.0, 26.0, 25.0)
+    assert r["pipeline_vs_plain"] == pytest.approx(0.8)
+    assert r["pipeline_vs_plain_fresh"] == pytest.approx(1.04)
+    assert r["pipeline_vs_plain_range"] == pytest.approx([0.6, 1.1])
+    assert r["pipeline_vs_plain_fresh_range"] == pytest.approx([0.8, 1.3])
+    assert r["pipeline_summary"] is rounds[0]["summary"]  # the median pipeline round (25 s)
+    assert r["pipeline_steady_clips_per_s"] == pytest.approx(600 / 16.0)  # FusedModels: the busiest
+    assert r["steady_vs_plain"] == pytest.approx((600 / 16.0) / (600 / 20.0))
+    assert (r["decode_task_s"], r["decode_vs_floor"]) == (5.0, 1.25)
+    assert [set(x) for x in r["rounds"]] == [{"plain_s", "plain_fresh_s", "pipeline_s"}] * 3

@@ -259,6 +259,34 @@ def bench_gpu_models(specs=None, device: str = "cuda", batch: int = 32, iters: i
 # ------------------------------------------------------------------------------------------- main
 
 
+def combine_rounds(rounds: list[dict], clips: int, floor_s: float) -> dict:
+    """The report's figures from the timed rounds (each ``plain_s``, ``plain_fresh_s``, ``pipeline_s`` and the
+    pipeline's Ray Data ``summary``): the median of each arm, the ratios of the medians with the range of the
+    per-round ratios, and the steady state and decode figures of the median pipeline round's operators."""
+    results: dict = {"floor_s": floor_s}
+    for key in ("plain_s", "plain_fresh_s", "pipeline_s"):
+        results[key] = statistics.median(r[key] for r in rounds)
+    summary = sorted(rounds, key=lambda r: r["pipeline_s"])[(len(rounds) - 1) // 2]["summary"]
+    results["rounds"] = [{k: v for k, v in r.items() if k != "summary"} for r in rounds]
+    results["pipeline_summary"] = summary
+    for name in ("floor", "plain", "plain_fresh", "pipeline"):
+        results[f"{name}_clips_per_s"] = clips / results[f"{name}_s"]
+    results["pipeline_vs_plain"] = results["plain_s"] / results["pipeline_s"]
+    results["pipeline_vs_plain_fresh"] = results["plain_fresh_s"] / results["pipeline_s"]
+    for name, key in (("pipeline_vs_plain", "plain_s"), ("pipeline_vs_plain_fresh", "plain_fresh_s")):
+        ratios = [r[key] / r["pipeline_s"] for r in rounds]
+        results[f"{name}_range"] = [min(ratios), max(ratios)]
+    ops = summary["stage_seconds"]
+    # steady state: clips over the busiest stage's active window (actor start and drain left out)
+    busiest = max((v for k, v in ops.items() if k.startswith("MapBatches")), key=lambda v: v["function_body_s"])
+    results["pipeline_steady_clips_per_s"] = clips / busiest["active_s"]
+    results["steady_vs_plain"] = results["pipeline_steady_clips_per_s"] / results["plain_clips_per_s"]
+    decode = next((v for k, v in ops.items() if "DecodeStage" in k), {})
+    results["decode_task_s"] = decode.get("function_body_s", float("nan"))
+    results["decode_vs_floor"] = results["decode_task_s"] / results["floor_s"]
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:  # long: argument parsing, three measurements, the report
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", default=str(OPENCV_DATA), help="directory of videos (default: opencv-doc's)")
@@ -306,26 +334,7 @@ def main(argv: list[str] | None = None) -> int:  # long: argument parsing, three
             if args.repeats > 1:
                 print(f"round {r + 1}: plain {plain:.1f} s, plain (fresh) {fresh:.1f} s, pipeline {pipeline:.1f} s: "
                       f"{plain / pipeline:.2f}x / {fresh / pipeline:.2f}x")
-    for key in ("plain_s", "plain_fresh_s", "pipeline_s"):
-        results[key] = statistics.median(r[key] for r in rounds)
-    summary = sorted(rounds, key=lambda r: r["pipeline_s"])[(len(rounds) - 1) // 2]["summary"]
-    results["rounds"] = [{k: v for k, v in r.items() if k != "summary"} for r in rounds]
-    results["pipeline_summary"] = summary
-    for name in ("floor", "plain", "plain_fresh", "pipeline"):
-        results[f"{name}_clips_per_s"] = clips / results[f"{name}_s"]
-    results["pipeline_vs_plain"] = results["plain_s"] / results["pipeline_s"]
-    results["pipeline_vs_plain_fresh"] = results["plain_fresh_s"] / results["pipeline_s"]
-    for name, key in (("pipeline_vs_plain", "plain_s"), ("pipeline_vs_plain_fresh", "plain_fresh_s")):
-        ratios = [r[key] / r["pipeline_s"] for r in rounds]
-        results[f"{name}_range"] = [min(ratios), max(ratios)]
-    ops = summary["stage_seconds"]
-    # steady state: clips over the busiest stage's active window (actor start and drain left out)
-    busiest = max((v for k, v in ops.items() if k.startswith("MapBatches")), key=lambda v: v["function_body_s"])
-    results["pipeline_steady_clips_per_s"] = clips / busiest["active_s"]
-    results["steady_vs_plain"] = results["pipeline_steady_clips_per_s"] / results["plain_clips_per_s"]
-    decode = next((v for k, v in ops.items() if "DecodeStage" in k), {})
-    results["decode_task_s"] = decode.get("function_body_s", float("nan"))
-    results["decode_vs_floor"] = results["decode_task_s"] / results["floor_s"]
+    results.update(combine_rounds(rounds, clips, results["floor_s"]))
     print(f"decode floor (one pass):   {results['floor_s']:7.1f} s  {results['floor_clips_per_s']:7.2f} clips/s")
     print(f"plain decode-once loop:    {results['plain_s']:7.1f} s  {results['plain_clips_per_s']:7.2f} clips/s")
     print(f"pipeline (Ray Data):       {results['pipeline_s']:7.1f} s  {results['pipeline_clips_per_s']:7.2f} clips/s "
@@ -343,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:  # long: argument parsing, three
           f"active window = {results['steady_vs_plain']:.2f}x the plain loop")
     print(f"decode stage / floor:      {results['decode_vs_floor']:7.2f}x ({results['decode_task_s']:.1f} s of task time)")
     print("Ray Data operators (summed over tasks): UDF s, task wall s, active s, rows out")
-    for name, v in ops.items():
+    for name, v in results["pipeline_summary"]["stage_seconds"].items():
         print(f"  {name:34s} {v['function_body_s']:8.1f} {v['task_wall_s']:8.1f} {v['active_s']:8.1f} {int(v['rows']):6d}")
 
     import torch
