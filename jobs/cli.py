@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from jobs.exit_codes import EXIT_BAD_INPUT, EXIT_DST_BUSY, EXIT_INTERRUPTED, help_epilog
+from jobs.process_exit import exit_process
 
 # Order is the order of `gen1 --help`.
 COMMAND_MODULES = (
@@ -263,5 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(f"gen1 {args.command}", args, args.func)
 
 
+def run() -> NoReturn:
+    """The ``gen1`` console script: `main`, then `jobs.process_exit.exit_process` with its exit code."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

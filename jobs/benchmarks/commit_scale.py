@@ -49,6 +49,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.process_exit import exit_process
 from pipelines.commit_index import INDEX_DIR, MERGED_FILE, index_path, write_part_index
 from pipelines.commits import Committer
 from pipelines.keyset import key_hashes
@@ -373,10 +374,7 @@ if __name__ == "__main__":
     cli = parse_args()
     if cli.measure:
         logging.getLogger().setLevel(logging.WARNING)
-        print(json.dumps(measure(cli.measure, cli.dst, cli.commits, cli.ids_per_part)), flush=True)
-        # The measurement is printed; skip interpreter teardown, where Arrow's thread pools now and then abort
-        # the process ("terminate called without an active exception", exit -6; apache/arrow#34314): seen
-        # once in a fresh-clone CI run of test_commit_scale_at_tiny_sizes, not reproduced in 120 runs here.
-        os._exit(0)
+        print(json.dumps(measure(cli.measure, cli.dst, cli.commits, cli.ids_per_part)))
+        exit_process(0)  # see jobs.process_exit: Arrow can abort a process that read Parquet as it exits
     else:
         run(cli)

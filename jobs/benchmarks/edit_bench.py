@@ -24,12 +24,13 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from jobs.process_exit import exit_process
 
 log = logging.getLogger("edit_bench")
 
@@ -193,4 +194,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

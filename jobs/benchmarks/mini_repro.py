@@ -52,6 +52,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from jobs.process_exit import exit_process
+
 log = logging.getLogger("mini_repro")
 
 OPENCV_DATA = Path(os.environ.get("GEN1_OPENCV_DATA", "/usr/share/doc/opencv-doc/examples/data"))
@@ -491,4 +493,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

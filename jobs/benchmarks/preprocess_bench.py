@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from jobs.process_exit import exit_process
+
 log = logging.getLogger("preprocess_bench")
 
 OPENCV_DATA = Path("/usr/share/doc/opencv-doc/examples/data")
@@ -374,4 +376,4 @@ def main(argv: list[str] | None = None) -> int:  # long: argument parsing, three
 
 
 if __name__ == "__main__":
-    sys.exit(_plain_only(sys.argv[2:]) if sys.argv[1:2] == ["--plain-only"] else main())
+    exit_process(_plain_only(sys.argv[2:]) if sys.argv[1:2] == ["--plain-only"] else main())

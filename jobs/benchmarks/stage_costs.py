@@ -32,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gen1.config import ModelSpecs, load_model_specs
 from gen1.training import TrainConfig
 from gen1.training.config import with_transposes
+from jobs.process_exit import exit_process
 
 log = logging.getLogger(__name__)
 
@@ -132,4 +133,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -32,6 +32,7 @@ from jobs.exit_codes import (
     EXIT_REGRESSED,
     help_epilog,
 )
+from jobs.process_exit import exit_process
 
 log = logging.getLogger(__name__)
 
@@ -213,4 +214,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

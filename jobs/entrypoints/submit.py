@@ -21,6 +21,7 @@ import yaml
 
 from jobs.entrypoints import SPEC_KEYS
 from jobs.exit_codes import EXIT_BAD_INPUT
+from jobs.process_exit import exit_process
 
 log = logging.getLogger(__name__)
 
@@ -110,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
