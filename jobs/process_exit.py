@@ -21,8 +21,9 @@ from typing import NoReturn
 
 def exit_process(code: int | None) -> NoReturn:
     """Exit with ``code`` (None: 0) after what ``sys.exit`` would run, skipping only the C-level teardown."""
-    threading._shutdown()  # noqa: SLF001  Py_FinalizeEx's first step: join non-daemon threads (executors too)
-    atexit._run_exitfuncs()  # noqa: SLF001  its second: the atexit handlers, last registered first
+    # CPython's private hooks for the two steps Py_FinalizeEx takes first (tests/test_process_exit.py checks them):
+    threading._shutdown()  # join non-daemon threads (concurrent.futures' workers too)
+    atexit._run_exitfuncs()  # then the atexit handlers, last registered first
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -375,6 +375,6 @@ if __name__ == "__main__":
     if cli.measure:
         logging.getLogger().setLevel(logging.WARNING)
         print(json.dumps(measure(cli.measure, cli.dst, cli.commits, cli.ids_per_part)))
-        exit_process(0)  # see jobs.process_exit: Arrow can abort a process that read Parquet as it exits
     else:
         run(cli)
+    exit_process(0)
